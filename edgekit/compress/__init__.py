@@ -1,0 +1,1 @@
+"""Compression: torch-level steps (prune, distill, svd) and format-level quantization."""

@@ -1,0 +1,199 @@
+"""Recipes and device profiles: pydantic models, loaded from YAML with errors that name the field and line."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import EdgekitError, did_you_mean
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+class StepSpec(Strict):
+    """One compression step: its kind and the parameters that kind's schema checks."""
+
+    kind: str
+    params: Dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, v: Any) -> Any:
+        # `- prune: {macs: 0.5}` is the same as `- {kind: prune, params: {macs: 0.5}}`
+        if isinstance(v, dict) and "kind" not in v and len(v) == 1:
+            (kind, params), = v.items()
+            return {"kind": kind, "params": params or {}}
+        return v
+
+
+class VariantSpec(Strict):
+    """An artifact to export from the compressed model: a format at a precision."""
+
+    format: str = "onnx"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    options: Dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainSpec(Strict):
+    epochs: float = Field(4, gt=0)
+    lr: Optional[float] = Field(None, gt=0)
+    batch_size: int = Field(64, gt=0)
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    steps: List[StepSpec] = Field(default_factory=list)
+    variants: List[VariantSpec] = Field(default_factory=lambda: [VariantSpec()])
+    accuracy_budget_pp: float = Field(0.5, ge=0, description="allowed top-1 drop in percentage points")
+
+    @field_validator("variants")
+    @classmethod
+    def _non_empty(cls, v: List[VariantSpec]) -> List[VariantSpec]:
+        if not v:
+            raise ValueError("a recipe exports at least one variant")
+        return v
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+class SSHSpec(Strict):
+    host: str
+    user: Optional[str] = None
+    port: int = Field(22, gt=0, lt=65536)
+    key: Optional[str] = None
+    python: str = "python3"
+    workdir: str = "~/.cache/edgekit-remote"
+
+
+class QuantSpec(Strict):
+    """Int8 settings that run fastest on this device's int8 kernels."""
+
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    weight_type: Literal["uint8", "int8"] = "int8"
+    per_channel: bool = True
+
+
+class DeviceProfile(Strict):
+    name: str
+    description: str = ""
+    kind: Literal["cpu", "gpu"] = "cpu"
+    arch: Literal["x86_64", "aarch64", "armv7l"] = "x86_64"
+    local: bool = Field(False, description="this machine itself: latency is measured here")
+    cores: int = Field(1, gt=0)
+    clock_ghz: Optional[float] = Field(None, gt=0)
+    isa: List[str] = Field(default_factory=list)
+    gpu: Optional[str] = None
+    peak_gops: Dict[str, float] = Field(default_factory=dict, description="per precision, giga-MACs/s")
+    memory_bandwidth_gbs: Optional[float] = Field(None, gt=0)
+    precisions: List[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32", "int8"])
+    formats: List[str] = Field(default_factory=lambda: ["onnx"], description="preferred formats, in order")
+    runtimes: List[str] = Field(default_factory=lambda: ["onnxruntime"])
+    threads: Optional[int] = Field(None, gt=0, description="None: all cores")
+    quantization: QuantSpec = Field(default_factory=QuantSpec)
+    prune_round_to: int = Field(8, gt=0)
+    latency_target_ms: Optional[float] = Field(None, gt=0)
+    ssh: Optional[SSHSpec] = None
+
+    def resolved_threads(self) -> int:
+        import os
+
+        return self.threads or (os.cpu_count() or 1 if self.local else self.cores)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> EdgekitError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return EdgekitError(f"Malformed YAML in {path}{where}: {problem}")
+
+
+def _field_line(text: str, loc: tuple) -> str:
+    """Best-effort line number of the first key of a pydantic error location."""
+    keys = [k for k in loc if isinstance(k, str)]
+    if not keys:
+        return ""
+    for i, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip().lstrip("- ")
+        if stripped.startswith(f"{keys[-1]}:") or stripped.startswith(f"{keys[0]}:"):
+            return f" (line {i})"
+    return ""
+
+
+def parse_yaml_model(cls, path: Path, defaults: Optional[dict] = None):
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise EdgekitError(f"Cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, exc) from None
+    if not isinstance(data, dict):
+        raise EdgekitError(f"{path} must hold a YAML mapping, not {type(data).__name__}")
+    data = {**(defaults or {}), **data}
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise EdgekitError(f"Invalid {cls.__name__.lower()} {path}: field '{field}'{_field_line(text, err['loc'])}: "
+                           f"{err['msg']}") from None
+
+
+def _builtin_dir(kind: str) -> Path:
+    return Path(str(resources.files("edgekit") / kind))
+
+
+def builtin_names(kind: str) -> List[str]:
+    return sorted(p.stem for p in _builtin_dir(kind).glob("*.yaml"))
+
+
+def _resolve(kind: str, name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise EdgekitError(f"{kind[:-1].capitalize()} file not found: {p}")
+        return p
+    builtin = _builtin_dir(kind) / f"{name_or_path}.yaml"
+    if not builtin.is_file():
+        names = builtin_names(kind)
+        raise EdgekitError(f"Unknown {kind[:-1]} {name_or_path!r}.{did_you_mean(name_or_path, names)} "
+                           f"Built in: {', '.join(names)}; or give a path to a .yaml file.")
+    return builtin
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    path = _resolve("recipes", name_or_path)
+    recipe = parse_yaml_model(Recipe, path, {"name": path.stem})
+    from .compress.steps import validate_steps
+    from .formats import FORMATS
+
+    validate_steps(recipe.steps, where=str(path))
+    for i, v in enumerate(recipe.variants):
+        fmt = FORMATS.get(v.format)
+        if v.precision not in fmt.precisions:
+            raise EdgekitError(f"Invalid recipe {path}: variants.{i}: {v.format} has no {v.precision} "
+                               f"(it supports {', '.join(fmt.precisions)})")
+    return recipe
+
+
+def load_device(name_or_path: str) -> DeviceProfile:
+    path = _resolve("devices", name_or_path)
+    return parse_yaml_model(DeviceProfile, path, {"name": path.stem})

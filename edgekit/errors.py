@@ -1,0 +1,19 @@
+"""Errors a user can cause. The CLI turns them into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class EdgekitError(Exception):
+    """A problem with the user's input or environment, explained in one message."""
+
+    exit_code = 2
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """' Did you mean: a, b?' when close names exist, else ''."""
+    close = difflib.get_close_matches(name.lower(), [c.lower() for c in choices], n=3, cutoff=0.5)
+    lookup = {c.lower(): c for c in choices}
+    return f" Did you mean: {', '.join(lookup[c] for c in close)}?" if close else ""

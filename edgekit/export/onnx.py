@@ -1,0 +1,73 @@
+"""PyTorch -> ONNX (fp32), checked and runnable by ONNX Runtime."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from ..errors import EdgekitError
+
+DEFAULT_OPSET = 17
+
+
+def fold_constants_to_initializers(model_proto) -> None:
+    """Turn ``Constant`` nodes into initializers and drop ``Identity`` nodes that forward them.
+
+    The TorchScript exporter emits convolution biases as Constant nodes;
+    ORT's quantizer only quantizes biases that are initializers.
+    """
+    from onnx import numpy_helper
+
+    g = model_proto.graph
+    keep, rename = [], {}
+    outputs = {o.name for o in g.output}
+    for node in g.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            t = numpy_helper.from_array(numpy_helper.to_array(node.attribute[0].t), node.output[0])
+            g.initializer.append(t)
+            continue
+        keep.append(node)
+    inits = {i.name for i in g.initializer}
+    final = []
+    for node in keep:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            rename[node.output[0]] = node.input[0]
+            continue
+        final.append(node)
+    for node in final:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del g.node[:]
+    g.node.extend(final)
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_shape: Tuple[int, ...], opset: int = DEFAULT_OPSET,
+                dynamic_batch: bool = False) -> Path:
+    """Export with the TorchScript-based exporter (its graphs quantize cleanly in ORT).
+
+    The batch axis is static by default (batch 1 is what edge devices run, and
+    static shapes let the channel shuffle's Reshape fold to constants).
+    """
+    import onnx
+
+    path = Path(path)
+    model = model.eval()
+    dummy = torch.randn(*input_shape)
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=["logits"],
+                              opset_version=opset, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+        except Exception as exc:
+            raise EdgekitError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    proto = onnx.load(str(path))
+    fold_constants_to_initializers(proto)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path

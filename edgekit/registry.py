@@ -1,0 +1,51 @@
+"""One registry table per concept (models, steps, formats, runtimes, devices)."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Generic, Iterator, TypeVar
+
+from .errors import EdgekitError, did_you_mean
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A name -> entry table with helpful errors for unknown names."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: Dict[str, T] = {}
+
+    def add(self, name: str, entry: T) -> T:
+        key = name.lower()
+        if key in self._entries:
+            raise ValueError(f"{self.kind} {name!r} registered twice")
+        self._entries[key] = entry
+        return entry
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            return self.add(name, obj)
+
+        return deco
+
+    def get(self, name: str) -> T:
+        try:
+            return self._entries[name.lower()]
+        except KeyError:
+            raise EdgekitError(
+                f"Unknown {self.kind} {name!r}.{did_you_mean(name, self._entries)} "
+                f"Known: {', '.join(sorted(self._entries))}."
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+    def items(self):
+        return sorted(self._entries.items())
+
+    def __len__(self) -> int:
+        return len(self._entries)

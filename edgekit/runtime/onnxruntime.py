@@ -1,0 +1,44 @@
+"""ONNX Runtime runner (CPU by default; CUDA when the profile asks and the provider exists)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import EdgekitError
+from .base import RUNTIMES, check_input
+
+
+@RUNTIMES.register("onnxruntime")
+class OrtRunner:
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None):
+        import onnxruntime as ort
+
+        self.version = ort.__version__
+        opts = ort.SessionOptions()
+        self.threads = int(threads or os.cpu_count() or 1)
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        avail = ort.get_available_providers()
+        want = [p for p in (providers or ["CPUExecutionProvider"]) if p in avail] or ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=want)
+        except Exception as exc:
+            raise EdgekitError(f"{path} is not a model ONNX Runtime can load: {str(exc).splitlines()[0][:200]}") \
+                from None
+        self.providers = self.session.get_providers()
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in inp.shape)
+        self.path = Path(path)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        check_input(x, self.input_shape, self.path.name)
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
