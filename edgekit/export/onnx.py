@@ -71,3 +71,39 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Tuple[int, ...]
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path
+
+
+def export_variant(model: nn.Module, precision: str, options: dict, ctx) -> Path:
+    """fp32: export. int8: export fp32 once per model, then ORT static quantization with the device's types."""
+    from ..compress.quantize import OrtQuantConfig, quantize_onnx
+
+    key = ("onnx-fp32", id(model))
+    fp32 = ctx.cache.get(key)
+    if fp32 is None:
+        fp32 = ctx.path(".onnx", ctx.name if precision == "fp32" else f"{ctx.name}.fp32-src")
+        export_onnx(model, fp32, ctx.input_shape, opset=int(options.get("opset", DEFAULT_OPSET)))
+        ctx.cache[key] = fp32
+    if precision == "fp32":
+        return fp32
+    if precision != "int8":
+        raise EdgekitError(f"onnx has no {precision} variant here")
+    q = ctx.device.quantization
+    known = {"calibration", "num_calib", "per_channel", "activation_type", "weight_type", "quant_format",
+             "reduce_range", "op_types", "opset"}
+    unknown = set(options) - known
+    if unknown:
+        raise EdgekitError(f"Unknown int8 option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    cfg = OrtQuantConfig(
+        activation_type=options.get("activation_type", q.activation_type),
+        weight_type=options.get("weight_type", q.weight_type),
+        per_channel=bool(options.get("per_channel", q.per_channel)),
+        calibration=options.get("calibration", "minmax"),
+        quant_format=options.get("quant_format", "qdq"),
+        reduce_range=bool(options.get("reduce_range", False)),
+        op_types=options.get("op_types"),
+    )
+    calib, _ = ctx.task.arrays("calib", limit=int(options.get("num_calib", 256)))
+    out = quantize_onnx(fp32, ctx.path(".onnx"), calib, cfg)
+    ctx.info["quantization"] = {"tool": "onnxruntime.quantization.quantize_static", "config": cfg.label(),
+                                "num_calib": len(calib), **{k: v for k, v in vars(cfg).items() if k != "extra_options"}}
+    return out
