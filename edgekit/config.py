@@ -71,12 +71,18 @@ class Recipe(Strict):
 
 
 class SSHSpec(Strict):
-    host: str
+    """How to reach a device over SSH (the system OpenSSH client; host keys are always checked)."""
+
+    host: str = Field(min_length=1)
     user: Optional[str] = None
     port: int = Field(22, gt=0, lt=65536)
-    key: Optional[str] = None
-    python: str = "python3"
-    workdir: str = "~/.cache/edgekit-remote"
+    key: Optional[str] = Field(None, description="private key file; None: the ssh agent / ~/.ssh defaults")
+    known_hosts: Optional[str] = Field(None, description="known_hosts file; None: the user's default")
+    python: str = Field("python3", min_length=1, description="the device's python (with numpy and a runtime)")
+    workdir: str = Field("~/.cache/edgekit-remote", min_length=1,
+                         description="per-run temporary folders are made (and removed) under it")
+    connect_timeout: int = Field(10, gt=0, description="seconds")
+    command_timeout: float = Field(900, gt=0, description="seconds for one remote benchmark")
 
 
 class QuantSpec(Strict):
@@ -125,15 +131,24 @@ def _yaml_error(path: Path, exc: yaml.YAMLError) -> EdgekitError:
 
 
 def _field_line(text: str, loc: tuple) -> str:
-    """Best-effort line number of the first key of a pydantic error location."""
-    keys = [k for k in loc if isinstance(k, str)]
-    if not keys:
+    """' (line N)' for a pydantic error location, found by walking the composed YAML nodes."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
         return ""
-    for i, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip().lstrip("- ")
-        if stripped.startswith(f"{keys[-1]}:") or stripped.startswith(f"{keys[0]}:"):
-            return f" (line {i})"
-    return ""
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == key), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line
+        else:
+            break
+    return "" if line is None else f" (line {line + 1})"
 
 
 def parse_yaml_model(cls, path: Path, defaults: Optional[dict] = None):

@@ -11,6 +11,7 @@ as ``ORT_DEFAULT`` so benchmarks can compare against them.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,9 @@ class OrtQuantConfig:
     preprocess: bool = True
     reduce_range: bool = False
     op_types: Optional[List[str]] = None  # None: all ORT can quantize
+    # Keep the node that produces the logits in fp32: quantizing logits to 8 bits creates argmax ties,
+    # and the classifier is a tiny share of the compute.
+    fp32_output_layer: bool = True
     extra_options: dict = field(default_factory=dict)
 
     def label(self) -> str:
@@ -42,7 +46,7 @@ class OrtQuantConfig:
 
 
 ORT_DEFAULT = OrtQuantConfig(activation_type="int8", weight_type="int8", per_channel=False, calibration="minmax",
-                             quant_format="qdq", preprocess=False)
+                             quant_format="qdq", preprocess=False, fp32_output_layer=False)
 
 
 class _Reader:
@@ -64,9 +68,7 @@ class _Reader:
 def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray,
                   cfg: OrtQuantConfig = OrtQuantConfig()) -> Path:
     """Quantize ``fp32_path`` into ``out_path`` with calibration inputs ``calib`` (float32 NCHW)."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import CalibrationMethod, QuantType
 
     if len(calib) == 0:
         raise EdgekitError("Calibration needs at least one input; the calibration split is empty")
@@ -77,13 +79,29 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray
         if getattr(cfg, key) not in table:
             raise EdgekitError(f"quantize: {key} must be one of {', '.join(table)}, not {getattr(cfg, key)!r}")
     out_path = Path(out_path)
+    logging.disable(logging.WARNING)  # ORT's quantizer logs per-tensor warnings on the root logger
+    try:
+        _quantize(fp32_path, out_path, calib, cfg, types, methods)
+    finally:
+        logging.disable(logging.NOTSET)
+    return out_path
+
+
+def _quantize(fp32_path, out_path: Path, calib: np.ndarray, cfg: OrtQuantConfig, types, methods) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     with tempfile.TemporaryDirectory(prefix="edgekit-q-") as tmp:
         src = Path(fp32_path)
         if cfg.preprocess:
             pre = Path(tmp) / "pre.onnx"
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             src = pre
-        input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+        graph = onnx.load(str(src), load_external_data=False).graph
+        input_name = graph.input[0].name
+        outputs = {o.name for o in graph.output}
+        exclude = [n.name for n in graph.node if set(n.output) & outputs] if cfg.fp32_output_layer else []
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True, **cfg.extra_options}
         tmp_out = Path(tmp) / "q.onnx"
         quantize_static(
@@ -91,10 +109,9 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray
             quant_format=QuantFormat.QDQ if cfg.quant_format == "qdq" else QuantFormat.QOperator,
             activation_type=types[cfg.activation_type], weight_type=types[cfg.weight_type],
             per_channel=cfg.per_channel, reduce_range=cfg.reduce_range, calibrate_method=methods[cfg.calibration],
-            op_types_to_quantize=cfg.op_types, extra_options=extra,
+            op_types_to_quantize=cfg.op_types, nodes_to_exclude=exclude, extra_options=extra,
         )
         shutil.move(str(tmp_out), out_path)
-    return out_path
 
 
 def config_dict(cfg: OrtQuantConfig) -> dict:

@@ -1,0 +1,153 @@
+"""The edgekit command line: thin wrappers over the library, rich tables for results.
+
+Errors a user can cause end in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, progress
+from .errors import EdgekitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress lightweight CNNs, export them for edge devices, and tell the truth about speed "
+                       "and accuracy.")
+zoo_app = typer.Typer(no_args_is_help=True, help="The model zoo.")
+recipes_app = typer.Typer(no_args_is_help=True, help="Built-in recipes.")
+devices_app = typer.Typer(no_args_is_help=True, help="Built-in device profiles.")
+app.add_typer(zoo_app, name="zoo")
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(devices_app, name="devices")
+
+# Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns; give them room instead.
+out = Console(width=None if sys.stdout.isatty() else 180)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 180)
+
+
+def handle_errors(fn):
+    """Turn EdgekitError into one red line and exit 2; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgekitError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted; nothing was written[/]")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def results_table(report: dict, title: Optional[str] = None) -> Table:
+    from .report import COLUMNS, variant_rows
+
+    table = Table(title=title, header_style="bold")
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c in ("variant", "format", "precision", "status") else "right")
+    for row in variant_rows(report):
+        table.add_row(*row)
+    return table
+
+
+@app.command()
+@handle_errors
+def compress(
+    model: str = typer.Argument(..., help="Zoo model name (see `edgekit zoo list`)."),
+    recipe: str = typer.Option("int8", "--recipe", "-r", help="Built-in recipe name or path to a recipe YAML."),
+    device: str = typer.Option("desktop-cpu", "--device", "-d", help="Device profile name or YAML path."),
+    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree (default: embedded MNIST task)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="'pretrained' or a state-dict .pth file."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default export/<model>-<recipe>)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    target_ms: Optional[float] = typer.Option(None, "--target-ms", help="Latency target (default: the device's)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size (default: the task's)."),
+    seed: int = typer.Option(0, "--seed"),
+    runs: int = typer.Option(100, "--runs", min=10, help="Timed runs per variant."),
+):
+    """Compress MODEL with a recipe, export, evaluate and measure every variant."""
+    from .pipeline import run
+
+    progress.enable(sys.stderr.isatty())
+    report = run(model, recipe, device, data=str(data) if data else None, weights=weights, out=out_dir,
+                 force=force, seed=seed, target_ms=target_ms, input_size=input_size, runs=runs)
+    from .report import summary_lines
+
+    out.print(results_table(report, title=f"{report['model']} · {report['recipe']} · {report['device']}"))
+    for line in summary_lines(report):
+        out.print(("[bold yellow]! [/]" if "SLOWER" in line or "loses" in line or "failed" in line else "• ")
+                  + line.replace("**", ""), highlight=False)
+    out.print(f"Wrote {report['out_dir']}/ (report.md, report.html, report.json) in {report['seconds']} s")
+
+
+@zoo_app.command("list")
+@handle_errors
+def zoo_list(input_size: int = typer.Option(224, help="Input size for the params/MACs columns.")):
+    """Every zoo model with its source, paper, params and MACs."""
+    from . import zoo
+
+    table = Table(header_style="bold")
+    for c in ("model", "aliases", "source", "params", f"MMACs@{input_size}", "paper"):
+        table.add_column(c)
+    for spec in zoo.list_models():
+        st = zoo.model_stats(zoo.create(spec.name), (3, input_size, input_size))
+        table.add_row(spec.name, ", ".join(spec.aliases), spec.source, f"{st['params'] / 1e6:.2f}M",
+                      f"{st['macs'] / 1e6:.1f}", spec.paper)
+    out.print(table)
+
+
+@recipes_app.command("list")
+@handle_errors
+def recipes_list():
+    """Built-in recipes (user recipes are YAML files passed by path)."""
+    from .config import builtin_names, load_recipe
+
+    table = Table(header_style="bold")
+    for c in ("recipe", "steps", "variants", "budget", "description"):
+        table.add_column(c)
+    for name in builtin_names("recipes"):
+        r = load_recipe(name)
+        table.add_row(name, " → ".join(s.kind for s in r.steps) or "—",
+                      ", ".join(f"{v.format} {v.precision}" for v in r.variants), f"{r.accuracy_budget_pp} pp",
+                      r.description)
+    out.print(table)
+
+
+@devices_app.command("list")
+@handle_errors
+def devices_list():
+    """Built-in device profiles (user profiles are YAML files passed by path)."""
+    from .config import builtin_names, load_device
+
+    table = Table(header_style="bold")
+    for c in ("device", "kind", "arch", "precisions", "formats", "target", "description"):
+        table.add_column(c)
+    for name in builtin_names("devices"):
+        d = load_device(name)
+        table.add_row(name, d.kind, d.arch, ", ".join(d.precisions), ", ".join(d.formats),
+                      f"{d.latency_target_ms} ms" if d.latency_target_ms else "—", d.description)
+    out.print(table)
+
+
+@app.command()
+def version():
+    """Print edgekit's version."""
+    out.print(f"edgekit {__version__}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""edgekit's standalone device runner: benchmark a model or run one input through it.
+
+This file is copied to a device and run there; it must not import edgekit.
+It runs on Python 3.6+ (JetPack 4) and needs the standard library, numpy, and one runtime for the model's format:
+
+  .onnx            onnxruntime
+  .tflite          ai_edge_litert (LiteRT), else tflite_runtime, else tensorflow
+  .engine / .plan  tensorrt (+ torch or cuda-python for device buffers)
+
+Usage:
+  python3 runner.py bench MODEL [--warmup N] [--runs N] [--threads N]
+  python3 runner.py predict MODEL INPUT.npy OUT.npy [--threads N]
+  python3 runner.py info
+
+Every command prints exactly one JSON object on stdout. Exit codes:
+  0 ok, 2 bad arguments or unreadable model/input, 3 no runtime for the model's format, 4 runtime failure.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+RUNNER_VERSION = 1
+
+EXIT_OK, EXIT_USAGE, EXIT_NO_RUNTIME, EXIT_RUNTIME_FAILED = 0, 2, 3, 4
+
+# suffix -> (runtime names in the order tried, the install hint for the device)
+SUFFIX_RUNTIMES = {
+    ".onnx": (("onnxruntime",), "install onnxruntime"),
+    ".tflite": (("ai_edge_litert", "tflite_runtime", "tensorflow"), "install ai-edge-litert (or tflite-runtime)"),
+    ".engine": (("tensorrt",), "install TensorRT's Python bindings (JetPack ships them)"),
+    ".plan": (("tensorrt",), "install TensorRT's Python bindings (JetPack ships them)"),
+}
+
+
+class RunnerError(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE, **extra):
+        super().__init__(message)
+        self.code = code
+        self.extra = extra
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _percentile(sorted_values, q: float) -> float:
+    """numpy's default (linear) percentile of an already sorted list."""
+    if not sorted_values:
+        raise ValueError("no values")
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(times_ms) -> dict:
+    s = sorted(times_ms)
+    return {"p50": _percentile(s, 50), "p90": _percentile(s, 90), "mean": sum(s) / len(s), "min": s[0],
+            "max": s[-1], "runs": len(s)}
+
+
+def machine_info() -> dict:
+    return {"machine": platform.machine(), "system": platform.system(), "node": platform.node(),
+            "processor": platform.processor() or None, "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "python_executable": sys.executable}
+
+
+def _import_numpy():
+    try:
+        import numpy as np
+    except ImportError:
+        raise RunnerError(f"numpy is not installed for {sys.executable} on this device: install numpy",
+                          EXIT_NO_RUNTIME) from None
+    return np
+
+
+def _missing_runtime(suffix: str) -> RunnerError:
+    names, hint = SUFFIX_RUNTIMES[suffix]
+    return RunnerError(f"no runtime for {suffix} on this device: {hint} "
+                       f"(tried {', '.join(names)} with {sys.executable})", EXIT_NO_RUNTIME, tried=list(names))
+
+
+def _random_input(np, shape, dtype, rng):
+    shape = tuple(int(d) if isinstance(d, int) and d > 0 else 1 for d in shape)
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.randint(max(info.min, -128), min(info.max, 127) + 1, size=shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.randint(0, 2, size=shape).astype(dtype)
+    raise RunnerError(f"cannot make a random input of type {dtype}")
+
+
+# ----------------------------------------------------------------------------- runtimes
+# Each backend: .runtime, .version, .threads, .inputs [(name, shape, numpy dtype)], .run(list of arrays) -> list
+
+
+class OrtBackend:
+    def __init__(self, path: str, threads: int):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise _missing_runtime(".onnx") from None
+        np = _import_numpy()
+        self.runtime, self.version = "onnxruntime", ort.__version__
+        opts = ort.SessionOptions()
+        self.threads = threads
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - the message is what the user needs
+            raise RunnerError(f"onnxruntime cannot load {os.path.basename(path)}: {str(exc).splitlines()[0][:300]}")
+        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                 "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int32)": np.int32,
+                 "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+        self.inputs = [(i.name, [d if isinstance(d, int) else 1 for d in i.shape], types.get(i.type, np.float32))
+                       for i in self.session.get_inputs()]
+
+    def run(self, arrays):
+        return self.session.run(None, {name: a for (name, _, _), a in zip(self.inputs, arrays)})
+
+
+class LiteRTBackend:
+    def __init__(self, path: str, threads: int):
+        Interpreter, self.runtime, self.version = None, None, None
+        for mod in SUFFIX_RUNTIMES[".tflite"][0]:
+            try:
+                if mod == "ai_edge_litert":
+                    from ai_edge_litert.interpreter import Interpreter
+                elif mod == "tflite_runtime":
+                    from tflite_runtime.interpreter import Interpreter
+                else:
+                    import tensorflow as tf
+
+                    Interpreter = tf.lite.Interpreter
+            except ImportError:
+                continue
+            self.runtime = mod
+            self.version = _dist_version({"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime",
+                                          "tensorflow": "tensorflow"}[mod])
+            break
+        if Interpreter is None:
+            raise _missing_runtime(".tflite")
+        _import_numpy()
+        self.threads = threads
+        try:
+            self.interp = Interpreter(model_path=path, num_threads=threads or None)
+            self.interp.allocate_tensors()
+        except Exception as exc:  # noqa: BLE001
+            raise RunnerError(f"{self.runtime} cannot load {os.path.basename(path)}: {str(exc).splitlines()[0][:300]}")
+        self.in_details = self.interp.get_input_details()
+        self.out_details = self.interp.get_output_details()
+        self.inputs = [(d["name"], list(d["shape"]), d["dtype"]) for d in self.in_details]
+
+    def run(self, arrays):
+        for d, a in zip(self.in_details, arrays):
+            self.interp.set_tensor(d["index"], a)
+        self.interp.invoke()
+        return [self.interp.get_tensor(d["index"]) for d in self.out_details]
+
+
+class TensorRTBackend:
+    """TensorRT 8.5+/10 engine with torch CUDA tensors as buffers (JetPack and desktop installs have both)."""
+
+    def __init__(self, path: str, threads: int):
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise _missing_runtime(os.path.splitext(path)[1]) from None
+        try:
+            import torch
+        except ImportError:
+            raise RunnerError("the TensorRT runner needs torch with CUDA for its device buffers: install torch",
+                              EXIT_NO_RUNTIME) from None
+        if not torch.cuda.is_available():
+            raise RunnerError("no CUDA device visible to torch on this machine", EXIT_NO_RUNTIME)
+        np = _import_numpy()
+        self.runtime, self.version, self.threads = "tensorrt", trt.__version__, threads
+        self.torch, self.np = torch, np
+        logger = trt.Logger(trt.Logger.ERROR)
+        with open(path, "rb") as f:
+            self.engine = trt.Runtime(logger).deserialize_cuda_engine(f.read())
+        if self.engine is None:
+            raise RunnerError(f"TensorRT cannot deserialize {os.path.basename(path)} (built for another "
+                              f"TensorRT version or GPU?)")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs, self.outputs, self.buffers = [], [], {}
+        for n in names:
+            shape = [d if d > 0 else 1 for d in self.engine.get_tensor_shape(n)]
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(n)))
+            if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT:
+                self.context.set_input_shape(n, shape)
+                self.inputs.append((n, shape, dtype))
+            else:
+                self.outputs.append((n, shape, dtype))
+            tdtype = getattr(torch, {"float32": "float32", "float16": "float16", "int8": "int8", "int32": "int32",
+                                     "int64": "int64", "bool": "bool", "uint8": "uint8"}[dtype.name])
+            self.buffers[n] = torch.empty(shape, dtype=tdtype, device="cuda")
+            self.context.set_tensor_address(n, self.buffers[n].data_ptr())
+
+    def run(self, arrays):
+        torch = self.torch
+        for (n, _, _), a in zip(self.inputs, arrays):
+            self.buffers[n].copy_(torch.from_numpy(a), non_blocking=False)
+        self.context.execute_async_v3(self.stream.cuda_stream)
+        self.stream.synchronize()
+        return [self.buffers[n].cpu().numpy() for n, _, _ in self.outputs]
+
+
+BACKENDS = {".onnx": OrtBackend, ".tflite": LiteRTBackend, ".engine": TensorRTBackend, ".plan": TensorRTBackend}
+
+
+def _dist_version(dist: str):
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def load_backend(path: str, threads: int):
+    if not os.path.isfile(path):
+        raise RunnerError(f"model file not found: {path}")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in BACKENDS:
+        raise RunnerError(f"unknown model format {suffix or '(no suffix)'}; known: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[suffix](path, threads)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_bench(args) -> dict:
+    if args.runs < 1 or args.warmup < 0 or args.threads < 0:
+        raise RunnerError("--runs must be >= 1, --warmup and --threads >= 0")
+    backend = load_backend(args.model, args.threads)
+    np = _import_numpy()
+    rng = np.random.RandomState(0)  # (not default_rng: old numpy on JetPack 4)
+    arrays = [_random_input(np, shape, dtype, rng) for _, shape, dtype in backend.inputs]
+    try:
+        for _ in range(args.warmup):
+            backend.run(arrays)
+        times = []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            backend.run(arrays)
+            times.append((time.perf_counter() - t0) * 1e3)
+    except Exception as exc:  # noqa: BLE001
+        raise RunnerError(f"{backend.runtime} failed while running the model: {str(exc).splitlines()[0][:300]}",
+                          EXIT_RUNTIME_FAILED) from None
+    return {"command": "bench", "runtime": backend.runtime, "version": backend.version,
+            "threads": backend.threads or None, "warmup": args.warmup,
+            "input_shapes": [list(a.shape) for a in arrays], **summarize(times), **machine_info()}
+
+
+def cmd_predict(args) -> dict:
+    backend = load_backend(args.model, args.threads)
+    np = _import_numpy()
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001
+        raise RunnerError(f"cannot read input {args.input}: {exc}") from None
+    _, shape, dtype = backend.inputs[0]
+    x = np.ascontiguousarray(x, dtype=dtype)
+    try:
+        out = backend.run([x])[0]
+    except Exception as exc:  # noqa: BLE001
+        raise RunnerError(f"{backend.runtime} failed on input of shape {list(x.shape)} (model expects {shape}): "
+                          f"{str(exc).splitlines()[0][:300]}", EXIT_RUNTIME_FAILED) from None
+    np.save(args.output, np.asarray(out), allow_pickle=False)
+    return {"command": "predict", "runtime": backend.runtime, "version": backend.version,
+            "input_shape": list(x.shape), "output_shape": list(np.shape(out)), "output": args.output,
+            **machine_info()}
+
+
+def cmd_info(args) -> dict:
+    from importlib.util import find_spec
+
+    found = {}
+    for mods, _ in SUFFIX_RUNTIMES.values():
+        for mod in mods:
+            found[mod] = find_spec(mod) is not None
+    return {"command": "info", "runner_version": RUNNER_VERSION, "runtimes": found, **machine_info()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="runner.py", description="edgekit device runner (standalone)")
+    sub = p.add_subparsers(dest="command")
+    sub.required = True  # (the keyword needs Python 3.7)
+    b = sub.add_parser("bench", help="time the model on random inputs")
+    b.add_argument("model")
+    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--runs", type=int, default=100)
+    b.add_argument("--threads", type=int, default=0, help="0: the runtime's default")
+    r = sub.add_parser("predict", help="run INPUT.npy through the model into OUT.npy")
+    r.add_argument("model")
+    r.add_argument("input")
+    r.add_argument("output")
+    r.add_argument("--threads", type=int, default=0)
+    sub.add_parser("info", help="which runtimes this python can import")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage (or --help) on stderr/stdout
+        if not exc.code:
+            return EXIT_OK
+        print(json.dumps({"error": "bad arguments (see usage on stderr)", "exit_code": EXIT_USAGE}))
+        return EXIT_USAGE
+    try:
+        result = {"bench": cmd_bench, "predict": cmd_predict, "info": cmd_info}[args.command](args)
+    except RunnerError as exc:
+        print(json.dumps({"error": str(exc), "exit_code": exc.code, **exc.extra, **machine_info()}))
+        return exc.code
+    result["runner_version"] = RUNNER_VERSION
+    print(json.dumps(result))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Latency measured on a device over SSH, with the system OpenSSH client.
+
+Three connections per run: (1) make a per-run temporary folder under the
+profile's workdir and unpack the model + the standalone runner into it (a tar
+stream on stdin), (2) run ``runner.py bench`` with the device's python, (3)
+remove the folder (always, also after failures). Every ssh call is an argument
+list (no local shell); the one remote command string is built with
+``shlex.quote`` on each argument. Host keys are always checked
+(``StrictHostKeyChecking=yes``, ``BatchMode=yes``): an unknown or changed host
+key is an error, never a prompt and never silently accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from ..config import SSHSpec
+from ..errors import EdgekitError
+
+REMOTE_MODEL_STEM = "model"
+EXIT_NO_RUNTIME = 3
+_SSH_FAILED = 255
+_TARGET = re.compile(r"^(?:(?P<user>[^@\s/]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@:\s/\[\]]+)(?::(?P<port>\d+))?$")
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def parse_target(target: str) -> Tuple[Optional[str], str, Optional[int]]:
+    """``user@addr[:port]`` (IPv6 as ``user@[::1]:22``) -> (user or None, host, port or None)."""
+    m = _TARGET.match(target.strip())
+    if not m or m.group("host").startswith("-"):
+        raise EdgekitError(f"Cannot parse host {target!r}: expected user@address[:port] "
+                           f"(IPv6: user@[address]:port)")
+    port = int(m.group("port")) if m.group("port") else None
+    if port is not None and not 0 < port < 65536:
+        raise EdgekitError(f"Port {port} in {target!r} is out of range (1-65535)")
+    return m.group("user"), m.group("host").strip("[]"), port
+
+
+def spec_for_target(target: str, base: Optional[SSHSpec] = None) -> SSHSpec:
+    """The device profile's SSH settings (key, python, known_hosts ...) with host/user/port from ``target``."""
+    user, host, port = parse_target(target)
+    fields = base.model_dump() if base is not None else {}
+    fields["host"] = host
+    if user is not None:
+        fields["user"] = user
+    if port is not None:
+        fields["port"] = port
+    return SSHSpec.model_validate(fields)
+
+
+def destination(spec: SSHSpec) -> str:
+    host = f"[{spec.host}]" if ":" in spec.host else spec.host
+    where = f"{spec.user}@{host}" if spec.user else host
+    return where if spec.port == 22 else f"{where}:{spec.port}"
+
+
+# ----------------------------------------------------------------------------- ssh invocation
+
+
+def _ssh_config_path(path: str) -> str:
+    """A path as an ssh -o value: % tokens escaped, quoted when it has spaces."""
+    p = str(Path(path).expanduser()).replace("%", "%%")
+    return f'"{p}"' if any(c.isspace() for c in p) else p
+
+
+def ssh_command(spec: SSHSpec, remote_command: str) -> List[str]:
+    """The argument list for one ssh call; ``remote_command`` is already quoted for the remote shell."""
+    exe = shutil.which("ssh")
+    if exe is None:
+        raise EdgekitError("The OpenSSH client (ssh) is not installed here: install openssh-client")
+    if spec.host.startswith("-") or any(c.isspace() for c in spec.host) or (spec.user or "").startswith("-"):
+        raise EdgekitError(f"Invalid SSH host or user: {destination(spec)!r}")
+    args = [exe, "-T", "-p", str(spec.port),
+            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "UpdateHostKeys=no",
+            "-o", f"ConnectTimeout={spec.connect_timeout}", "-o", "ServerAliveInterval=15",
+            "-o", "ServerAliveCountMax=4", "-o", "ForwardAgent=no", "-o", "ForwardX11=no",
+            "-o", "ClearAllForwardings=yes", "-o", "LogLevel=ERROR"]
+    if spec.known_hosts:
+        kh = Path(spec.known_hosts).expanduser()
+        if not kh.is_file():
+            raise EdgekitError(f"known_hosts file not found: {kh} (host keys are always checked; "
+                               f"create it with the device's verified host key)")
+        args += ["-o", f"UserKnownHostsFile={_ssh_config_path(str(kh))}"]
+    if spec.key:
+        key = Path(spec.key).expanduser()
+        if not key.is_file():
+            raise EdgekitError(f"SSH key not found: {key}")
+        args += ["-i", str(key).replace("%", "%%"), "-o", "IdentitiesOnly=yes"]
+    if spec.user:
+        args += ["-l", spec.user]
+    return args + ["--", spec.host, remote_command]
+
+
+def quote_command(argv: Sequence[str]) -> str:
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def _explain_ssh_failure(stderr: str, spec: SSHSpec) -> str:
+    """One clear sentence for the ways an ssh connection fails (exit status 255)."""
+    dest = destination(spec)
+    kh = spec.known_hosts or "~/.ssh/known_hosts"
+    low = stderr.lower()
+    last = next((ln.strip() for ln in reversed(stderr.splitlines()) if ln.strip()), "no message from ssh").rstrip(".")
+    keyscan = f"ssh-keyscan -p {spec.port} {spec.host}"
+    entry = spec.host if spec.port == 22 else f"[{spec.host}]:{spec.port}"
+    if "remote host identification has changed" in low or "host key for" in low and "has changed" in low:
+        return (f"SSH host key mismatch for {dest}: the key the device sent differs from the one in {kh}. "
+                f"This is what a man-in-the-middle looks like; if the device was reinstalled, verify its new key "
+                f"and replace the entry (ssh-keygen -R '{entry}' -f {kh}).")
+    if "host key verification failed" in low or "host key is known for" in low:
+        return (f"SSH host key of {dest} is unknown: {kh} has no entry for it and host keys are always checked. "
+                f"Add the device's key after checking its fingerprint, e.g. `{keyscan} >> {kh}`, "
+                f"or connect once with plain ssh.")
+    if "permission denied" in low or "too many authentication failures" in low:
+        how = f"key {spec.key}" if spec.key else "your ssh agent / default keys"
+        return (f"SSH authentication failed for {dest} with {how}: {last}. Check the user name and that the "
+                f"public key is in the device's ~/.ssh/authorized_keys.")
+    if "connection refused" in low:
+        return f"Cannot reach {dest}: connection refused (is sshd running and listening on port {spec.port}?)"
+    for pattern, why in (("timed out", "connection timed out"), ("no route to host", "no route to host"),
+                         ("network is unreachable", "network is unreachable"),
+                         ("could not resolve hostname", "unknown host name"),
+                         ("name or service not known", "unknown host name"),
+                         ("connection closed", "the connection was closed"),
+                         ("connection reset", "the connection was reset")):
+        if pattern in low:
+            return f"Cannot reach {dest}: {why} ({last})"
+    return f"SSH to {dest} failed: {last}"
+
+
+def run_ssh(spec: SSHSpec, argv: Sequence[str] | str, stdin_path: Optional[Path] = None, timeout: Optional[float] = None,
+            what: str = "command") -> subprocess.CompletedProcess:
+    """Run ``argv`` on the device: a list is quoted argument by argument; a string must already be quoted.
+
+    ssh's own failures (exit status 255: unreachable, authentication, host key) become EdgekitError.
+    """
+    cmd = ssh_command(spec, quote_command(argv) if not isinstance(argv, str) else argv)
+    limit = timeout or spec.command_timeout
+    try:
+        if stdin_path is not None:
+            with open(stdin_path, "rb") as stdin:
+                proc = subprocess.run(cmd, stdin=stdin, capture_output=True, timeout=limit)
+        else:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise EdgekitError(f"SSH {what} on {destination(spec)} did not finish within {limit:.0f} s") from None
+    proc.stdout = proc.stdout.decode("utf-8", "replace")
+    proc.stderr = proc.stderr.decode("utf-8", "replace")
+    if proc.returncode == _SSH_FAILED:
+        raise EdgekitError(_explain_ssh_failure(proc.stderr, spec))
+    return proc
+
+
+def _remote_workdir(workdir: str) -> str:
+    """``~/x`` -> ``x``: the remote shell starts in the home folder and quoted ``~`` would not expand."""
+    if workdir in ("~", "~/"):
+        return "."
+    if workdir.startswith("~/"):
+        return workdir[2:]
+    if workdir.startswith("~"):
+        raise EdgekitError(f"ssh.workdir {workdir!r}: use ~/... or an absolute path")
+    return workdir
+
+
+def _bundle(artifact: Path, runner: Path, into: Path) -> Path:
+    out = into / "bundle.tar"
+    with tarfile.open(out, "w") as tar:
+        tar.add(str(runner), arcname="runner.py")
+        tar.add(str(artifact), arcname=REMOTE_MODEL_STEM + artifact.suffix.lower())
+    return out
+
+
+# ----------------------------------------------------------------------------- profiling
+
+
+def profile_remote(artifact: str | Path, ssh: SSHSpec, threads: Optional[int] = None, warmup: int = 10,
+                   runs: int = 100) -> dict:
+    """Benchmark ``artifact`` on the device ``ssh`` points at; p50/p90/mean/min in ms plus what ran it."""
+    from ..deploy import RUNNER_PATH
+
+    artifact = Path(artifact)
+    if not artifact.is_file():
+        raise EdgekitError(f"Model file not found: {artifact}")
+    if runs < 1 or warmup < 0:
+        raise EdgekitError("runs must be >= 1 and warmup >= 0")
+    dest = destination(ssh)
+    workdir = _remote_workdir(ssh.workdir)
+    python = shlex.split(ssh.python)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgekit-ssh-") as tmp:
+        bundle = _bundle(artifact, RUNNER_PATH, Path(tmp))
+        setup = (f"mkdir -p -- {shlex.quote(workdir)} && d=$(mktemp -d {shlex.quote(workdir + '/run.XXXXXXXX')}) "
+                 f"&& cd -- \"$d\" && tar -xf - && pwd")
+        proc = run_ssh(ssh, setup, stdin_path=bundle, timeout=ssh.command_timeout, what="upload")
+        remote_dir = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+        if proc.returncode != 0 or not Path(remote_dir).name.startswith("run."):
+            raise EdgekitError(f"Could not create a temporary folder under {ssh.workdir} on {dest} and unpack the "
+                               f"model there: {(proc.stderr.strip() or proc.stdout.strip())[-300:] or 'no message'}")
+    try:
+        model_name = REMOTE_MODEL_STEM + artifact.suffix.lower()
+        remote = (f"cd -- {shlex.quote(remote_dir)} && "
+                  + quote_command([*python, "runner.py", "bench", model_name, "--warmup", str(warmup),
+                                   "--runs", str(runs), "--threads", str(int(threads or 0))]))
+        proc = run_ssh(ssh, remote, timeout=ssh.command_timeout, what="benchmark")
+    finally:
+        _cleanup(ssh, remote_dir)
+    result = _parse_runner_output(proc, ssh)
+    result.update({"source": "measured-ssh", "host": dest, "artifact": str(artifact),
+                   "artifact_bytes": artifact.stat().st_size, "remote_python": ssh.python,
+                   "wall_s": round(time.perf_counter() - t_start, 3)})
+    return result
+
+
+def _cleanup(ssh: SSHSpec, remote_dir: str) -> None:
+    """Remove the per-run folder; a failure here must not hide the benchmark's own outcome."""
+    if not Path(remote_dir).name.startswith("run."):
+        return
+    try:
+        run_ssh(ssh, ["rm", "-rf", "--", remote_dir], timeout=60, what="cleanup")
+    except EdgekitError:
+        pass
+
+
+def _parse_runner_output(proc: subprocess.CompletedProcess, ssh: SSHSpec) -> dict:
+    dest = destination(ssh)
+    payload = None
+    for line in reversed(proc.stdout.strip().splitlines()):
+        try:
+            payload = json.loads(line)
+            break
+        except ValueError:
+            continue
+    if proc.returncode == 127 or (payload is None and "not found" in proc.stderr and proc.returncode != 0):
+        raise EdgekitError(f"The device python {ssh.python!r} was not found on {dest}: set ssh.python in the "
+                           f"device profile ({proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''})")
+    if isinstance(payload, dict) and "error" in payload:
+        if proc.returncode == EXIT_NO_RUNTIME:
+            raise EdgekitError(f"{dest}: {payload['error']}")
+        raise EdgekitError(f"The runner on {dest} failed (exit {proc.returncode}): {payload['error']}")
+    if proc.returncode != 0 or not isinstance(payload, dict):
+        tail = (proc.stderr.strip() or proc.stdout.strip())[-400:] or "no output"
+        raise EdgekitError(f"The runner on {dest} failed (exit {proc.returncode}): {tail}")
+    return payload

@@ -1,0 +1,134 @@
+"""Shared fixtures. Tests use real ONNX Runtime sessions and real files; the cache is per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _edgekit_cache(tmp_path_factory):
+    """Keep trained baselines of this test session out of the user's cache, shared across tests."""
+    if "EDGEKIT_CACHE" not in os.environ:
+        os.environ["EDGEKIT_CACHE"] = str(tmp_path_factory.mktemp("edgekit-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def mnist_task():
+    from edgekit.data import load_task
+
+    return load_task("mnist")
+
+
+@pytest.fixture(scope="session")
+def small_task():
+    """A 32x32 MNIST task for fast checks (same data, smaller images)."""
+    from edgekit.data import load_task
+
+    return load_task("mnist", input_size=32)
+
+
+# ----------------------------------------------------------------------------- a real OpenSSH server on 127.0.0.1
+
+SSHD = "/usr/sbin/sshd"
+
+
+class SshdServer:
+    """An sshd started for this test session: keys, config and known_hosts live in ``root``."""
+
+    def __init__(self, root, port, user, proc):
+        self.root, self.port, self.user, self.proc = root, port, user, proc
+        self.key = root / "user_ed25519"  # in authorized_keys
+        self.wrong_key = root / "wrong_ed25519"  # a valid key the server does not know
+        self.known_hosts = root / "known_hosts"  # holds this server's host key
+        self.other_known_hosts = root / "known_hosts_other"  # another key for the same [127.0.0.1]:port
+        self.empty_known_hosts = root / "known_hosts_empty"
+
+    def spec(self, **overrides):
+        from edgekit.config import SSHSpec
+
+        fields = dict(host="127.0.0.1", port=self.port, user=self.user, key=str(self.key),
+                      known_hosts=str(self.known_hosts), workdir=str(self.root / "remote"), connect_timeout=5)
+        fields.update(overrides)
+        return SSHSpec(**fields)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real OpenSSH sshd on 127.0.0.1, running as the current user, public-key login only."""
+    import getpass
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    if not os.path.exists(SSHD):
+        pytest.skip(f"{SSHD} is absent: install openssh-server to run the SSH tests")
+    if shutil.which("ssh-keygen") is None or shutil.which("ssh") is None:
+        pytest.skip("ssh / ssh-keygen are absent: install openssh-client to run the SSH tests")
+    root = tmp_path_factory.mktemp("sshd")
+    for name in ("host_ed25519", "user_ed25519", "wrong_ed25519", "other_host_ed25519"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(root / name)],
+                       check=True, capture_output=True)
+    (root / "authorized_keys").write_text((root / "user_ed25519.pub").read_text())
+    (root / "remote").mkdir()
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation folder
+    user = getpass.getuser()
+    proc = port = None
+    for _attempt in range(3):  # the free port may be taken between probing and binding
+        port = _free_port()
+        config = root / "sshd_config"
+        config.write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {root / 'host_ed25519'}
+PidFile {root / 'sshd.pid'}
+AuthorizedKeysFile {root / 'authorized_keys'}
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowUsers {user}
+StrictModes no
+UsePAM no
+PrintMotd no
+LogLevel VERBOSE
+""")
+        log = open(root / "sshd.log", "ab")
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        if proc.poll() is None:
+            break
+    if proc.poll() is not None:
+        pytest.fail(f"sshd did not start: {(root / 'sshd.log').read_text()[-2000:]}")
+    host_pub = " ".join((root / "host_ed25519.pub").read_text().split()[:2])
+    other_pub = " ".join((root / "other_host_ed25519.pub").read_text().split()[:2])
+    (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub}\n")
+    (root / "known_hosts_other").write_text(f"[127.0.0.1]:{port} {other_pub}\n")
+    (root / "known_hosts_empty").write_text("")
+    server = SshdServer(root, port, user, proc)
+    yield server
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()

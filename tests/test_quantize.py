@@ -1,0 +1,62 @@
+"""ONNX Runtime int8: edgekit's settings vs ORT's defaults, on a trained model and real sessions."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from edgekit.compress.quantize import ORT_DEFAULT, OrtQuantConfig, quantize_onnx
+from edgekit.errors import EdgekitError
+from edgekit.evaluate import agreement, predict_arrays, top1
+from edgekit.export.onnx import export_onnx
+from edgekit.pipeline import get_baseline
+from edgekit.runtime import load_runner
+
+
+@pytest.fixture(scope="module")
+def trained(small_task, tmp_path_factory):
+    from edgekit.config import Recipe, TrainSpec
+
+    model, _ = get_baseline("shufflenetv2-x0.5", small_task, recipe=Recipe(name="t", train=TrainSpec(epochs=3)))
+    d = tmp_path_factory.mktemp("q")
+    return export_onnx(model, d / "fp32.onnx", small_task.input_shape), small_task, d
+
+
+def _qdq_types(path):
+    g = onnx.load(str(path)).graph
+    inits = {i.name: i for i in g.initializer}
+    zp_types = set()
+    for n in g.node:
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits:
+            zp_types.add(inits[n.input[2]].data_type)
+    return zp_types
+
+
+def test_edgekit_int8_accuracy_and_types(trained):
+    fp32, task, d = trained
+    calib, _ = task.arrays("calib")
+    q = quantize_onnx(fp32, d / "int8.onnx", calib, OrtQuantConfig())
+    assert _qdq_types(q) == {onnx.TensorProto.UINT8}  # U8 activations, as the desktop-cpu profile asks
+    x, y = task.arrays("eval")
+    ref = predict_arrays(load_runner("onnxruntime", fp32, threads=1).run, x, batch_size=1)
+    got = predict_arrays(load_runner("onnxruntime", q, threads=1).run, x, batch_size=1)
+    assert top1(got, y) >= top1(ref, y) - 0.01
+    assert agreement(ref, got) >= 0.97
+    assert q.stat().st_size < fp32.stat().st_size / 2  # int8 weights (scales and the fp32 head remain)
+
+
+def test_ort_default_config_is_signed_per_tensor(trained):
+    fp32, task, d = trained
+    calib, _ = task.arrays("calib", limit=32)
+    q = quantize_onnx(fp32, d / "default.onnx", calib, ORT_DEFAULT)
+    assert _qdq_types(q) == {onnx.TensorProto.INT8}
+    assert "S8S8 per-tensor" in ORT_DEFAULT.label()
+
+
+def test_bad_quant_settings(trained):
+    fp32, task, d = trained
+    with pytest.raises(EdgekitError, match="calibration must be one of"):
+        quantize_onnx(fp32, d / "x.onnx", task.arrays("calib", limit=4)[0], OrtQuantConfig(calibration="magic"))
+    with pytest.raises(EdgekitError, match="at least one input"):
+        quantize_onnx(fp32, d / "x.onnx", np.zeros((0, 3, 32, 32), np.float32))
