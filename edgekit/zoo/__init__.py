@@ -12,3 +12,4 @@ from .stats import count_macs, count_params, model_stats  # noqa: F401
 
 # Importing the family modules fills the registry table.
 from . import torchvision_models, timm_models  # noqa: F401,E402
+from . import own  # noqa: F401,E402
