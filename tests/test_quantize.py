@@ -60,3 +60,16 @@ def test_bad_quant_settings(trained):
         quantize_onnx(fp32, d / "x.onnx", task.arrays("calib", limit=4)[0], OrtQuantConfig(calibration="magic"))
     with pytest.raises(EdgekitError, match="at least one input"):
         quantize_onnx(fp32, d / "x.onnx", np.zeros((0, 3, 32, 32), np.float32))
+
+
+def test_auto_calibration_keeps_the_closest_candidate(trained):
+    from edgekit.compress.quantize import quantize_onnx_auto
+
+    fp32, task, d = trained
+    calib, _ = task.arrays("calib", limit=64)
+    path, cfg, scores = quantize_onnx_auto(fp32, d / "auto.onnx", calib, OrtQuantConfig())
+    assert set(scores) == {"minmax", "percentile"}
+    assert cfg.calibration == max(scores, key=scores.get)
+    assert path.is_file() and scores[cfg.calibration] > 10  # dB: logits close to fp32
+    with pytest.raises(EdgekitError, match="calibration must be one of"):
+        quantize_onnx(fp32, d / "y.onnx", calib, OrtQuantConfig(calibration="auto"))

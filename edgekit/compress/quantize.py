@@ -116,3 +116,39 @@ def _quantize(fp32_path, out_path: Path, calib: np.ndarray, cfg: OrtQuantConfig,
 
 def config_dict(cfg: OrtQuantConfig) -> dict:
     return asdict(cfg)
+
+
+AUTO_CANDIDATES = ("minmax", "percentile")
+
+
+def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, cfg: OrtQuantConfig,
+                       candidates=AUTO_CANDIDATES) -> tuple[Path, OrtQuantConfig, dict]:
+    """Quantize with each calibration method and keep the one whose logits are closest to fp32.
+
+    Closeness is the SQNR of the logits on the calibration split (never the eval
+    split, which must stay unseen). MinMax is exact on outliers but wastes range;
+    percentile clips them — which wins depends on the network (SiLU/SE nets like
+    EfficientNetV2 prefer percentile).
+    """
+    from dataclasses import replace
+
+    from ..evaluate import sqnr_db
+    from ..runtime import load_runner
+
+    out_path = Path(out_path)
+
+    def logits(path: Path) -> np.ndarray:
+        run = load_runner("onnxruntime", path, threads=1).run
+        return np.concatenate([run(calib[i:i + 1]) for i in range(len(calib))])
+
+    ref = logits(Path(fp32_path))
+    scores, best = {}, None
+    with tempfile.TemporaryDirectory(prefix="edgekit-qa-") as tmp:
+        for method in candidates:
+            c = replace(cfg, calibration=method)
+            p = quantize_onnx(fp32_path, Path(tmp) / f"{method}.onnx", calib, c)
+            scores[method] = round(sqnr_db(ref, logits(p)), 2)
+            if best is None or scores[method] > scores[best[0]]:
+                best = (method, p, c)
+        shutil.move(str(best[1]), out_path)
+    return out_path, best[2], scores

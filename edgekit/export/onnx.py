@@ -75,7 +75,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Tuple[int, ...]
 
 def export_variant(model: nn.Module, precision: str, options: dict, ctx) -> Path:
     """fp32: export. int8: export fp32 once per model, then ORT static quantization with the device's types."""
-    from ..compress.quantize import OrtQuantConfig, quantize_onnx
+    from ..compress.quantize import OrtQuantConfig, quantize_onnx, quantize_onnx_auto
 
     key = ("onnx-fp32", id(model))
     fp32 = ctx.cache.get(key)
@@ -97,13 +97,19 @@ def export_variant(model: nn.Module, precision: str, options: dict, ctx) -> Path
         activation_type=options.get("activation_type", q.activation_type),
         weight_type=options.get("weight_type", q.weight_type),
         per_channel=bool(options.get("per_channel", q.per_channel)),
-        calibration=options.get("calibration", "minmax"),
+        calibration=options.get("calibration", "auto"),
         quant_format=options.get("quant_format", "qdq"),
         reduce_range=bool(options.get("reduce_range", False)),
         op_types=options.get("op_types"),
     )
     calib, _ = ctx.task.arrays("calib", limit=int(options.get("num_calib", 256)))
-    out = quantize_onnx(fp32, ctx.path(".onnx"), calib, cfg)
+    scores = None
+    if cfg.calibration == "auto":
+        out, cfg, scores = quantize_onnx_auto(fp32, ctx.path(".onnx"), calib, cfg)
+    else:
+        out = quantize_onnx(fp32, ctx.path(".onnx"), calib, cfg)
     ctx.info["quantization"] = {"tool": "onnxruntime.quantization.quantize_static", "config": cfg.label(),
                                 "num_calib": len(calib), **{k: v for k, v in vars(cfg).items() if k != "extra_options"}}
+    if scores is not None:
+        ctx.info["quantization"]["calibration_sqnr_db"] = scores  # logits vs fp32 on the calibration split
     return out
