@@ -1,6 +1,175 @@
-"""Deployment helpers: the standalone device runner copied to targets."""
+"""Deployment: the standalone device runner, bundles for a device, SSH deploys and Docker runtime images.
 
+- :mod:`edgekit.deploy.runner`   the standalone runner copied to devices
+- :mod:`edgekit.deploy.bundle`   ``build_bundle`` / ``extract_bundle``: an offline-installable .tar.gz
+- :mod:`edgekit.deploy.remote`   ``deploy``: releases on a device over SSH, ``current`` switched atomically
+- :mod:`edgekit.deploy.versions` runtime versions shared by bundles and the Dockerfile
+"""
+
+from __future__ import annotations
+
+import shlex
 from pathlib import Path
+from typing import List, Optional
 
 RUNNER_PATH = Path(__file__).with_name("runner.py")
 """The standalone runner script (stdlib + numpy + a runtime; no edgekit import) that is copied to devices."""
+
+SYSROOT_SCRIPT = Path(__file__).with_name("arm64_sysroot.sh")
+"""Assembles an arm64 Debian userland with Python 3.11 to run arm64 bundles under qemu-user."""
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def build_bundle(*args, **kw):
+    """See :func:`edgekit.deploy.bundle.build_bundle`."""
+    from .bundle import build_bundle as _build
+
+    return _build(*args, **kw)
+
+
+def extract_bundle(*args, **kw):
+    """See :func:`edgekit.deploy.bundle.extract_bundle`."""
+    from .bundle import extract_bundle as _extract
+
+    return _extract(*args, **kw)
+
+
+def deploy(*args, **kw):
+    """See :func:`edgekit.deploy.remote.deploy`."""
+    from .remote import deploy as _deploy
+
+    return _deploy(*args, **kw)
+
+
+def deploy_cmd(run_dir: str | Path, device: str, host: Optional[str] = None, bundle: Optional[str | Path] = None,
+               ssh=None, root: Optional[str] = None, python_version: Optional[str] = None, fetch_wheels: bool = True,
+               force: bool = False, bench_runs: int = 20) -> dict:
+    """``edgekit deploy RUN_DIR --device D [--host user@addr] [--bundle out.tar.gz]``.
+
+    With ``bundle`` only: write the bundle there. With ``host``: deploy over SSH (the bundle written to
+    ``bundle`` first when both are given, else built in a temporary folder). ``RUN_DIR`` may also be a
+    bundle .tar.gz to deploy as it is.
+    """
+    from ..errors import EdgekitError
+    from . import versions
+    from .bundle import build_bundle as _build, read_manifest
+
+    pv = python_version or versions.PYTHON_VERSION
+    host_given = host is not None or ssh is not None
+    if bundle is None and not host_given:
+        raise EdgekitError("Nothing to do: pass --host user@address to deploy over SSH and/or --bundle FILE.tar.gz "
+                           "to write the bundle")
+    source = Path(run_dir)
+    out: dict = {}
+    if bundle is not None:
+        if source.is_file():
+            raise EdgekitError(f"{source} is already a bundle; --bundle writes a new one from a run folder")
+        path = _build(source, device, bundle, python_version=pv, fetch_wheels=fetch_wheels, force=force)
+        manifest, rid = read_manifest(path)
+        out = {"action": "bundle", "bundle": str(path), "release": rid,
+               "size_mb": round(path.stat().st_size / 2**20, 2),
+               "artifact": manifest["artifact"]["path"], "fallback": (manifest.get("fallback") or {}).get("path"),
+               "device": manifest["device"], "wheels": manifest["wheels"]}
+        source = path
+    if host_given:
+        from .remote import DEFAULT_ROOT, deploy as _deploy
+
+        result = _deploy(source, device, host=host, ssh=ssh, root=root or DEFAULT_ROOT, python_version=pv,
+                         fetch_wheels=fetch_wheels, bench_runs=bench_runs)
+        out = {**out, **result, "bundle": out.get("bundle")} if out else result
+    return out
+
+
+# ----------------------------------------------------------------------------- docker
+
+DOCKER_TARGETS = {"cpu": "runtime", "jetson": "runtime-jetson"}
+
+
+def docker_target(dev) -> str:
+    """The Dockerfile stage for a device: Jetson (aarch64 + TensorRT) or the Debian CPU runtime."""
+    if dev.arch == "aarch64" and dev.kind == "gpu" and "tensorrt" in dev.formats:
+        return DOCKER_TARGETS["jetson"]
+    return DOCKER_TARGETS["cpu"]
+
+
+def docker_command(device: str, bundle: Optional[str | Path] = None, tag: Optional[str] = None,
+                   context: str | Path = ".", push: bool = False) -> List[str]:
+    """The ``docker buildx build`` argument list of ``device``'s runtime image.
+
+    ``bundle``: an extracted bundle folder (or a bundle .tar.gz, extracted and verified next to itself)
+    passed as the ``bundle`` build context; its runtime versions become the build args.
+    """
+    from ..config import load_device
+    from ..errors import EdgekitError
+    from . import versions
+
+    dev = load_device(device)
+    if dev.arch not in versions.ARCHES:
+        raise EdgekitError(f"No runtime image for {dev.name}: {dev.arch} is not a docker platform here "
+                           f"({', '.join(versions.ARCHES)})")
+    build_args = {"PYTHON_VERSION": versions.PYTHON_VERSION, "NUMPY_VERSION": versions.NUMPY_VERSION,
+                  "ONNXRUNTIME_VERSION": versions.ONNXRUNTIME_VERSION, "LITERT_VERSION": versions.LITERT_VERSION}
+    argv = ["docker", "buildx", "build", "--platform", versions.ARCHES[dev.arch][0], "--target", docker_target(dev)]
+    if bundle is not None:
+        bdir = _bundle_context(Path(bundle))
+        import json
+
+        manifest = json.loads((bdir / "manifest.json").read_text())
+        if manifest.get("arch") != dev.arch:
+            raise EdgekitError(f"{bundle} is a bundle for {manifest.get('device')} ({manifest.get('arch')}), "
+                               f"not {dev.name} ({dev.arch})")
+        mv = manifest.get("versions") or {}
+        for key, name in (("ONNXRUNTIME_VERSION", "onnxruntime"), ("LITERT_VERSION", "ai-edge-litert"),
+                          ("NUMPY_VERSION", "numpy")):
+            if mv.get(name):
+                build_args[key] = mv[name]
+        argv += ["--build-context", f"bundle={bdir}"]
+    for k, v in build_args.items():
+        argv += ["--build-arg", f"{k}={v}"]
+    argv += ["-t", tag or f"edgekit-runtime:{dev.name}", "--push" if push else "--load", str(context)]
+    return argv
+
+
+def _bundle_context(bundle: Path) -> Path:
+    from ..errors import EdgekitError
+    from .bundle import extract_bundle as _extract
+
+    if bundle.is_dir():
+        if not (bundle / "manifest.json").is_file():
+            raise EdgekitError(f"{bundle} is not an extracted bundle (no manifest.json)")
+        return bundle.resolve()
+    if not bundle.is_file():
+        raise EdgekitError(f"Bundle not found: {bundle}")
+    name = bundle.name[:-len(".tar.gz")] if bundle.name.endswith(".tar.gz") else bundle.stem
+    dest = bundle.with_name(f"{name}.docker-context")
+    _extract(bundle, dest, force=True)
+    return dest.resolve()
+
+
+def docker_cmd(device: str, bundle: Optional[str | Path] = None, run: bool = False, tag: Optional[str] = None,
+               push: bool = False) -> dict:
+    """``edgekit docker --device D [--bundle B] [--run]``: the buildx command, printed or run from the repo root."""
+    import shutil
+    import subprocess
+
+    from ..errors import EdgekitError
+
+    argv = docker_command(device, bundle=bundle, tag=tag, context=".", push=push)
+    out = {"argv": argv, "command": " ".join(shlex.quote(a) for a in argv), "cwd": str(REPO_ROOT), "ran": False}
+    if run:
+        if shutil.which("docker") is None:
+            raise EdgekitError("docker is not installed here; run the printed command on a machine with "
+                               "docker buildx")
+        probe = subprocess.run(["docker", "buildx", "version"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise EdgekitError("docker buildx is not available here (install the docker-buildx plugin); run the "
+                               "printed command on a machine with docker buildx")
+        if not (REPO_ROOT / "Dockerfile").is_file():
+            raise EdgekitError(f"No Dockerfile in {REPO_ROOT}: run from a source checkout of edgekit")
+        proc = subprocess.run(argv, cwd=REPO_ROOT)
+        out.update({"ran": True, "returncode": proc.returncode})
+        if proc.returncode != 0:
+            raise EdgekitError(f"docker buildx build failed (exit {proc.returncode}); is a Docker engine with "
+                               f"buildx (and QEMU binfmt for other platforms) available?")
+    return out
