@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, progress
@@ -41,7 +42,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except EdgekitError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted; nothing was written[/]")
@@ -138,6 +139,53 @@ def devices_list():
         table.add_row(name, d.kind, d.arch, ", ".join(d.precisions), ", ".join(d.formats),
                       f"{d.latency_target_ms} ms" if d.latency_target_ms else "—", d.description)
     out.print(table)
+
+
+@app.command()
+@handle_errors
+def profile(
+    artifact: Path = typer.Argument(..., help="Exported model: .onnx, .tflite or .engine."),
+    device: str = typer.Option("desktop-cpu", "--device", "-d", help="Device profile name or YAML path."),
+    host: Optional[str] = typer.Option(None, "--host", help="Measure on user@address[:port] over SSH "
+                                                            "(system OpenSSH, host keys checked)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Default: the profile's threads."),
+    runs: int = typer.Option(100, "--runs", min=1, help="Timed runs after warm-up."),
+    warmup: int = typer.Option(10, "--warmup", min=0),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole result as JSON."),
+):
+    """Latency of ARTIFACT on a device: measured here (local profiles), over SSH (--host or the profile's
+    ssh: block), or estimated from the ONNX graph (every other profile)."""
+    from .profiling import profile_artifact
+
+    progress.enable(sys.stderr.isatty())
+    r = profile_artifact(artifact, device, host=host, threads=threads, runs=runs, warmup=warmup)
+    if as_json:
+        out.print_json(json.dumps(r, default=str))
+        return
+    how = {"measured-local": "measured here", "measured-ssh": f"measured on {r.get('host')} over SSH",
+           "estimated": "ESTIMATED by the latency model, not measured"}[r["source"]]
+    table = Table(title=f"{Path(artifact).name} · {r['device']} · {how}", header_style="bold")
+    if r["source"] == "estimated":
+        for c in ("source", "estimate ms", "threads", "ops", "GMACs", "compute/memory/overhead-bound ops"):
+            table.add_column(c, justify="right")
+        b = r["bound"]
+        table.add_row(r["source"], f"{r['p50']:.3f}", str(r["threads"]), str(r["ops"]), f"{r['gmacs']:.3f}",
+                      f"{b['compute']}/{b['memory']}/{b['overhead']}")
+        out.print(table)
+        top = sorted(r["by_category"].items(), key=lambda kv: -kv[1]["ms"])[:5]
+        out.print("where the time goes (estimated): " + ", ".join(f"{k} {v['ms']:.3f} ms ({v['ops']} ops)"
+                                                                 for k, v in top), highlight=False)
+        cal = r.get("calibration") or {}
+        where = f"calibrated on {cal['host']} {cal.get('date')}" if cal.get("host") else \
+            "defaults, not calibrated for this device"
+        out.print(f"coefficients: {where}", highlight=False)
+    else:
+        for c in ("source", "p50 ms", "p90 ms", "mean ms", "min ms", "runs", "threads", "runtime", "machine"):
+            table.add_column(c, justify="right")
+        table.add_row(r["source"], f"{r['p50']:.3f}", f"{r['p90']:.3f}", f"{r['mean']:.3f}", f"{r['min']:.3f}",
+                      str(r["runs"]), str(r.get("threads") or "default"), f"{r['runtime']} {r.get('version') or ''}",
+                      f"{r.get('machine')} · Python {r.get('python')}")
+        out.print(table)
 
 
 @app.command()

@@ -93,6 +93,56 @@ class QuantSpec(Strict):
     per_channel: bool = True
 
 
+class LatencyModel(Strict):
+    """Coefficients of the per-operator roofline in ``edgekit.profiling.estimate``.
+
+    Keys of ``efficiency`` / ``overhead_us`` are op categories (conv, pwconv, dwconv, gemm, elementwise,
+    activation, pool, data, reshape, quant, layout; conv kinds with ``_nchw`` / ``_tail`` for their slow
+    paths), optionally with a precision (``conv.int8``), which wins. ``efficiency`` is the share of
+    ``peak_gops[precision]`` an op category reaches: for conv/gemm a fraction of the MAC peak; for
+    element-wise categories elements/s relative to it (which may exceed 1).
+    """
+
+    threads: Optional[int] = Field(None, gt=0, description="threads the coefficients hold for; None: the profile's")
+    session_overhead_us: float = Field(20.0, ge=0, description="fixed cost of one inference call")
+    default_overhead_us: float = Field(5.0, ge=0, description="per operator, when overhead_us has no entry")
+    overhead_us: Dict[str, float] = Field(default_factory=dict)
+    efficiency: Dict[str, float] = Field(default_factory=lambda: {
+        "conv": 0.5, "pwconv": 0.5, "dwconv": 0.1, "gemm": 0.4, "elementwise": 0.1, "activation": 0.05,
+        "pool": 0.1, "quant": 0.1})
+    depth_half: Dict[str, float] = Field(default_factory=dict, description="per category: the reduction length "
+                                         "(Cin/group*kh*kw) at which efficiency is half its value")
+    width_half: Dict[str, float] = Field(default_factory=dict, description="per category: the output channel "
+                                         "count at which efficiency is half its value")
+    cache_kb: float = Field(1024, gt=0, description="working sets up to this size stream at cache bandwidth")
+    cache_bandwidth_gbs: float = Field(50, gt=0)
+    memory_bandwidth_gbs: Optional[float] = Field(None, gt=0, description="measured streaming bandwidth beyond "
+                                                  "the cache; None: the profile's memory_bandwidth_gbs")
+    parallel_efficiency: float = Field(0.7, ge=0, le=1, description="speed-up per extra thread, 0..1")
+    channel_block: int = Field(0, ge=0, description="channels padded to this block in fp32 convs (ORT NCHWc)")
+    fuse_conv_add: bool = Field(True, description="residual Add fused into the preceding conv")
+    int8_layout: Literal["nchw", "nhwc"] = Field("nhwc", description="layout int8 convs run in (ORT CPU: nhwc)")
+    int8_channel_align: int = Field(0, ge=0, description="int8 convs whose channels are not a multiple of this "
+                                    "use the *_tail coefficients (0: no distinction)")
+    calibration: Dict[str, Any] = Field(default_factory=dict, description="where the coefficients came from")
+
+    @field_validator("efficiency", "depth_half", "width_half")
+    @classmethod
+    def _positive(cls, v: Dict[str, float]) -> Dict[str, float]:
+        bad = {k: x for k, x in v.items() if not x > 0}
+        if bad:
+            raise ValueError(f"must be > 0: {bad}")
+        return v
+
+    @field_validator("overhead_us")
+    @classmethod
+    def _non_negative(cls, v: Dict[str, float]) -> Dict[str, float]:
+        bad = {k: x for k, x in v.items() if x < 0}
+        if bad:
+            raise ValueError(f"overheads are >= 0 microseconds: {bad}")
+        return v
+
+
 class DeviceProfile(Strict):
     name: str
     description: str = ""
@@ -113,6 +163,7 @@ class DeviceProfile(Strict):
     prune_round_to: int = Field(8, gt=0)
     latency_target_ms: Optional[float] = Field(None, gt=0)
     ssh: Optional[SSHSpec] = None
+    latency_model: LatencyModel = Field(default_factory=LatencyModel)
 
     def resolved_threads(self) -> int:
         import os

@@ -39,8 +39,8 @@ def parse_target(target: str) -> Tuple[Optional[str], str, Optional[int]]:
     """``user@addr[:port]`` (IPv6 as ``user@[::1]:22``) -> (user or None, host, port or None)."""
     m = _TARGET.match(target.strip())
     if not m or m.group("host").startswith("-"):
-        raise EdgekitError(f"Cannot parse host {target!r}: expected user@address[:port] "
-                           f"(IPv6: user@[address]:port)")
+        raise EdgekitError(f"Cannot parse host {target!r}: expected user@address or user@address:port "
+                           f"(IPv6 in brackets, e.g. pi@[::1]:22)")
     port = int(m.group("port")) if m.group("port") else None
     if port is not None and not 0 < port < 65536:
         raise EdgekitError(f"Port {port} in {target!r} is out of range (1-65535)")
@@ -201,7 +201,7 @@ def profile_remote(artifact: str | Path, ssh: SSHSpec, threads: Optional[int] = 
     with tempfile.TemporaryDirectory(prefix="edgekit-ssh-") as tmp:
         bundle = _bundle(artifact, RUNNER_PATH, Path(tmp))
         setup = (f"mkdir -p -- {shlex.quote(workdir)} && d=$(mktemp -d {shlex.quote(workdir + '/run.XXXXXXXX')}) "
-                 f"&& cd -- \"$d\" && tar -xf - && pwd")
+                 f"&& {{ (cd -- \"$d\" && tar -xf - && pwd) || {{ rm -rf -- \"$d\"; exit 1; }}; }}")
         proc = run_ssh(ssh, setup, stdin_path=bundle, timeout=ssh.command_timeout, what="upload")
         remote_dir = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
         if proc.returncode != 0 or not Path(remote_dir).name.startswith("run."):

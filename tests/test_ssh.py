@@ -1,0 +1,144 @@
+"""Latency over SSH against a real OpenSSH server on 127.0.0.1 (the ``sshd`` fixture in conftest.py).
+
+The "device" is this machine: the runner is copied into a per-run temporary folder and run there with
+the test venv's python. Every failure a user can meet ends in one clear EdgekitError.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from edgekit.config import DeviceProfile
+from edgekit.errors import EdgekitError
+from edgekit.profiling import profile_artifact
+from edgekit.profiling.calibrate import Micro, build_micro
+from edgekit.profiling.ssh import parse_target, profile_remote, spec_for_target
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ssh-model") / "block.onnx"
+    onnx.save(build_micro(Micro("mbblock", 16, 16, 3, 1, 3)), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory) -> str:
+    """A python with neither numpy nor onnxruntime: a device where the runtime is missing."""
+    venv = tmp_path_factory.mktemp("bare") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
+    py = venv / "bin" / "python"
+    assert subprocess.run([str(py), "-c", "import onnxruntime"], capture_output=True).returncode != 0
+    return str(py)
+
+
+def _remote_dirs(sshd):
+    return list((sshd.root / "remote").glob("run.*"))
+
+
+# ----------------------------------------------------------------------------- targets (no server needed)
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("pi@10.0.0.5", ("pi", "10.0.0.5", None)),
+    ("pi@raspberrypi.local:2222", ("pi", "raspberrypi.local", 2222)),
+    ("jetson", (None, "jetson", None)),
+    ("root@[::1]:22", ("root", "::1", 22)),
+])
+def test_parse_target(target, expected):
+    assert parse_target(target) == expected
+
+
+@pytest.mark.parametrize("bad", ["pi@", "@host", "pi@host:99999", "-oProxyCommand=x", "a b@host", "pi@host:port"])
+def test_parse_target_rejects(bad):
+    with pytest.raises(EdgekitError, match="host|Port"):
+        parse_target(bad)
+
+
+def test_target_overrides_only_the_address(sshd):
+    base = sshd.spec(python="/opt/py")
+    spec = spec_for_target("me@example.org:2200", base)
+    assert (spec.user, spec.host, spec.port) == ("me", "example.org", 2200)
+    assert (spec.key, spec.known_hosts, spec.python) == (base.key, base.known_hosts, "/opt/py")
+
+
+# ----------------------------------------------------------------------------- against the real sshd
+
+
+def test_remote_benchmark_returns_numbers_and_cleans_up(sshd, model):
+    r = profile_remote(model, sshd.spec(python=sys.executable), threads=1, warmup=2, runs=10)
+    assert r["source"] == "measured-ssh"
+    assert r["runtime"] == "onnxruntime" and r["threads"] == 1 and r["runs"] == 10
+    assert 0 < r["min"] <= r["p50"] <= r["p90"]
+    assert r["host"] == f"{sshd.user}@127.0.0.1:{sshd.port}"
+    assert r["machine"] and r["python"]
+    assert _remote_dirs(sshd) == [], "the per-run folder is removed"
+
+
+def test_profile_artifact_with_host_goes_over_ssh(sshd, model):
+    dev = DeviceProfile(name="pi-like", arch="aarch64", cores=4, peak_gops={"fp32": 48},
+                        ssh=sshd.spec(python=sys.executable, host="unused.invalid", port=22))
+    r = profile_artifact(model, dev, host=f"{sshd.user}@127.0.0.1:{sshd.port}", threads=1, runs=5, warmup=1)
+    assert r["source"] == "measured-ssh" and r["device"] == "pi-like"
+
+
+def test_hostile_names_are_quoted(sshd, tmp_path):
+    """A model name and a workdir full of shell syntax reach the device as plain strings."""
+    weird = tmp_path / "m; touch INJECTED $(touch INJECTED2).onnx"
+    onnx.save(build_micro(Micro("pwconv", 8, 8, 1, 1)), str(weird))
+    workdir = sshd.root / "remote" / "dir with 'quotes' $(touch INJECTED3)"
+    r = profile_remote(weird, sshd.spec(python=sys.executable, workdir=str(workdir)), threads=1, warmup=0, runs=2)
+    assert r["runs"] == 2
+    assert workdir.is_dir() and list(workdir.iterdir()) == []
+    for name in ("INJECTED", "INJECTED2", "INJECTED3"):
+        assert not (Path.home() / name).exists() and not list(sshd.root.rglob(name))
+
+
+def test_wrong_key_is_an_authentication_error(sshd, model):
+    with pytest.raises(EdgekitError, match=r"SSH authentication failed for .*127\.0\.0\.1.*wrong_ed25519"):
+        profile_remote(model, sshd.spec(key=str(sshd.wrong_key)), threads=1, runs=1)
+
+
+def test_closed_port_is_unreachable(sshd, model):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(EdgekitError, match=rf"Cannot reach .*127\.0\.0\.1:{port}: connection refused"):
+        profile_remote(model, sshd.spec(port=port), threads=1, runs=1)
+
+
+def test_changed_host_key_is_refused(sshd, model):
+    with pytest.raises(EdgekitError, match="host key mismatch.*man-in-the-middle"):
+        profile_remote(model, sshd.spec(known_hosts=str(sshd.other_known_hosts)), threads=1, runs=1)
+
+
+def test_unknown_host_key_is_refused(sshd, model):
+    with pytest.raises(EdgekitError, match=r"host key of .* is unknown.*ssh-keyscan -p \d+ 127\.0\.0\.1"):
+        profile_remote(model, sshd.spec(known_hosts=str(sshd.empty_known_hosts)), threads=1, runs=1)
+
+
+def test_missing_runtime_on_the_device(sshd, model, bare_python):
+    with pytest.raises(EdgekitError, match=r"no runtime for \.onnx on this device: install onnxruntime"):
+        profile_remote(model, sshd.spec(python=bare_python), threads=1, runs=1)
+    assert _remote_dirs(sshd) == []
+
+
+def test_missing_python_on_the_device(sshd, model):
+    with pytest.raises(EdgekitError, match=r"device python '/nonexistent/python3' was not found"):
+        profile_remote(model, sshd.spec(python="/nonexistent/python3"), threads=1, runs=1)
+
+
+def test_local_files_are_checked_before_connecting(sshd, model, tmp_path):
+    with pytest.raises(EdgekitError, match="SSH key not found"):
+        profile_remote(model, sshd.spec(key=str(tmp_path / "nokey")), runs=1)
+    with pytest.raises(EdgekitError, match="known_hosts file not found"):
+        profile_remote(model, sshd.spec(known_hosts=str(tmp_path / "nokh")), runs=1)
+    with pytest.raises(EdgekitError, match="Model file not found"):
+        profile_remote(tmp_path / "none.onnx", sshd.spec(), runs=1)
