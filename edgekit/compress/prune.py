@@ -3,21 +3,29 @@
 Torch-Pruning finds which layers must lose the same channels (a *group*: a
 convolution's outputs, its BatchNorm, the depthwise convolution after it, the
 inputs of the next layers, residual partners, squeeze-excitation convolutions,
-concatenations...). edgekit uses its graph and its importance criteria, and
+concatenations...) and scores channels (l1, l2, BN scale, Taylor). edgekit
+builds the graph once, records each group's per-layer pruning operations, and
 plans the channels itself so that it can
 
 - aim at a MACs or parameter budget (``macs: 0.5`` keeps half the MACs): the
-  pruning level is found by bisection over trial prunings of copies;
-- keep every pruned layer's channel count a multiple of ``round_to`` (the
-  device profile's ``prune_round_to``), group members included (Ghost modules
-  concatenate a convolution with its depthwise copy, so one root channel is two
-  output channels: groups whose members cannot be rounded are left alone);
+  pruning level is found by bisection, each trial replaying the recorded
+  operations (and undoing them) instead of re-tracing the model;
+- keep every pruned layer's width a multiple of ``round_to`` (the device
+  profile's ``prune_round_to``), group members included: a Ghost module's
+  channel and its depthwise copy (``j`` and ``j + n/2`` of the concatenation)
+  are one unit;
+- check the graph: a group is pruned only if the pruned model computes what the
+  unpruned one computes with those channels zeroed. Ops Torch-Pruning maps
+  wrongly (channel permutations such as ShuffleNetV1's or IGCV3's shuffles,
+  gathers) fail that check and their groups stay whole;
+- seal what it cannot follow: custom modules with their own weights, or whose
+  layers are called with a weight passed in (BN folded on the fly), are traced
+  as boxes and kept whole (``CUSTOM_PRUNERS`` takes pruners for such types);
 - trace parts of a network when the whole cannot be traced. ShuffleNetV2's
-  channel shuffle (``view -> transpose -> view``) makes Torch-Pruning's reshape
-  index mapping divide by zero (upstream issue #14). There the inner channels
-  of each block's ``branch2`` (1x1 -> dw3x3 -> 1x1) and the ``conv5`` channels
-  are pruned, each part traced on its own, and block inputs and outputs keep
-  their widths.
+  channel shuffle makes Torch-Pruning's reshape index mapping divide by zero
+  (upstream issue #14). There the inner channels of each block's ``branch2``
+  (1x1 -> dw3x3 -> 1x1) and the ``conv5`` channels are pruned, each part traced
+  on its own, and block inputs and outputs keep their widths (``ADAPTERS``).
 
 An iterative schedule (``iterations``) reaches the budget in geometric steps,
 each followed by a short fine-tune (``edgekit.train.fit``; BatchNorm statistics
@@ -40,8 +48,6 @@ from torch import nn
 
 from ..errors import EdgekitError
 from .steps import Step, StepContext, StepParams, register_step
-
-CRITERIA = ("l1", "l2", "bn_scale", "taylor")
 
 
 class PruneParams(StepParams):
@@ -245,26 +251,164 @@ def capture_inputs(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tens
     return [got[id(m)] for m in modules]
 
 
-def _build_graphs(model: nn.Module, adapter: Adapter, x: torch.Tensor):
+TRACE_SIZE = 32
+
+
+def trace_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A small input for tracing (channel dependencies do not depend on the image size).
+
+    Torch-Pruning's index mapping through reshapes grows with the spatial size
+    (ChannelNet's channel-wise convolution reshapes to ``(C, H*W)``); 32x32 keeps
+    it cheap. The full-size input is used when the model cannot run at 32x32.
+    """
+    if x.shape[-1] <= TRACE_SIZE and x.shape[-2] <= TRACE_SIZE:
+        return x
+    small = torch.randn(x.shape[0], x.shape[1], TRACE_SIZE, TRACE_SIZE, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            model.eval()(small)
+    except Exception:
+        return x
+    return small
+
+
+# Torch-Pruning pruners for custom layer types (``tp.pruner.function.BasePruningFunc`` instances), one table:
+# a type listed here is traced as a prunable layer instead of being sealed. Empty by default.
+CUSTOM_PRUNERS: Dict[type, object] = {}
+
+_STANDARD = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+             nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding)
+
+
+def opaque_modules(model: nn.Module, x: torch.Tensor) -> List[nn.Module]:
+    """Modules whose channels Torch-Pruning cannot follow; they are traced as sealed boxes and kept whole.
+
+    - a module owning parameters itself that is not a standard layer (HetConv's 1x1 weight blocks);
+    - the parent of a conv/linear called with extra arguments (a weight passed in, e.g. BN folded on the fly);
+    - the parent of a parameterised layer that the forward pass never calls (that BN, used through its parent).
+    """
+    parent_of = {id(c): m for m in model.modules() for c in m.children()}
+    called, extra = set(), set()
+
+    def pre(mod, args, kwargs):
+        called.add(id(mod))
+        if isinstance(mod, (nn.Conv2d, nn.Linear)) and (len(args) > 1 or kwargs):
+            extra.add(id(mod))
+
+    hooks = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    marked = {}
+    for m in model.modules():
+        if m is model:
+            continue
+        own = [p for p in m._parameters.values() if p is not None]
+        if own and not isinstance(m, _STANDARD):
+            marked[id(m)] = m
+        has_params = any(p is not None for p in m._parameters.values())
+        if (id(m) in extra or (has_params and id(m) not in called)) and id(m) in parent_of:
+            parent = parent_of[id(m)]
+            if parent is not model:
+                marked[id(parent)] = parent
+    # keep the outermost ones
+    out = []
+    for m in marked.values():
+        if type(m) in CUSTOM_PRUNERS:
+            continue
+        a, inside = parent_of.get(id(m)), False
+        while a is not None:
+            if id(a) in marked:
+                inside = True
+                break
+            a = parent_of.get(id(a))
+        if not inside:
+            out.append(m)
+    return out
+
+
+class _Link(torch.autograd.Function):
+    """``y`` with a gradient edge from ``x``: what Torch-Pruning sees of a sealed box."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):  # pragma: no cover - only traced, never differentiated
+        return None, g
+
+
+def _barrier_pruner(shapes: Dict[int, Tuple[int, int]]):
     import torch_pruning as tp
 
+    class Sealed(tp.pruner.function.BasePruningFunc):
+        """A sealed box: its widths are known, it is never pruned (groups touching it are dropped)."""
+
+        def prune_out_channels(self, layer, idxs):
+            return layer
+
+        prune_in_channels = prune_out_channels
+
+        def get_out_channels(self, layer):
+            return shapes[id(layer)][1]
+
+        def get_in_channels(self, layer):
+            return shapes[id(layer)][0]
+
+    return Sealed()
+
+
+def _build_graphs(model: nn.Module, adapter: Adapter, x: torch.Tensor):
+    """Torch-Pruning graphs of the adapter's scopes, with opaque modules sealed; also the sealed modules."""
+    import torch_pruning as tp
+
+    x = trace_input(model, x)
     scopes = adapter.scopes(model)
-    inputs = capture_inputs(model, [s.input_of for s in scopes], x)
+    sealed = opaque_modules(model, x)
+    shapes: Dict[int, Tuple[int, int]] = {}
+    patched = []
+    if sealed:
+        def widths(mod, a, o):
+            shapes.setdefault(id(mod), (a[0].shape[1], o.shape[1]))
+
+        hooks = [m.register_forward_hook(widths) for m in sealed]
+        with torch.no_grad():
+            model.eval()(x)
+        for h in hooks:
+            h.remove()
+        for m in sealed:
+            def fwd(inp, *a, _orig=m.forward, **k):
+                with torch.no_grad():
+                    y = _orig(inp, *a, **k)
+                return _Link.apply(inp, y)
+            m.forward = fwd
+            patched.append(m)
+    custom = {**CUSTOM_PRUNERS, **{type(m): _barrier_pruner(shapes) for m in sealed}}
     graphs = []
-    model.eval()
-    for scope, inp in zip(scopes, inputs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                dg = tp.DependencyGraph().build_dependency(scope.module, example_inputs=inp)
-            except Exception as exc:
-                raise EdgekitError(
-                    f"prune: Torch-Pruning cannot trace {type(scope.module).__name__} "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). "
-                    "Use the svd step, or add an adapter for this architecture to edgekit.compress.prune.ADAPTERS"
-                ) from None
-        graphs.append((scope, dg))
-    return graphs
+    try:
+        inputs = capture_inputs(model, [s.input_of for s in scopes], x)
+        model.eval()
+        for scope, inp in zip(scopes, inputs):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    dg = tp.DependencyGraph().build_dependency(scope.module, example_inputs=inp,
+                                                               customized_pruners=custom or None)
+                except Exception as exc:
+                    raise EdgekitError(
+                        f"prune: Torch-Pruning cannot trace {type(scope.module).__name__} "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). "
+                        "Use the svd step, or add an adapter for this architecture to edgekit.compress.prune.ADAPTERS"
+                    ) from None
+            graphs.append((scope, dg))
+    finally:
+        for m in patched:
+            del m.forward  # back to the class's forward
+    return graphs, sealed
 
 
 def _importance(criterion: str):
@@ -289,13 +433,122 @@ def _channel_groups(dg, group) -> int:
 
 
 @dataclass
+class Op:
+    """One layer's share of a group, recorded from the dependency graph so that it can be replayed on copies.
+
+    ``pairs`` holds ``(index in this layer, root channel)`` for every channel of the group.
+    """
+
+    name: str  # module (or, with ``param``, parameter) name in the model
+    handler: Callable  # Torch-Pruning's pruning function for this layer and dimension
+    dim: int
+    out: bool  # prunes output channels
+    param: bool
+    pairs: List[Tuple[int, int]]
+
+    def idxs(self, roots: set) -> List[int]:
+        return sorted({i for i, r in self.pairs if r in roots})
+
+
+def _record_ops(dg, group, names: Dict[int, str]) -> Optional[List[Op]]:
+    """The group's layers with their index mapping; None when a mapping lost its root channel."""
+    import torch_pruning as tp
+
+    ops = []
+    for k, (dep, idxs) in enumerate(group):
+        target = dep.target
+        if target.type == tp.ops.OPTYPE.PARAMETER:
+            name, param = dg._param_to_name.get(target.module), True
+        else:
+            name, param = names.get(id(target.module)), False
+        if name is None:  # Torch-Pruning's own bookkeeping nodes (concat, split, reshape, elementwise)
+            continue
+        roots = getattr(group[k], "root_idxs", None)
+        if roots is None or len(roots) != len(idxs):
+            return None
+        pairs = list(zip((int(i) for i in idxs), roots))
+        if any(r is None for _, r in pairs):
+            return None
+        ops.append(Op(name, dep.handler, target.pruning_dim, dg.is_out_channel_pruning_fn(dep.handler), param,
+                      [(i, int(r)) for i, r in pairs]))
+    return ops
+
+
+@dataclass
 class Candidate:
-    """One prunable channel group, named by its root layer (output channels of a conv/linear)."""
+    """One prunable channel group, named by its root layer (output channels of a conv/linear).
+
+    ``classes``: root channels that can only go together (a Ghost module's channel
+    and its depthwise copy sit at ``j`` and ``j + n/2`` of the concatenation);
+    None when every root channel stands alone.
+    """
 
     root: str
     channels: int  # of the root layer
     importance: torch.Tensor  # per root channel, normalised to mean 1 within the group
+    ops: List["Op"]
     channel_groups: int = 1
+    classes: Optional[List[List[int]]] = None
+
+    def units(self) -> Tuple[torch.Tensor, List[List[int]]]:
+        """Importance per pruning unit and the root channels of each unit."""
+        if self.classes is not None:
+            return torch.stack([self.importance[c].mean() for c in self.classes]), self.classes
+        per = self.channels // self.channel_groups
+        imp = self.importance.view(self.channel_groups, per).mean(0) if self.channel_groups > 1 else self.importance
+        return imp, [[i + g * per for g in range(self.channel_groups)] for i in range(per)]
+
+
+def _tied_root_channels(dg, group, root: nn.Module, n: int) -> Optional[List[List[int]]]:
+    """Classes of root channels that Torch-Pruning's closure removes together, when members differ in width."""
+    widths = {dg.get_out_channels(dep.target.module) for dep, _ in group
+              if dg.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, (nn.Conv2d, nn.Linear))}
+    if widths <= {n}:
+        return None
+    fn = dg.get_pruner_of_module(root).prune_out_channels
+
+    def tied(j: int) -> List[int]:
+        out = {j}
+        for dep, idxs in dg.get_pruning_group(root, fn, [j]):
+            if dep.target.module is root and dg.is_out_channel_pruning_fn(dep.handler):
+                out.update(int(i) for i in idxs if 0 <= int(i) < n)
+        return sorted(out)
+
+    # Usually channel j is tied to j + k*d (a concatenation of equal parts): guess from channel 0,
+    # check on a few others, and probe every channel only when the guess fails.
+    first = tied(0)
+    offsets = [i - first[0] for i in first]
+    period = offsets[1] if len(offsets) > 1 else 0
+    if period > 0 and n % len(offsets) == 0 and period * len(offsets) == n and offsets == [k * period for k in range(len(offsets))]:
+        probes = sorted({period - 1, period // 2, 1 % period})
+        if all(tied(j) == [j + k * period for k in range(len(offsets))] for j in probes):
+            return [[j + k * period for k in range(len(offsets))] for j in range(period)]
+    owner = [-1] * n
+    classes: List[List[int]] = []
+    for j in range(n):
+        if owner[j] >= 0:
+            continue
+        members = [i for i in tied(j) if owner[i] < 0]
+        for i in members:
+            owner[i] = len(classes)
+        classes.append(members)
+    return classes if len(classes) < n else None
+
+
+def _score(imp, group, n: int) -> Optional[torch.Tensor]:
+    """A finite importance per root channel, or None when the criterion has none for this group.
+
+    Torch-Pruning's BN-scale and Taylor scores mis-map some concatenations (a
+    Ghost module's depthwise copy gets twice its channels or an index past the
+    end); such groups are scored by the fallback instead.
+    """
+    try:
+        score = imp(group)
+    except Exception:  # e.g. Torch-Pruning reading the gradient of a layer the loss did not reach
+        return None
+    if score is None or score.numel() != n or not torch.isfinite(score).all():
+        return None
+    return score
 
 
 def collect_candidates(model: nn.Module, adapter: Adapter, x: torch.Tensor, ignored: List[nn.Module],
@@ -308,20 +561,27 @@ def collect_candidates(model: nn.Module, adapter: Adapter, x: torch.Tensor, igno
     roots = (nn.Conv2d, nn.Linear)
     ignored_ids = {id(m) for m in ignored}
     out, n_fallback = [], 0
-    for scope, dg in _build_graphs(model, adapter, x):
+    graphs, sealed = _build_graphs(model, adapter, x)
+    sealed_ids = {id(m) for m in sealed}
+    for scope, dg in graphs:
         skip = [m for m in dg.module2node if id(m) in ignored_ids] + list(scope.ignored)
         for group in dg.get_all_groups(ignored_layers=skip, root_module_types=roots):
             root = group[0].dep.target.module
-            if id(root) not in names:
+            if id(root) not in names or any(id(dep.target.module) in sealed_ids for dep, _ in group):
                 continue
-            score = imp(group)
-            if score is None or not torch.isfinite(score).all():
-                score = fallback(group)  # e.g. bn_scale on a group without BatchNorm (SqueezeNet)
+            n = int(dg.get_out_channels(root))
+            score = _score(imp, group, n)
+            if score is None:  # e.g. bn_scale on a group without BatchNorm (SqueezeNet)
+                score = _score(fallback, group, n)
                 n_fallback += 1
-                if score is None or not torch.isfinite(score).all():
+                if score is None:
                     continue
-            n = dg.get_out_channels(root)
-            out.append(Candidate(names[id(root)], int(n), score.detach().float().cpu(), _channel_groups(dg, group)))
+            ops = _record_ops(dg, group, names)
+            if ops is None:
+                continue
+            classes = _tied_root_channels(dg, group, root, n)
+            out.append(Candidate(names[id(root)], n, score.detach().float().cpu(), ops,
+                                 1 if classes else _channel_groups(dg, group), classes))
     return out, n_fallback
 
 
@@ -337,63 +597,209 @@ def _keep(want: int, n: int, step: int, min_keep: int) -> int:
 
 def plan(cands: List[Candidate], level: float, scope: str, round_to: int, max_layer_ratio: float
          ) -> Dict[str, List[int]]:
-    """Root channel indices to remove per group at pruning ``level`` (0: none ... 1: as much as allowed)."""
+    """Root channel indices to remove per group at pruning ``level`` (0: none ... 1: as much as allowed).
+
+    Units are single channels, slices of grouped convolutions or tied channels;
+    the units kept per group are a multiple of ``round_to`` (over the channel groups).
+    """
     out: Dict[str, List[int]] = {}
-    slices = []
-    for c in cands:
-        per = c.channels // c.channel_groups
-        slices.append(c.importance.view(c.channel_groups, per).mean(0) if c.channel_groups > 1 else c.importance)
-    thr = None
-    if scope == "global" and slices:
-        allimp = torch.cat(slices)
-        thr = torch.quantile(allimp, min(max(level, 0.0), 1.0)) if level > 0 else None
-    for c, imp in zip(cands, slices):
+    if level <= 0 or not cands:
+        return out
+    units = [c.units() for c in cands]
+    drops = None
+    if scope == "global":
+        # global rank of every unit (stable, so tied scores, e.g. the unit BN scales of a fresh model, still
+        # give a drop count that grows smoothly with the level)
+        allimp = torch.cat([u[0] for u in units])
+        rank = torch.empty(len(allimp), dtype=torch.long)
+        rank[torch.sort(allimp, stable=True).indices] = torch.arange(len(allimp))
+        dropped = rank < int(round(min(level, 1.0) * len(allimp)))
+        drops = [int(d.sum()) for d in torch.split(dropped, [len(u[0]) for u in units])]
+    for i, (c, (imp, members)) in enumerate(zip(cands, units)):
         per = len(imp)
-        if level <= 0:
-            continue
-        want_drop = int((imp < thr).sum()) if scope == "global" else int(round(level * per))
+        want_drop = drops[i] if drops is not None else int(round(level * per))
         step = round_to // math.gcd(round_to, c.channel_groups)
         keep = _keep(per - want_drop, per, step, int(math.ceil(per * (1 - max_layer_ratio))))
         if keep >= per:
             continue
-        order = torch.argsort(imp)[: per - keep]
-        idxs = sorted(int(i) + g * per for g in range(c.channel_groups) for i in order)
-        out[c.root] = idxs
+        order = torch.sort(imp, stable=True).indices[: per - keep]
+        out[c.root] = sorted(i for u in order.tolist() for i in members[u])
     return out
 
 
-def _group_ok(dg, group, round_to: int) -> bool:
-    """Every layer losing output channels keeps a multiple of ``round_to`` (and at least one channel)."""
-    if not dg.check_pruning_group(group):
-        return False
-    for dep, idxs in group:
-        if dg.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, (nn.Conv2d, nn.Linear)):
-            n = dg.get_out_channels(dep.target.module)
-            left = n - len(set(idxs))
-            if left <= 0 or (round_to > 1 and left % round_to != 0):
-                return False
+def _widths(m: nn.Module) -> Optional[int]:
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    return None
+
+
+def _group_ok(model: nn.Module, ops: List[Op], roots: set, round_to: int) -> bool:
+    """Every conv/linear losing output channels keeps a positive multiple of ``round_to``."""
+    for op in ops:
+        if not op.out or op.param:
+            continue
+        n = _widths(model.get_submodule(op.name))
+        if n is None:
+            continue
+        left = n - len(op.idxs(roots))
+        if left <= 0 or (round_to > 1 and left % round_to != 0 and left != n):
+            return False
     return True
 
 
-def apply_plan(model: nn.Module, adapter: Adapter, x: torch.Tensor, plan_: Dict[str, List[int]],
-               round_to: int) -> int:
-    """Prune ``model`` in place; returns how many groups were pruned."""
-    if not plan_:
-        return 0
-    names = {id(m): n for n, m in model.named_modules()}
-    done = 0
-    for _scope, dg in _build_graphs(model, adapter, x):
-        for module in list(dg.module2node):
-            name = names.get(id(module))
-            if name not in plan_:
-                continue
-            pruner = dg.get_pruner_of_module(module)
-            group = dg.get_pruning_group(module, pruner.prune_out_channels, list(plan_[name]))
-            if _group_ok(dg, group, round_to):
-                group.prune()
-                done += 1
+def _zero_channels(ref: nn.Module, ops: List[Op], roots: set) -> None:
+    """In ``ref``, make the channels the group removes output exact zeros."""
+    for op in ops:
+        if not op.out or op.param:
+            continue
+        r = ref.get_submodule(op.name)
+        idx = torch.as_tensor(op.idxs(roots), dtype=torch.long)
+        if len(idx) == 0:
+            continue
+        with torch.no_grad():
+            if isinstance(r, (nn.Conv2d, nn.Linear)):
+                r.weight[idx] = 0
+                if r.bias is not None:
+                    r.bias[idx] = 0
+            elif isinstance(r, nn.modules.batchnorm._BatchNorm):
+                if r.affine:
+                    r.weight[idx] = 0
+                    r.bias[idx] = 0
+                if r.running_mean is not None:
+                    r.running_mean[idx] = 0
+
+
+def _run_op(model: nn.Module, op: Op, idxs: List[int]) -> None:
+    pruner = op.handler.__self__
+    pruner.pruning_dim = op.dim
+    if op.param:
+        parent_name, _, leaf = op.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, op.handler(getattr(parent, leaf), idxs))
+    else:
+        op.handler(model.get_submodule(op.name), idxs)
+
+
+def apply_plan(model: nn.Module, cands: Dict[str, Candidate], plan_: Dict[str, List[int]], round_to: int
+               ) -> List[str]:
+    """Prune ``model`` in place by replaying each planned group's recorded layer operations.
+
+    Groups share no channel dimension, so each group's indices stay valid whatever
+    was pruned before it. Returns the roots of the groups pruned.
+    """
+    done = []
+    for root, idxs in plan_.items():
+        ops, roots = cands[root].ops, set(idxs)
+        if not _group_ok(model, ops, roots, round_to):
+            continue
+        for op in ops:
+            sel = op.idxs(roots)
+            if sel:
+                _run_op(model, op, sel)
+        done.append(root)
     _sync_ghost_modules(model)
     return done
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, probe: Optional[str]) -> List[torch.Tensor]:
+    """The logits, with the classifier's biases (``probe``) zeroed so that they show the features alone.
+
+    (A freshly initialised deep network can have features far smaller than its classifier bias.)
+    """
+    if probe:
+        with torch.no_grad():
+            for m in model.get_submodule(probe).modules():
+                if isinstance(getattr(m, "bias", None), torch.Tensor):
+                    m.bias.zero_()
+    with torch.no_grad():
+        return [model.eval()(x)]
+
+
+def _same(a: List[torch.Tensor], b: List[torch.Tensor]) -> bool:
+    if len(a) != len(b):
+        return False
+    for u, v in zip(a, b):
+        if u.shape != v.shape or not torch.isfinite(v).all():
+            return False
+        scale = float(u.abs().max())
+        if float((u - v).abs().max()) > 1e-3 * scale + 1e-30:
+            return False
+    return True
+
+
+class _Scratch:
+    """Undo in-place pruning or zeroing of some modules: far cheaper than deep-copying the model per check."""
+
+    def __init__(self, model: nn.Module, names):
+        self.saved = []
+        for n in sorted(set(names)):
+            m = model.get_submodule(n) if n else model
+            tensors = {k: v.detach().clone() for k, v in [*m._parameters.items(), *m._buffers.items()]
+                       if v is not None}
+            self.saved.append((m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), tensors))
+
+    def restore(self) -> None:
+        for m, attrs, params, bufs, tensors in self.saved:
+            m.__dict__.update(attrs)
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(bufs)
+            with torch.no_grad():
+                for k, v in tensors.items():
+                    (params[k] if k in params else bufs[k]).copy_(v)
+
+
+def _touched(model: nn.Module, cands: Dict[str, Candidate], plan_: Dict[str, List[int]],
+             probe: Optional[str]) -> List[str]:
+    names = {op.name.rpartition(".")[0] if op.param else op.name for r in plan_ for op in cands[r].ops}
+    mods = {id(m): n for n, m in model.named_modules()}
+    names.update(mods[id(m)] for m in _ghost_modules(model))
+    if probe:
+        names.update(n for n, _ in model.named_modules() if n == probe or n.startswith(probe + "."))
+    return list(names)
+
+
+def check_plan(model: nn.Module, cands: Dict[str, Candidate], x: torch.Tensor, plan_: Dict[str, List[int]],
+               round_to: int, probe: Optional[str]) -> bool:
+    """Does pruning compute what the unpruned model computes with the removed channels zeroed?
+
+    This is the semantic check of a dependency graph: a layer whose channels are
+    mis-mapped (an unsupported reshape, gather or custom op) gives other outputs
+    or fails to run. ``model`` is changed in place and restored.
+    """
+    x = trace_input(model, x)
+    scratch = _Scratch(model, _touched(model, cands, plan_, probe))
+    try:
+        for root, idxs in plan_.items():
+            ops, roots = cands[root].ops, set(idxs)
+            if _group_ok(model, ops, roots, round_to):
+                _zero_channels(model, ops, roots)
+        ref = _outputs(model, x, probe)
+        scratch.restore()
+        apply_plan(model, cands, plan_, round_to)
+        return _same(ref, _outputs(model, x, probe))
+    except Exception:  # a mis-pruned layer that no longer runs
+        return False
+    finally:
+        scratch.restore()
+
+
+def find_bad_groups(model: nn.Module, cands: Dict[str, Candidate], x: torch.Tensor, plan_: Dict[str, List[int]],
+                    round_to: int, probe: Optional[str]) -> List[str]:
+    """Roots of planned groups whose pruning fails the check, by splitting the plan in halves."""
+    keys = list(plan_)
+    if not keys or check_plan(model, cands, x, plan_, round_to, probe):
+        return []
+    if len(keys) == 1:
+        return keys
+    half = len(keys) // 2
+    bad = []
+    for part in (keys[:half], keys[half:]):
+        bad += find_bad_groups(model, cands, x, {k: plan_[k] for k in part}, round_to, probe)
+    return bad or keys[half:]  # each half passes alone: drop the second half, to be safe
 
 
 # ----------------------------------------------------------------------------- the step
@@ -417,35 +823,44 @@ def _taylor_gradients(model: nn.Module, task, batches: int, seed: int) -> None:
 
 
 def prune_to(model: nn.Module, target: float, kind: str, x: torch.Tensor, cands: List[Candidate],
-             adapter: Adapter, scope: str, round_to: int, max_layer_ratio: float, search_steps: int = 14):
+             scope: str, round_to: int, max_layer_ratio: float, search_steps: int = 12):
     """Bisect the pruning level so that ``kind`` (macs | params) falls to ``target`` or just below.
 
-    Returns (pruned copy, its metric, whether the target was reached, level).
+    Returns (pruned copy, its metric, whether the target was reached, level, plan).
     """
     shape = tuple(x.shape[1:])
-    cache: Dict[tuple, Tuple[nn.Module, int]] = {}
+    by_root = {c.root: c for c in cands}
+    cache: Dict[tuple, Tuple[int, dict]] = {}
 
     def trial(level: float):
         p = plan(cands, level, scope, round_to, max_layer_ratio)
         key = tuple(sorted((k, len(v)) for k, v in p.items()))
         if key not in cache:
-            m = copy.deepcopy(model)
-            apply_plan(m, adapter, x, p, round_to)
-            cache[key] = (m, _metric(kind, m, shape))
+            scratch = _Scratch(model, _touched(model, by_root, p, None))
+            try:
+                apply_plan(model, by_root, p, round_to)
+                cache[key] = (_metric(kind, model, shape), p)
+            finally:
+                scratch.restore()
         return cache[key]
 
-    hi_model, hi_val = trial(1.0)
+    def pruned(p):
+        m = copy.deepcopy(model)
+        apply_plan(m, by_root, p, round_to)
+        return m.eval()
+
+    hi_val, hi_plan = trial(1.0)
     if hi_val > target:
-        return hi_model, hi_val, False, 1.0
+        return pruned(hi_plan), hi_val, False, 1.0, hi_plan
     lo, hi = 0.0, 1.0
     for _ in range(search_steps):
         mid = (lo + hi) / 2
-        m, v = trial(mid)
+        v, p = trial(mid)
         if v <= target:
-            hi, hi_model, hi_val = mid, m, v
+            hi, hi_val, hi_plan = mid, v, p
         else:
             lo = mid
-    return hi_model, hi_val, True, hi
+    return pruned(hi_plan), hi_val, True, hi, hi_plan
 
 
 def layer_widths(model: nn.Module) -> Dict[str, Tuple[int, int]]:
@@ -478,10 +893,12 @@ class Prune(Step):
         before = {"macs": count_macs(model, shape[1:]), "params": count_params(model)}
         widths_before = layer_widths(model)
         base = before[kind]
-        log, fallbacks, reached = [], 0, True
+        log, fallbacks, reached, rejected, unprunable = [], 0, True, set(), False
         for it in range(1, p.iterations + 1):
             target = base * keep ** (it / p.iterations)
             clf = _classifier(model, ctx.model_name)
+            names = {id(m): n for n, m in model.named_modules()}
+            probe = names.get(id(clf)) if clf is not None else None
             ignored = ([output_layer(clf)] if clf is not None else []) + resolve_ignored(model, p.ignore) \
                 + _ghost_ignored(model)
             if p.criterion == "taylor":
@@ -489,11 +906,23 @@ class Prune(Step):
             cands, nf = collect_candidates(model, adapter, x, ignored, p.criterion)
             model.zero_grad(set_to_none=True)
             fallbacks += nf
+            # Keep only groups whose pruning computes what the model computes with those channels zeroed.
+            by_root = {c.root: c for c in cands}
+            bad = find_bad_groups(model, by_root, x, plan(cands, 1.0, "per-layer", round_to, p.max_layer_ratio),
+                                  round_to, probe)
+            for _attempt in range(3):
+                rejected.update(bad)
+                cands = [c for c in cands if c.root not in bad]
+                pruned, value, ok, level, final = prune_to(model, target, kind, x, cands, p.scope, round_to,
+                                                           p.max_layer_ratio)
+                bad = find_bad_groups(model, by_root, x, final, round_to, probe)
+                if not bad:
+                    break
+            else:
+                raise EdgekitError(f"prune: {ctx.model_name}: pruned models keep failing the dependency check")
             if not cands:
-                raise EdgekitError(f"prune: no prunable channel group in {ctx.model_name} "
-                                   "(every layer is ignored or fixed)")
-            model, value, ok, level = prune_to(model, target, kind, x, cands, adapter, p.scope, round_to,
-                                               p.max_layer_ratio)
+                unprunable = True
+            model = pruned
             reached = reached and ok
             step_log = {"iteration": it, "target": int(target), kind: int(value), "level": round(level, 4)}
             if ctx.task is not None:
@@ -518,11 +947,21 @@ class Prune(Step):
             "macs_ratio": round(after["macs"] / before["macs"], 4),
             "params_ratio": round(after["params"] / before["params"], 4),
             "layers_changed": changed, "torch_pruning": tp.__version__,
+            "groups_rejected": sorted(rejected),
         }
         if fallbacks:
             info["criterion_fallbacks"] = fallbacks
-            ctx.notes.append(f"prune: {fallbacks} channel group(s) had no {p.criterion} score "
-                             "(no BatchNorm) and were ranked by l2 magnitude")
+            ctx.notes.append(f"prune: {fallbacks} channel group(s) had no usable {p.criterion} score "
+                             "(no BatchNorm, or a concatenation Torch-Pruning mis-maps) and were ranked by l2 magnitude")
+        if rejected:
+            ctx.notes.append(f"prune: {len(rejected)} channel group(s) left whole: pruning them did not compute what "
+                             "the model computes with those channels zeroed (an op Torch-Pruning maps wrongly)")
+        if unprunable:
+            info["prunable_groups"] = 0
+            ctx.notes.append(f"prune: no channel group of {ctx.model_name} can be pruned safely (its layers are "
+                             "custom modules Torch-Pruning cannot follow, sealed and kept whole, or every group "
+                             "failed the dependency check); register a pruner for them in "
+                             "edgekit.compress.prune.CUSTOM_PRUNERS, or use the svd step")
         if not reached:
             ctx.notes.append(f"prune: {ctx.model_name} could only be pruned to "
                              f"{after[kind] / before[kind]:.0%} of its {kind} (asked {keep:.0%}); "

@@ -69,3 +69,8 @@ def validate_steps(specs, where: str = "recipe") -> List[Step]:
 def step_tag(specs) -> Optional[str]:
     """Short name for what the steps did (``prune-distill``), or None for no steps."""
     return "-".join(s.kind for s in specs) or None
+
+
+# The step modules register themselves; importing them here means any user of the
+# registry (config validation, the pipeline) sees every step.
+from . import distill as _distill, lowrank as _lowrank, prune as _prune  # noqa: E402,F401
