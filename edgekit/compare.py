@@ -1,0 +1,331 @@
+"""Compare two artifacts of one model across runtimes, output by output and (for ONNX) layer by layer.
+
+``compare_artifacts(a, b)`` takes any two of: a PyTorch checkpoint (.pt / .pth, with
+``model=`` naming its zoo architecture), an ONNX model, a TFLite model (and a
+TensorRT engine where TensorRT runs). Both get the same inputs; for each output it
+reports top-1 agreement, cosine similarity, max abs error and SQNR, plus each
+artifact's accuracy when the inputs have labels.
+
+For two ONNX models it also compares intermediate tensors, as ONNX Runtime's
+``qdq_loss_debug`` and Polygraphy do: every float tensor of ``a`` that ``b`` also
+computes (same name; ONNX Runtime's quantizer keeps the fp32 names, and a tensor that
+``b`` quantizes is also compared after its QuantizeLinear -> DequantizeLinear) is
+made a graph output of both models, and the rows name the first layer whose SQNR
+falls below a threshold: where int8 starts to diverge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import EdgekitError
+from .evaluate import agreement, cosine, predict_arrays, sqnr_db, top1
+
+KINDS = {".onnx": "onnx", ".tflite": "tflite", ".pt": "torch", ".pth": "torch", ".engine": "tensorrt"}
+RUNTIME_OF = {"onnx": "onnxruntime", "tflite": "litert", "tensorrt": "tensorrt"}
+DEFAULT_THRESHOLD_DB = 20.0
+
+
+@dataclass
+class Artifact:
+    path: Path
+    kind: str  # onnx | tflite | torch | tensorrt
+    run: Callable[[np.ndarray], np.ndarray]
+    input_shape: Tuple[Optional[int], ...]  # NCHW; None where any size goes
+    runtime: str
+    version: str
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "format": self.kind, "runtime": f"{self.runtime} {self.version}",
+                "input_shape": list(self.input_shape)}
+
+
+def _torch_artifact(path: Path, model: Optional[str]) -> Artifact:
+    import torch
+
+    from . import zoo
+    from .zoo.registry import first_conv, load_checkpoint
+
+    if not model:
+        raise EdgekitError(f"{path} is a PyTorch checkpoint: name its architecture with --model "
+                           f"(e.g. --model shufflenetv2)")
+    spec = zoo.get_spec(model)
+    state = load_checkpoint(path)
+    head = state.get(f"{spec.classifier}.weight")
+    if head is None:
+        raise EdgekitError(f"{path} does not hold a {spec.name} state dict (no {spec.classifier}.weight)")
+    stem_name, _ = first_conv(spec.build(int(head.shape[0])))
+    stem = state.get(f"{stem_name}.weight")
+    in_chans = int(stem.shape[1]) if stem is not None else 3
+    net = zoo.create(spec.name, num_classes=int(head.shape[0]), in_chans=in_chans, weights=str(path)).eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if x.ndim != 4 or x.shape[1] != in_chans:
+            raise EdgekitError(f"Input shape {tuple(x.shape)} does not match {path.name}, "
+                               f"which expects (N, {in_chans}, H, W)")
+        with torch.no_grad():
+            return net(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+    return Artifact(path, "torch", run, (None, in_chans, None, None), "torch", torch.__version__)
+
+
+def load_artifact(path: str | Path, model: Optional[str] = None, threads: Optional[int] = None) -> Artifact:
+    """An artifact ready to run float32 NCHW batches, whatever its format."""
+    from .runtime import load_runner
+
+    p = Path(path)
+    kind = KINDS.get(p.suffix.lower())
+    if kind is None:
+        raise EdgekitError(f"Unknown artifact format {p.suffix or '(no suffix)'!r} for {p}: compare takes "
+                           f"{', '.join(sorted(KINDS))} files")
+    if not p.is_file():
+        raise EdgekitError(f"Artifact not found: {p}")
+    if kind == "torch":
+        return _torch_artifact(p, model)
+    runner = load_runner(RUNTIME_OF[kind], p, threads=threads)
+    return Artifact(p, kind, runner.run, tuple(runner.input_shape), runner.runtime, runner.version)
+
+
+def _common_shape(a: Artifact, b: Artifact) -> Tuple[Optional[int], ...]:
+    """The (C, H, W) both accept, or EdgekitError naming the mismatch."""
+    if len(a.input_shape) != len(b.input_shape):
+        raise EdgekitError(f"Input ranks differ: {a.path.name} {tuple(a.input_shape)}, "
+                           f"{b.path.name} {tuple(b.input_shape)}")
+    out = []
+    for da, db in zip(a.input_shape[1:], b.input_shape[1:]):
+        if da is not None and db is not None and da != db:
+            raise EdgekitError(f"Input shapes differ: {a.path.name} expects {tuple(a.input_shape)}, "
+                               f"{b.path.name} expects {tuple(b.input_shape)} (NCHW); they are not the same model")
+        out.append(da if da is not None else db)
+    return tuple(out)
+
+
+def _inputs(shape: Sequence[Optional[int]], task: Any, data: Any, limit: Optional[int]):
+    """(x, labels or None, source) for the comparison."""
+    from .data import Task, load_task
+
+    c, h, w = (list(shape) + [None, None, None])[:3]
+    if isinstance(data, np.ndarray):
+        x = np.ascontiguousarray(data, dtype=np.float32)
+        if x.ndim != 4:
+            raise EdgekitError(f"data must be a float32 NCHW array, got shape {x.shape}")
+        return x[:limit], None, f"array {tuple(x.shape)}"
+    if h is not None and w is not None and h != w:
+        raise EdgekitError(f"Non-square inputs ({h}x{w}) need data=<array>: edgekit's tasks are square")
+    size = h or w
+    kw = {"input_size": size} if size else {}
+    if isinstance(task, Task):
+        t = task
+    elif data is not None:
+        t = load_task(data=str(data), **kw)
+    else:
+        t = load_task(task or "mnist", **kw, **({"in_chans": c} if c and (task or "mnist") == "mnist" else {}))
+    x, y = t.arrays("eval", limit=limit)
+    return x, y, f"task {t.name} (eval split, {len(x)} inputs)"
+
+
+def compare_artifacts(a: str | Path, b: str | Path, task: Any = None, data: Any = None, per_layer: bool = True,
+                      model: Optional[str] = None, limit: Optional[int] = 500, layer_inputs: int = 16,
+                      threshold_db: float = DEFAULT_THRESHOLD_DB, threads: Optional[int] = None) -> dict:
+    """Run ``a`` and ``b`` on the same inputs and compare them.
+
+    ``task``: a Task or task name (default: the embedded MNIST task at the artifacts'
+    input size); ``data``: an ImageFolder path or a float32 NCHW array instead.
+    ``model``: the zoo name for .pt/.pth checkpoints. Returns a dict with ``outputs``
+    (one row per output), and for two ONNX models ``layers`` (one row per matched
+    tensor, in graph order) and ``first_divergence`` (first row below ``threshold_db``).
+    """
+    art_a = load_artifact(a, model, threads)
+    art_b = load_artifact(b, model, threads)
+    shape = _common_shape(art_a, art_b)
+    x, y, source = _inputs(shape, task, data, limit)
+    for art in (art_a, art_b):
+        if len(x) == 0:
+            raise EdgekitError("No inputs to compare on")
+        want = tuple(art.input_shape[1:])
+        if any(d is not None and d != s for d, s in zip(want, x.shape[1:])):
+            raise EdgekitError(f"Input shape {tuple(x.shape[1:])} of the data does not match {art.path.name}, "
+                               f"which expects {tuple(art.input_shape)}")
+    batch_a = art_a.input_shape[0] if isinstance(art_a.input_shape[0], int) else 64
+    batch_b = art_b.input_shape[0] if isinstance(art_b.input_shape[0], int) else 64
+    la = predict_arrays(art_a.run, x, batch_size=batch_a, description=f"run {art_a.path.name}")
+    lb = predict_arrays(art_b.run, x, batch_size=batch_b, description=f"run {art_b.path.name}")
+    if la.shape != lb.shape:
+        raise EdgekitError(f"Output shapes differ: {art_a.path.name} gives {la.shape[1:]}, "
+                           f"{art_b.path.name} gives {lb.shape[1:]}")
+    row = {"output": "logits", "agreement": agreement(la, lb), "cosine": cosine(la, lb),
+           "max_abs": float(np.abs(la - lb).max()), "sqnr_db": sqnr_db(la, lb)}
+    if y is not None:
+        row.update({"accuracy_a": top1(la, y), "accuracy_b": top1(lb, y)})
+    result: Dict[str, Any] = {"a": art_a.describe(), "b": art_b.describe(), "inputs": source,
+                              "num_inputs": int(len(x)), "outputs": [row], "layers": None,
+                              "first_divergence": None, "threshold_db": threshold_db}
+    if per_layer:
+        if art_a.kind == "onnx" and art_b.kind == "onnx":
+            layers = compare_onnx_layers(art_a.path, art_b.path, x[:layer_inputs], threads=threads)
+            result["layers"] = layers
+            result["first_divergence"] = next((r for r in layers if r["sqnr_db"] < threshold_db), None)
+            result["layer_inputs"] = int(min(len(x), layer_inputs))
+        else:
+            result["layers_note"] = "per-layer comparison needs two ONNX models"
+    return result
+
+
+# ----------------------------------------------------------------------------- per-layer (ONNX)
+
+
+def _float_tensors(model) -> Tuple[List[Tuple[str, str, str]], Dict[str, int]]:
+    """[(tensor, node name, op type)] of float outputs in graph order (graph input first), and their elem types."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - shape inference is best effort
+        inferred = model
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    inits = {i.name for i in g.initializer}
+    out = [(i.name, "(input)", "Input") for i in g.input if i.name not in inits and types.get(i.name) in floats]
+    for n in g.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant"):
+            continue
+        for o in n.output:
+            if o and types.get(o) in floats:
+                out.append((o, n.name or o, n.op_type))
+    return out, types
+
+
+def _with_outputs(model, names: Sequence[str], types: Dict[str, int]) -> bytes:
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT),
+                                                                     None))
+    return m.SerializeToString()
+
+
+def _run_all(model_bytes: bytes, names: Sequence[str], x: np.ndarray, threads: Optional[int]) -> Dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    opts.intra_op_num_threads = int(threads or 1)
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    n = inp.shape[0] if isinstance(inp.shape[0], int) else len(x)
+    chunks: Dict[str, List[np.ndarray]] = {k: [] for k in names}
+    for i in range(0, len(x) - n + 1, n):
+        outs = sess.run(list(names), {inp.name: np.ascontiguousarray(x[i:i + n], dtype=np.float32)})
+        for k, v in zip(names, outs):
+            chunks[k].append(np.asarray(v, dtype=np.float32))
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def compare_onnx_layers(a: str | Path, b: str | Path, x: np.ndarray, threads: Optional[int] = None) -> List[dict]:
+    """One row per float tensor of ``a`` that ``b`` computes too, in ``a``'s graph order.
+
+    ``sqnr_db``/``cosine``/``max_abs``: ``a``'s tensor against what ``b``'s next layers
+    read under the same name: its QuantizeLinear -> DequantizeLinear output where ``b``
+    quantizes the tensor, else the tensor itself (the error accumulated up to that layer;
+    ``qdq_loss_debug``'s ``xmodel_err``). ``qdq_sqnr_db``: ``b``'s tensor against its
+    dequantized version (the error this one quantization adds; ``qdq_err``).
+    """
+    import onnx
+
+    ma, mb = onnx.load(str(a)), onnx.load(str(b))
+    tensors_a, types_a = _float_tensors(ma)
+    _, types_b = _float_tensors(mb)
+    produced_b = {o for n in mb.graph.node for o in n.output} | {i.name for i in mb.graph.input}
+    producers_b = {o: n for n in mb.graph.node for o in n.output}
+    dq_of: Dict[str, str] = {}  # tensor -> the DequantizeLinear output that carries its quantized value in b
+    for n in mb.graph.node:
+        if n.op_type == "DequantizeLinear":
+            q = producers_b.get(n.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                dq_of.setdefault(q.input[0], n.output[0])
+    rows_spec = [(t, node, op) for t, node, op in tensors_a if t in produced_b]
+    io = {i.name for i in ma.graph.input} | {o.name for o in ma.graph.output}
+    if not [t for t, _, _ in rows_spec if t not in io]:
+        raise EdgekitError(f"{Path(a).name} and {Path(b).name} share no tensor names: per-layer comparison needs "
+                           "models exported from the same graph (e.g. fp32 and its int8 QDQ version)")
+    names = [t for t, _, _ in rows_spec]
+    dq_names = [dq_of[t] for t in names if t in dq_of]
+    va = _run_all(_with_outputs(ma, names, types_a), names, x, threads)
+    vb = _run_all(_with_outputs(mb, names + dq_names, {**types_b, **{d: onnx.TensorProto.FLOAT for d in dq_names}}),
+                  names + dq_names, x, threads)
+    producer_op_b = {o: n.op_type for n in mb.graph.node for o in n.output}
+    rows = []
+    for i, (t, node, op) in enumerate(rows_spec):
+        ref = va[t]
+        # What b's next layers read: the dequantized tensor where b quantizes it (the quantizer may
+        # also have dropped a Clip/Relu and let the Q/DQ range do the clipping), else the tensor itself.
+        test = vb[dq_of[t]] if t in dq_of else vb[t]
+        if ref.shape != test.shape:
+            continue
+        op_b = producer_op_b.get(t, "Input")
+        # When b's quantizer folded this op away (e.g. a Clip replaced by the Q/DQ range), b's tensor of
+        # that name is the pre-activation value: its Q/DQ error would measure the clipping, not quantization.
+        folded = op_b != op
+        rows.append({"index": i, "node": node, "op": op, "tensor": t, "sqnr_db": sqnr_db(ref, test),
+                     "cosine": cosine(ref, test), "max_abs": float(np.abs(ref - test).max()) if ref.size else 0.0,
+                     "compared": "dequantized" if t in dq_of else "same name",
+                     "op_b": op_b, "note": f"{op} folded into {op_b}'s Q/DQ range in b" if folded else "",
+                     "qdq_sqnr_db": sqnr_db(vb[t], vb[dq_of[t]]) if t in dq_of and not folded else None})
+    return rows
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not np.isfinite(v):
+        return "inf" if v > 0 else str(v)
+    return format(v, spec)
+
+
+def render_comparison(result: dict, max_layers: int = 40):
+    """Rich renderables for the CLI: the outputs table, then the per-layer table around the divergence."""
+    from rich.table import Table
+
+    out = Table(title=f"{Path(result['a']['path']).name} vs {Path(result['b']['path']).name} "
+                      f"({result['num_inputs']} inputs: {result['inputs']})")
+    cols = ["output", "agreement", "cosine", "max abs", "SQNR dB"]
+    has_acc = "accuracy_a" in result["outputs"][0]
+    if has_acc:
+        cols += ["acc a", "acc b"]
+    for c in cols:
+        out.add_column(c, justify="left" if c == "output" else "right")
+    for r in result["outputs"]:
+        cells = [r["output"], _fmt(r["agreement"]), _fmt(r["cosine"], ".6f"), _fmt(r["max_abs"], ".3g"),
+                 _fmt(r["sqnr_db"], ".1f")]
+        if has_acc:
+            cells += [_fmt(r["accuracy_a"]), _fmt(r["accuracy_b"])]
+        out.add_row(*cells)
+    tables = [out]
+    layers = result.get("layers")
+    if layers:
+        first = result.get("first_divergence")
+        t = Table(title=f"per layer ({result.get('layer_inputs')} inputs); first below {result['threshold_db']} dB: "
+                        + (f"{first['node']} ({first['op']})" if first else "none"))
+        for c in ("#", "node", "op", "SQNR dB", "cosine", "max abs", "Q/DQ SQNR dB"):
+            t.add_column(c, justify="left" if c in ("node", "op") else "right")
+        t.add_column("note", justify="left")
+        start = max(0, (first["index"] if first else 0) - max_layers // 2)
+        for r in [r for r in layers if r["index"] >= start][:max_layers]:
+            style = "bold red" if first is not None and r["index"] == first["index"] else None
+            t.add_row(str(r["index"]), r["node"], r["op"], _fmt(r["sqnr_db"], ".1f"), _fmt(r["cosine"], ".5f"),
+                      _fmt(r["max_abs"], ".3g"), _fmt(r["qdq_sqnr_db"], ".1f"), r.get("note", ""), style=style)
+        tables.append(t)
+    return tables

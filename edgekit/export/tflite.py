@@ -1,0 +1,194 @@
+"""PyTorch -> TFLite (LiteRT) with litert-torch: fp32, fp16 weights, full-integer int8.
+
+- fp32: ``litert_torch.convert`` (torch.export -> StableHLO -> TFLite flatbuffer).
+- fp16: the fp32 flatbuffer with float16 weights (ai-edge-quantizer's ``float_casting``,
+  weight-only: Conv/FC/depthwise weights stored as fp16 and dequantized at load; the
+  LiteRT equivalent of TFLiteConverter's ``supported_types=[tf.float16]``).
+- int8: PT2E post-training quantization with litert-torch's ``PT2EQuantizer``
+  (int8 symmetric per-channel weights, int8 per-tensor affine activations calibrated on
+  the task's calibration split), converted to a full-integer model: int8 kernels throughout
+  and int8 input and output tensors (their scale / zero point are in the model;
+  ``edgekit.runtime.litert`` applies them).
+- ``options: {nhwc: true}``: input (and nothing else) is NHWC, as camera pipelines on
+  devices deliver it; the NCHW -> NHWC transpose is folded into the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import EdgekitError
+
+KNOWN_OPTIONS = {"nhwc", "num_calib", "per_channel"}
+
+
+def _quiet_litert() -> None:
+    # litert-torch prints a progress tree to stdout for every conversion unless told not to.
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def _prepare(model: nn.Module, input_shape: Tuple[int, ...], nhwc: bool) -> Tuple[nn.Module, torch.Tensor]:
+    """The module to convert and its sample input (NHWC wrapper when asked)."""
+    import litert_torch
+
+    module = model.eval()
+    sample = torch.randn(*input_shape)
+    if nhwc:
+        module = litert_torch.to_channel_last_io(module, args=[0]).eval()
+        sample = sample.permute(0, 2, 3, 1).contiguous()
+    return module, sample
+
+
+def convert_fp32(model: nn.Module, path: Path, input_shape: Tuple[int, ...], nhwc: bool = False) -> Path:
+    _quiet_litert()
+    import litert_torch
+
+    module, sample = _prepare(model, input_shape, nhwc)
+    try:
+        edge = litert_torch.convert(module, (sample,))
+    except Exception as exc:  # a converter limit of this model, not a user error
+        raise RuntimeError(f"litert-torch cannot convert this model: {_first_line(exc)}") from exc
+    edge.export(str(path))
+    return Path(path)
+
+
+def fp16_weights(fp32_path: Path, out_path: Path) -> Path:
+    """Store Conv / FC weights of a float TFLite model as float16 (weight-only, fp32 compute)."""
+    from ai_edge_quantizer import qtyping, quantizer
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    qt = quantizer.Quantizer(str(fp32_path))
+    qt.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=16,
+                              algorithm_key=AlgorithmName.FLOAT_CASTING)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        result = qt.quantize(enable_progress_bar=False, enable_progress_report=False)
+    Path(out_path).write_bytes(bytes(result.quantized_model))
+    return Path(out_path)
+
+
+def route_through_qdq(gm) -> int:
+    """Feed quantized binary ops (add / mul / cat) the Q->DQ copy of an input that reached them in float.
+
+    torchao's PT2E leaves the edge from one residual ``add`` into the next in float
+    (both annotated, one shared observer, but the consumer keeps the float tensor);
+    the TFLite converter then keeps every such ADD in float (MobileNetV2: 7 of 10).
+    The quantizer annotated these inputs as int8, so the rewiring is what it asked for;
+    afterwards the model is integer end to end. Returns the number of edges rewired.
+    """
+    qd = torch.ops.quantized_decomposed
+    quant, dequant = qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default
+    binary = (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor, torch.ops.aten.cat.default)
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in binary:
+            continue
+        for src in list(node.all_input_nodes):
+            if src.op != "call_function" or src.target == dequant:
+                continue
+            q = next((u for u in src.users if u.op == "call_function" and u.target == quant), None)
+            dq = next((u for u in q.users if u.op == "call_function" and u.target == dequant), None) if q else None
+            if dq is not None:
+                node.replace_input_with(src, dq)
+                changed += 1
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], calib: np.ndarray, nhwc: bool = False,
+                 per_channel: bool = True) -> int:
+    """Full-integer int8 by PT2E: export, insert observers, calibrate, convert, lower to TFLite.
+
+    Writes ``path``; returns how many float edges :func:`route_through_qdq` rewired.
+    """
+    _quiet_litert()
+    import litert_torch
+    from litert_torch.quantize import pt2e_quantizer as pq
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    if len(calib) == 0:
+        raise EdgekitError("Calibration needs at least one input; the calibration split is empty")
+    module, sample = _prepare(model, input_shape, nhwc)
+    quantizer = pq.PT2EQuantizer().set_global(
+        pq.get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=False))
+    try:
+        graph = torch.export.export(module, (sample,)).module()
+        prepared = prepare_pt2e(graph, quantizer)
+        move_exported_model_to_eval(prepared)
+        n = input_shape[0]  # the exported graph has the static batch of the sample input
+        with torch.no_grad():
+            for i in range(0, len(calib) - n + 1, n):
+                x = torch.from_numpy(np.ascontiguousarray(calib[i:i + n]))
+                prepared(x.permute(0, 2, 3, 1).contiguous() if nhwc else x)
+        quantized = convert_pt2e(prepared, fold_quantize=False)
+        move_exported_model_to_eval(quantized)  # eval-mode ops; the flag below is what litert-torch reads
+        for sub in quantized.modules():
+            sub.training = False
+        rewired = route_through_qdq(quantized)
+        edge = litert_torch.convert(quantized, (sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
+    except Exception as exc:
+        raise RuntimeError(f"litert-torch cannot quantize this model (PT2E int8): {_first_line(exc)}") from exc
+    edge.export(str(path))
+    return rewired
+
+
+def export_tflite(model: nn.Module, precision: str, options: dict, ctx) -> Path:
+    """The ``tflite`` row of the formats table (``export(model, precision, options, ctx) -> Path``)."""
+    import importlib.metadata as md
+
+    unknown = set(options) - KNOWN_OPTIONS
+    if unknown:
+        raise EdgekitError(f"Unknown tflite option(s) {', '.join(sorted(unknown))}; "
+                           f"known: {', '.join(sorted(KNOWN_OPTIONS))}")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise EdgekitError(f"tflite has no {precision} variant (it supports fp32, fp16, int8)")
+    nhwc = bool(options.get("nhwc", False))
+    info = {"converter": f"litert-torch {md.version('litert-torch')}", "layout": "NHWC" if nhwc else "NCHW",
+            "input_shape": list(ctx.input_shape[:1]) + (list(ctx.input_shape[2:]) + [ctx.input_shape[1]]
+                                                        if nhwc else list(ctx.input_shape[1:]))}
+    out = ctx.path(".tflite")
+    if precision == "int8":
+        num_calib = int(options.get("num_calib", 256))
+        calib, _ = ctx.task.arrays("calib", limit=num_calib)
+        per_channel = bool(options.get("per_channel", True))
+        rewired = convert_int8(model, out, ctx.input_shape, calib, nhwc=nhwc, per_channel=per_channel)
+        info["quantization"] = {
+            "tool": "litert-torch PT2EQuantizer + torchao prepare_pt2e/convert_pt2e",
+            "scheme": "full-integer int8: weights int8 symmetric " + ("per-channel (axis 0)" if per_channel
+                                                                      else "per-tensor")
+                      + ", activations int8 per-tensor affine (HistogramObserver), int8 input and output",
+            "num_calib": len(calib),
+            "float_edges_rewired": rewired,
+        }
+    else:
+        key = ("tflite-fp32", id(model), nhwc)
+        fp32 = ctx.cache.get(key)
+        if fp32 is None or not Path(fp32).is_file():
+            fp32 = out if precision == "fp32" else ctx.path(".tflite", f"{ctx.name}.fp32-src")
+            convert_fp32(model, fp32, ctx.input_shape, nhwc=nhwc)
+            ctx.cache[key] = fp32
+        if precision == "fp32":
+            if Path(fp32) != out:
+                out.write_bytes(Path(fp32).read_bytes())
+        else:
+            fp16_weights(Path(fp32), out)
+            info["quantization"] = {"tool": f"ai-edge-quantizer {md.version('ai-edge-quantizer')} float_casting",
+                                    "scheme": "float16 weights (Conv/FC/depthwise), float32 activations and I/O"}
+    ctx.info.update(info)
+    return out

@@ -1,0 +1,155 @@
+"""TFLite (LiteRT) export with litert-torch and the LiteRT runner: real conversions, real interpreters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgekit.config import Recipe, TrainSpec, load_device
+from edgekit.errors import EdgekitError
+from edgekit.evaluate import agreement, predict_arrays, top1
+from edgekit.export import ExportContext, export
+from edgekit.formats import FORMATS
+from edgekit.runtime import RUNTIMES, load_runner
+
+pytest.importorskip("litert_torch", reason="TFLite export needs litert-torch (pip install 'edgekit[tflite]')")
+pytest.importorskip("ai_edge_litert", reason="running .tflite needs ai-edge-litert")
+
+SHORT = Recipe(name="test-short", train=TrainSpec(epochs=1))  # a short training, cached for the whole session
+MODELS = ("shufflenetv2", "mobilenetv2")
+
+
+def _trained(name, task):
+    from edgekit.benchmark import baseline_model
+
+    return baseline_model(name, task, recipe=SHORT)
+
+
+@pytest.fixture(scope="module")
+def exported(mnist_task, tmp_path_factory):
+    """Each model trained briefly, exported to fp32 / fp16 / int8 once, and evaluated on the eval split."""
+    dev = load_device("desktop-cpu")
+    x, y = mnist_task.arrays("eval")
+    out = {}
+    for name in MODELS:
+        model = _trained(name, mnist_task)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        d = tmp_path_factory.mktemp(f"tflite-{name}")
+        cache: dict = {}
+        res = {"model": model, "ref": ref, "dir": d}
+        for precision, opts in (("fp32", {}), ("fp16", {}), ("int8", {"num_calib": 64})):
+            ctx = ExportContext(d, mnist_task, dev, mnist_task.input_shape, name=precision, cache=cache)
+            path = export("tflite", model, precision, opts, ctx)
+            runner = load_runner("litert", path, threads=1)
+            res[precision] = {"path": path, "info": dict(ctx.info), "runner": runner,
+                              "logits": predict_arrays(runner.run, x, batch_size=1)}
+        out[name] = res
+    return out, y
+
+
+def test_formats_row_and_runtime():
+    fmt = FORMATS.get("tflite")
+    assert fmt.precisions == ("fp32", "fp16", "int8") and fmt.runtime == "litert" and fmt.suffix == ".tflite"
+    assert "litert" in RUNTIMES
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fp32_matches_torch(exported, name):
+    res, y = exported
+    r = res[name]
+    got = r["fp32"]["logits"]
+    assert np.abs(got - r["ref"]).max() < 1e-4
+    assert top1(got, y) == top1(r["ref"], y)
+    assert r["fp32"]["info"]["converter"].startswith("litert-torch")
+    assert r["fp32"]["runner"].input_shape == (1, 3, 64, 64) and not r["fp32"]["runner"].nhwc
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fp16_weights_halve_the_file(exported, name):
+    res, _ = exported
+    r = res[name]
+    assert r["fp16"]["path"].stat().st_size < 0.6 * r["fp32"]["path"].stat().st_size
+    assert agreement(r["ref"], r["fp16"]["logits"]) >= 0.99
+    assert np.abs(r["fp16"]["logits"] - r["ref"]).max() < 0.1
+    assert "float16 weights" in r["fp16"]["info"]["quantization"]["scheme"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_int8_is_full_integer_and_accurate(exported, name):
+    res, y = exported
+    r = res[name]
+    runner = r["int8"]["runner"]
+    # Full integer: int8 input and output (quantized transparently by the runner), no float activations.
+    assert runner.input_dtype == np.int8 and runner.output_dtype == np.int8
+    assert runner.input_quant[0] > 0 and runner.output_quant[0] > 0
+    floats = [t["name"] for t in runner.interpreter.get_tensor_details() if t["dtype"] == np.float32]
+    assert floats == [], f"float tensors left in the int8 model: {floats[:5]}"
+    acc32, acc8 = top1(r["ref"], y), top1(r["int8"]["logits"], y)
+    assert acc8 >= acc32 - 0.01, (acc32, acc8)
+    assert agreement(r["ref"], r["int8"]["logits"]) >= 0.97
+    q = r["int8"]["info"]["quantization"]
+    assert "PT2E" in q["tool"] and "per-channel" in q["scheme"] and q["num_calib"] == 64
+    assert r["int8"]["path"].stat().st_size < 0.4 * r["fp32"]["path"].stat().st_size
+
+
+def test_nhwc_option(exported, mnist_task):
+    res, _ = exported
+    r = res["shufflenetv2"]
+    ctx = ExportContext(r["dir"], mnist_task, load_device("desktop-cpu"), mnist_task.input_shape, name="fp32-nhwc")
+    path = export("tflite", r["model"], "fp32", {"nhwc": True}, ctx)
+    runner = load_runner("litert", path, threads=1)
+    assert tuple(runner._in["shape"]) == (1, 64, 64, 3)  # the model itself takes NHWC
+    assert runner.nhwc and runner.input_shape == (1, 3, 64, 64)  # callers still pass NCHW
+    assert ctx.info["layout"] == "NHWC" and ctx.info["input_shape"] == [1, 64, 64, 3]
+    x, _ = mnist_task.arrays("eval", limit=32)
+    np.testing.assert_allclose(runner.run(x), r["ref"][:32], atol=1e-4)
+
+
+def test_runner_batches_and_bad_inputs(exported, tmp_path):
+    res, _ = exported
+    r = res["shufflenetv2"]
+    runner = r["int8"]["runner"]
+    x = np.zeros((3, 3, 64, 64), np.float32)
+    assert runner.run(x).shape == (3, 10)  # static batch 1, run three times
+    with pytest.raises(EdgekitError, match="does not match"):
+        runner.run(np.zeros((1, 3, 32, 32), np.float32))
+    bogus = tmp_path / "bogus.tflite"
+    bogus.write_bytes(b"this is not a flatbuffer" * 10)
+    with pytest.raises(EdgekitError, match="not a model LiteRT can load"):
+        load_runner("litert", bogus)
+    with pytest.raises(EdgekitError, match="not found"):
+        load_runner("litert", tmp_path / "missing.tflite")
+
+
+def test_unknown_option_and_precision(exported, mnist_task, tmp_path):
+    res, _ = exported
+    model = res["shufflenetv2"]["model"]
+    ctx = ExportContext(tmp_path, mnist_task, load_device("desktop-cpu"), mnist_task.input_shape, name="x")
+    with pytest.raises(EdgekitError, match="Unknown tflite option"):
+        export("tflite", model, "fp32", {"nchw": True}, ctx)
+    with pytest.raises(EdgekitError, match="no int4 variant"):
+        export("tflite", model, "int4", {}, ctx)
+
+
+class Bucketize(nn.Module):
+    """A model with an op (aten.bucketize) litert-torch has no lowering for; ONNX exports it fine."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=4)
+        self.fc = nn.Linear(8, 10)
+        self.register_buffer("edges", torch.tensor([-1.0, 0.0, 1.0]))
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y * torch.bucketize(y, self.edges).float()
+        return self.fc(y.mean((2, 3)))
+
+
+def test_unconvertible_op_is_a_clear_error(mnist_task, tmp_path):
+    ctx = ExportContext(tmp_path, mnist_task, load_device("desktop-cpu"), mnist_task.input_shape, name="fp32")
+    with pytest.raises(RuntimeError, match="litert-torch cannot convert this model: .*bucketize"):
+        export("tflite", Bucketize().eval(), "fp32", {}, ctx)
