@@ -9,7 +9,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -139,6 +139,65 @@ def devices_list():
         table.add_row(name, d.kind, d.arch, ", ".join(d.precisions), ", ".join(d.formats),
                       f"{d.latency_target_ms} ms" if d.latency_target_ms else "—", d.description)
     out.print(table)
+
+
+@app.command()
+@handle_errors
+def benchmark(
+    model: str = typer.Argument(..., help="Zoo model name (see `edgekit zoo list`)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe whose steps compress the model first."),
+    device: str = typer.Option("desktop-cpu", "--device", "-d", help="Device profile name or YAML path."),
+    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree (default: embedded MNIST task)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="'pretrained' or a state-dict .pth file."),
+    formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help="Only these formats (repeatable)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep the artifacts in this folder."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Runtime threads (default: the device's)."),
+    runs: int = typer.Option(50, "--runs", min=5, help="Timed rounds (all formats interleaved)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size (default: the task's)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
+):
+    """Export MODEL to every format x precision, evaluate and time them side by side (✅ / ❎ / ❌)."""
+    from .benchmark import benchmark as run_benchmark, benchmark_table
+
+    if data is not None and not data.is_dir():
+        raise EdgekitError(f"Data folder not found: {data}")
+    progress.enable(sys.stderr.isatty())
+    rows = run_benchmark(model, recipe=recipe, device=device, data=str(data) if data else None, weights=weights,
+                         formats=formats or None, out_dir=out_dir, threads=threads, runs=runs,
+                         input_size=input_size)
+    out.print(benchmark_table(rows, title=f"{model} on {device}"))
+    if json_out is not None:
+        json_out.write_text(json.dumps(rows, indent=2, default=str))
+
+
+@app.command()
+@handle_errors
+def compare(
+    a: Path = typer.Argument(..., help="First artifact: .pt/.pth (with --model), .onnx or .tflite."),
+    b: Path = typer.Argument(..., help="Second artifact."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo architecture of a .pt/.pth checkpoint."),
+    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree (default: embedded MNIST task)."),
+    limit: int = typer.Option(500, "--limit", min=1, help="Inputs to compare on."),
+    per_layer: bool = typer.Option(True, "--per-layer/--no-per-layer", help="Per-layer table (two ONNX models)."),
+    threshold_db: float = typer.Option(20.0, "--threshold-db", help="SQNR below which a layer has diverged."),
+    max_layers: int = typer.Option(40, "--max-layers", min=1, help="Layer rows to show around the divergence."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full result as JSON."),
+):
+    """Run two artifacts of one model on the same inputs; name the first layer where they diverge."""
+    from .compare import compare_artifacts, render_comparison
+
+    if data is not None and not data.is_dir():
+        raise EdgekitError(f"Data folder not found: {data}")
+    result = compare_artifacts(a, b, data=str(data) if data else None, per_layer=per_layer, model=model,
+                               limit=limit, threshold_db=threshold_db)
+    for table in render_comparison(result, max_layers=max_layers):
+        out.print(table)
+    first = result.get("first_divergence")
+    if result.get("layers") is not None:
+        out.print(f"first layer below {threshold_db} dB: " + (f"{first['node']} ({first['op']}, "
+                  f"{first['sqnr_db']:.1f} dB)" if first else "none"))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2, default=str))
 
 
 @app.command()

@@ -28,7 +28,7 @@ from .data import Task, load_task
 from .errors import EdgekitError
 from .evaluate import agreement, predict_arrays, top1
 from .export import ExportContext, export
-from .formats import FORMATS
+from .formats import FORMATS, FormatUnavailable
 from .profiling.local import interleaved_latency
 from .runtime import load_runner
 from .runtime.base import module_versions
@@ -76,6 +76,7 @@ def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, rec
             return model, {"source": "pretrained"}
     else:
         model = None
+    torch.manual_seed(seed)  # fresh weights must not depend on what ran before in this process
     key = json.dumps({"model": spec.name, "task": task.describe(), "fit": vars(cfg), "pretrained": model is not None,
                       "v": TRAIN_VERSION, "torch": torch.__version__.split("+")[0]}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -252,6 +253,8 @@ def _run_in(tmp: Path, spec, rec: Recipe, steps, tag, dev: DeviceProfile, task: 
             var.size_mb = round(var.path.stat().st_size / 2**20, 3)
         except EdgekitError:
             raise
+        except FormatUnavailable as exc:  # e.g. TensorRT on a machine without it: ❎ with the reason
+            var.status, var.error = "unavailable", str(exc)
         except Exception as exc:  # one failing variant must not stop the others
             if stage == "baseline" and fmt == "onnx" and precision == "fp32":
                 raise EdgekitError(f"Cannot export {spec.name} to ONNX: {type(exc).__name__}: {exc}") from exc
@@ -322,7 +325,8 @@ def _assemble(spec, rec: Recipe, dev: DeviceProfile, task: Task, base_info, step
                          f"measured): it does not pay off on this device; use fp32 here.")
     for v in variants:
         if v.status != "ok":
-            notes.append(f"{v.name} ({v.format}) failed: {v.error}")
+            notes.append(f"{v.name} ({v.format}) {'is not available here' if v.status == 'unavailable' else 'failed'}"
+                         f": {v.error}")
     if not dev.local:
         notes.append(f"Latency was not measured: {dev.name} is not this machine. Profile on the device with "
                      f"`edgekit profile` or give it an ssh host.")

@@ -11,6 +11,8 @@ as ``ORT_DEFAULT`` so benchmarks can compare against them.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import shutil
 import tempfile
@@ -81,7 +83,8 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray
     out_path = Path(out_path)
     logging.disable(logging.WARNING)  # ORT's quantizer logs per-tensor warnings on the root logger
     try:
-        _quantize(fp32_path, out_path, calib, cfg, types, methods)
+        with contextlib.redirect_stdout(io.StringIO()):  # ... and its histogram calibrators print()
+            _quantize(fp32_path, out_path, calib, cfg, types, methods)
     finally:
         logging.disable(logging.NOTSET)
     return out_path
