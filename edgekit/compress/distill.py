@@ -165,7 +165,7 @@ class Distill(Step):
         if p.teacher is None:
             if ctx.baseline is None:
                 raise EdgekitError("distill: no baseline to learn from; name a zoo model with 'teacher:'")
-            return ctx.baseline.eval(), {"teacher": f"{ctx.model_name} (baseline)", "teacher_source": "baseline"}
+            return ctx.baseline.eval(), {"teacher": ctx.model_name, "teacher_source": "baseline"}
         task = ctx.task
         if p.teacher_weights is not None:
             t = zoo.create(p.teacher, num_classes=task.num_classes, in_chans=task.in_chans, weights=p.teacher_weights)
@@ -221,8 +221,10 @@ class Distill(Step):
         if p.evaluate:
             acc, agr = _accuracy_and_agreement(model, task, t_logits, labels)
             info.update(student_acc_after=round(acc, 4), agreement_after=round(agr, 4))
-            ctx.notes.append(f"distill from {info['teacher']} ({info['teacher_source']}, top-1 "
-                             f"{info['teacher_acc']:.1%}): student top-1 {info['student_acc_before']:.1%} -> "
+            who = (f"the {info['teacher']} baseline" if info["teacher_source"] == "baseline"
+                   else f"{info['teacher']} ({info['teacher_source']})")
+            ctx.notes.append(f"distill from {who} (top-1 {info['teacher_acc']:.1%}): "
+                             f"student top-1 {info['student_acc_before']:.1%} -> "
                              f"{acc:.1%}, agreement with teacher {info['agreement_before']:.1%} -> {agr:.1%}")
         info.update(method="Hinton soft targets" + (" + pooled feature MSE (1x1 adapter)" if p.feature_weight else ""),
                     epochs=p.epochs, lr=lr, alpha=p.alpha, temperature=p.temperature)
