@@ -31,9 +31,9 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends openssh-client \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/edgekit
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY edgekit ./edgekit
-RUN pip install --no-cache-dir ".[all]"
+RUN pip install --no-cache-dir ".[all]" -c constraints.txt
 WORKDIR /work
 ENTRYPOINT ["edgekit"]
 
