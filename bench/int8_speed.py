@@ -5,7 +5,8 @@
 For each model: the baseline trained on the default task (cached), exported to
 ONNX fp32; edgekit's int8 as the int8 recipe makes it (pre-processing,
 per-channel, the device's activation type, fp32 logits layer, calibration
-method chosen by logits SQNR on the calibration split); and `quantize_static` with ORT's defaults (QDQ S8S8,
+method chosen by logits SQNR on the calibration split, and, when the device is this
+machine, the weight/activation layout chosen by latency measured here among the accurate ones); and `quantize_static` with ORT's defaults (QDQ S8S8,
 per-tensor, no pre-processing). All three are timed round-robin in one loop,
 batch 1, so the ratios are fair on a noisy machine. Accuracy is top-1 on the
 1,000-image eval split.
@@ -58,7 +59,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as d:
             fp32 = export_onnx(model, Path(d) / "fp32.onnx", task.input_shape)
             paths = {"fp32": fp32,
-                     "edgekit": quantize_onnx_auto(fp32, Path(d) / "edgekit.onnx", calib, edge_cfg)[0],
+                     "edgekit": quantize_onnx_auto(fp32, Path(d) / "edgekit.onnx", calib, edge_cfg,
+                                                   latency_threads=threads if dev.local else None)[0],
                      "ort-default": quantize_onnx(fp32, Path(d) / "ortdefault.onnx", calib, ORT_DEFAULT)}
             runners = {k: load_runner("onnxruntime", p, threads=threads) for k, p in paths.items()}
             logits = {k: predict_arrays(r.run, x, batch_size=1) for k, r in runners.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 COLUMNS = ["variant", "format", "precision", "size MB", "params", "MMACs", "accuracy", "agreement",
            "p50 ms", "p90 ms", "speedup", "status"]
@@ -58,6 +58,26 @@ def summary_lines(report: dict) -> List[str]:
     return lines
 
 
+def quantization_sections(report: dict) -> List[Tuple[str, List[str], List[List[str]]]]:
+    """(title, columns, rows) per quantized variant: its config, and the layouts timed when it was searched."""
+    out = []
+    for v in report["variants"]:
+        q = (v.get("details") or {}).get("quantization")
+        if not q:
+            continue
+        title = f"{v['name']} ({v['format']} {v['precision']}): {q.get('config') or q.get('scheme', '')}"
+        extra = q.get("tool", "")
+        if q.get("calibration_sqnr_db"):
+            extra += "; calibration chosen by logits SQNR vs fp32 on the calibration split: " + ", ".join(
+                f"{k} {val} dB" for k, val in q["calibration_sqnr_db"].items())
+        rows = [[r["config"], f"{r['sqnr_db']:.1f}", f"{100 * r['calib_agreement']:.1f}%", f"{r['p50_ms']:.3f}",
+                 ("chosen" if r["chosen"] else "") + ("" if r["eligible"] else "not accurate enough")]
+                for r in q.get("search", [])]
+        out.append((title + (f" — {extra}" if extra else ""),
+                    ["layout", "logits SQNR dB", "calib agreement", "p50 ms (here)", ""], rows))
+    return out
+
+
 def to_markdown(report: dict) -> str:
     task = report["task"]
     base = report["model_info"]["baseline"]
@@ -70,6 +90,15 @@ def to_markdown(report: dict) -> str:
             "speedup is the fp32 p50 over the variant's p50. Accuracy: top-1 on the eval split; agreement: "
             "share of eval images with the same top-1 class as fp32.", ""]
     out += [f"- {line}" for line in summary_lines(report)]
+    quant = quantization_sections(report)
+    if quant:
+        out += ["", "## Quantization", ""]
+        for title, cols, rows in quant:
+            out += [f"- {title}"]
+            if rows:
+                out += ["", "  | " + " | ".join(cols) + " |", "  |" + "---|" * len(cols)]
+                out += ["  | " + " | ".join(r) + " |" for r in rows]
+                out += [""]
     if report.get("steps"):
         out += ["", "## Steps", ""] + [f"- `{s['kind']}` {json.dumps(s['params'])} ({s['seconds']} s)"
                                        for s in report["steps"]]
@@ -131,9 +160,19 @@ def to_html(report: dict) -> str:
             "</style></head><body>"
             f"<h1>{html.escape(title)}</h1><p>Task {html.escape(report['task']['name'])}, "
             f"{report['task']['num_eval']} eval images. Latency batch 1, interleaved runs; speedup vs fp32.</p>"
-            f"<table><tr>{head}</tr>{body}</table><ul>{notes}</ul>{svg_plot(report)}"
+            f"<table><tr>{head}</tr>{body}</table><ul>{notes}</ul>{svg_plot(report)}{_quant_html(report)}"
             f"<p>Versions: {html.escape(', '.join(f'{k} {v}' for k, v in report['versions'].items()))}</p>"
             "</body></html>\n")
+
+
+def _quant_html(report: dict) -> str:
+    parts = []
+    for title, cols, rows in quantization_sections(report):
+        parts.append(f"<p>{html.escape(title)}</p>")
+        if rows:
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>" + "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+    return ("<h2>Quantization</h2>" + "".join(parts)) if parts else ""
 
 
 def write_reports(report: dict, folder: Path) -> None:

@@ -67,9 +67,41 @@ def test_auto_calibration_keeps_the_closest_candidate(trained):
 
     fp32, task, d = trained
     calib, _ = task.arrays("calib", limit=64)
-    path, cfg, scores = quantize_onnx_auto(fp32, d / "auto.onnx", calib, OrtQuantConfig())
-    assert set(scores) == {"minmax", "percentile"}
+    path, cfg, details = quantize_onnx_auto(fp32, d / "auto.onnx", calib, OrtQuantConfig())
+    scores = details["calibration_sqnr_db"]
+    assert set(scores) == {"minmax", "percentile"} and "search" not in details
     assert cfg.calibration == max(scores, key=scores.get)
     assert path.is_file() and scores[cfg.calibration] > 10  # dB: logits close to fp32
     with pytest.raises(EdgekitError, match="calibration must be one of"):
         quantize_onnx(fp32, d / "y.onnx", calib, OrtQuantConfig(calibration="auto"))
+
+
+def test_latency_search_keeps_the_fastest_accurate_layout(trained):
+    """The chosen layout is eligible, the fastest eligible one timed, and the file written is that layout."""
+    import onnx
+
+    from edgekit.compress.quantize import (LAYOUT_CANDIDATES, SEARCH_AGREEMENT_TOLERANCE, SEARCH_SQNR_TOLERANCE_DB,
+                                           quantize_onnx_auto)
+
+    fp32, task, d = trained
+    calib, _ = task.arrays("calib", limit=32)
+    path, cfg, details = quantize_onnx_auto(fp32, d / "search.onnx", calib, OrtQuantConfig(), latency_threads=1,
+                                            rounds=20)
+    rows = details["search"]
+    assert len(rows) == len(LAYOUT_CANDIDATES) and len({r["config"] for r in rows}) == len(rows)
+    top_sqnr, top_agree = max(r["sqnr_db"] for r in rows), max(r["calib_agreement"] for r in rows)
+    for r in rows:
+        assert r["eligible"] == (r["sqnr_db"] >= top_sqnr - SEARCH_SQNR_TOLERANCE_DB
+                                 and r["calib_agreement"] >= top_agree - SEARCH_AGREEMENT_TOLERANCE - 1e-9)
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["eligible"] and chosen[0]["config"] == cfg.label()
+    assert chosen[0]["p50_ms"] == min(r["p50_ms"] for r in rows if r["eligible"])
+    # The file on disk has the chosen activation type and weight granularity.
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    act_zp = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[2] in inits]
+    want = onnx.TensorProto.UINT8 if cfg.activation_type == "uint8" else onnx.TensorProto.INT8
+    assert act_zp and all(z.data_type == want for z in act_zp)
+    weight_scales = [inits[n.input[1]] for n in graph.node
+                     if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[0]].dims) == 4]
+    assert weight_scales and any(len(s.dims) == 1 and s.dims[0] > 1 for s in weight_scales) == cfg.per_channel

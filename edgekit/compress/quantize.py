@@ -122,20 +122,32 @@ def config_dict(cfg: OrtQuantConfig) -> dict:
 
 
 AUTO_CANDIDATES = ("minmax", "percentile")
+# Weight/activation layouts tried when the device is this machine: which one ORT runs fastest depends on the
+# CPU's int8 kernels (U8S8 vs S8S8, VNNI or not) and on the network, and cannot be read off a spec sheet.
+LAYOUT_CANDIDATES = (("uint8", True), ("int8", True), ("uint8", False), ("int8", False))
+SEARCH_SQNR_TOLERANCE_DB = 3.0  # a faster layout may cost at most this much logits SQNR ...
+SEARCH_AGREEMENT_TOLERANCE = 0.005  # ... and at most half a point of top-1 agreement on the calibration split
 
 
 def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, cfg: OrtQuantConfig,
-                       candidates=AUTO_CANDIDATES) -> tuple[Path, OrtQuantConfig, dict]:
+                       candidates=AUTO_CANDIDATES, latency_threads: Optional[int] = None,
+                       rounds: int = 100) -> tuple[Path, OrtQuantConfig, dict]:
     """Quantize with each calibration method and keep the one whose logits are closest to fp32.
 
     Closeness is the SQNR of the logits on the calibration split (never the eval
     split, which must stay unseen). MinMax is exact on outliers but wastes range;
     percentile clips them — which wins depends on the network (SiLU/SE nets like
     EfficientNetV2 prefer percentile).
+
+    With ``latency_threads`` (the device is this machine), the other weight/activation
+    layouts are quantized too with the chosen calibration, timed round-robin here, and the
+    fastest one whose SQNR and calibration agreement stay within tolerance of the most
+    accurate one wins: int8 that is slower than it needs to be is a bug, not a setting.
+    Returns the path, the config used and ``{"calibration_sqnr_db": ..., "search": [...]}``.
     """
     from dataclasses import replace
 
-    from ..evaluate import sqnr_db
+    from ..evaluate import agreement, sqnr_db
     from ..runtime import load_runner
 
     out_path = Path(out_path)
@@ -145,13 +157,48 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
         return np.concatenate([run(calib[i:i + 1]) for i in range(len(calib))])
 
     ref = logits(Path(fp32_path))
-    scores, best = {}, None
+    scores, tried = {}, []  # tried: (cfg, path, sqnr, agreement)
     with tempfile.TemporaryDirectory(prefix="edgekit-qa-") as tmp:
         for method in candidates:
             c = replace(cfg, calibration=method)
             p = quantize_onnx(fp32_path, Path(tmp) / f"{method}.onnx", calib, c)
-            scores[method] = round(sqnr_db(ref, logits(p)), 2)
-            if best is None or scores[method] > scores[best[0]]:
-                best = (method, p, c)
+            out = logits(p)
+            scores[method] = round(sqnr_db(ref, out), 2)
+            tried.append((c, p, scores[method], agreement(ref, out)))
+        best = max(tried, key=lambda t: t[2])
+        details: dict = {"calibration_sqnr_db": scores}
+        if latency_threads:
+            chosen, details["search"] = _fastest_layout(fp32_path, Path(tmp), calib, best, ref, logits,
+                                                         latency_threads, rounds)
+            best = chosen
         shutil.move(str(best[1]), out_path)
-    return out_path, best[2], scores
+    return out_path, best[0], details
+
+
+def _fastest_layout(fp32_path, tmp: Path, calib, best, ref, logits, threads: int, rounds: int):
+    """Quantize the other layouts with ``best``'s calibration, time all round-robin, keep the fastest eligible."""
+    from dataclasses import replace
+
+    from ..evaluate import agreement, sqnr_db
+    from ..profiling.local import interleaved_latency
+    from ..runtime import load_runner
+
+    cands = [best]
+    for act, per_channel in LAYOUT_CANDIDATES:
+        if (act, per_channel) == (best[0].activation_type, best[0].per_channel):
+            continue
+        c = replace(best[0], activation_type=act, per_channel=per_channel)
+        p = quantize_onnx(fp32_path, tmp / f"{act}-{'pc' if per_channel else 'pt'}.onnx", calib, c)
+        out = logits(p)
+        cands.append((c, p, round(sqnr_db(ref, out), 2), agreement(ref, out)))
+    top_sqnr, top_agree = max(c[2] for c in cands), max(c[3] for c in cands)
+    eligible = [c for c in cands if c[2] >= top_sqnr - SEARCH_SQNR_TOLERANCE_DB
+                and c[3] >= top_agree - SEARCH_AGREEMENT_TOLERANCE]
+    runners = {c[0].label(): load_runner("onnxruntime", c[1], threads=threads).run for c in cands}
+    lat = interleaved_latency(runners, np.ascontiguousarray(calib[:1]), warmup=10, rounds=rounds,
+                              description="time int8 layouts")
+    chosen = min(eligible, key=lambda c: lat[c[0].label()]["p50"])
+    table = [{"config": c[0].label(), "sqnr_db": c[2], "calib_agreement": round(c[3], 4),
+              "p50_ms": round(lat[c[0].label()]["p50"], 4), "eligible": c in eligible, "chosen": c is chosen}
+             for c in cands]
+    return chosen, table

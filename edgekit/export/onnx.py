@@ -89,7 +89,7 @@ def export_variant(model: nn.Module, precision: str, options: dict, ctx) -> Path
         raise EdgekitError(f"onnx has no {precision} variant here")
     q = ctx.device.quantization
     known = {"calibration", "num_calib", "per_channel", "activation_type", "weight_type", "quant_format",
-             "reduce_range", "op_types", "opset"}
+             "reduce_range", "op_types", "opset", "search"}
     unknown = set(options) - known
     if unknown:
         raise EdgekitError(f"Unknown int8 option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -103,13 +103,25 @@ def export_variant(model: nn.Module, precision: str, options: dict, ctx) -> Path
         op_types=options.get("op_types"),
     )
     calib, _ = ctx.task.arrays("calib", limit=int(options.get("num_calib", 256)))
-    scores = None
-    if cfg.calibration == "auto":
-        out, cfg, scores = quantize_onnx_auto(fp32, ctx.path(".onnx"), calib, cfg)
+    # search: latency (default where the device is this machine) times the int8 layouts here and keeps the
+    # fastest accurate one; none keeps the device profile's layout. Explicit types/per_channel turn it off.
+    pinned = {"activation_type", "weight_type", "per_channel"} & set(options)
+    search = options.get("search", "latency" if ctx.device.local and not pinned else "none")
+    if search not in ("latency", "none"):
+        raise EdgekitError(f"int8 option search must be latency or none, not {search!r}")
+    if search == "latency" and not ctx.device.local:
+        raise EdgekitError(f"int8 option search: latency times candidates on this machine, but device "
+                           f"{ctx.device.name} is not this machine; use search: none")
+    details = None
+    if cfg.calibration == "auto" or search == "latency":
+        methods = ("minmax", "percentile") if cfg.calibration == "auto" else (cfg.calibration,)
+        out, cfg, details = quantize_onnx_auto(fp32, ctx.path(".onnx"), calib, cfg, candidates=methods,
+                                               latency_threads=ctx.device.resolved_threads()
+                                               if search == "latency" else None)
     else:
         out = quantize_onnx(fp32, ctx.path(".onnx"), calib, cfg)
     ctx.info["quantization"] = {"tool": "onnxruntime.quantization.quantize_static", "config": cfg.label(),
                                 "num_calib": len(calib), **{k: v for k, v in vars(cfg).items() if k != "extra_options"}}
-    if scores is not None:
-        ctx.info["quantization"]["calibration_sqnr_db"] = scores  # logits vs fp32 on the calibration split
+    if details is not None:  # logits SQNR vs fp32 on the calibration split; the layouts timed here
+        ctx.info["quantization"].update(details)
     return out
