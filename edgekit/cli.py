@@ -94,17 +94,25 @@ def compress(
 
 @zoo_app.command("list")
 @handle_errors
-def zoo_list(input_size: int = typer.Option(224, help="Input size for the params/MACs columns.")):
-    """Every zoo model with its source, paper, params and MACs."""
+def zoo_list(input_size: int = typer.Option(224, help="Input size for the params/MACs columns."),
+             markdown: bool = typer.Option(False, "--markdown", help="Print the zoo matrix as Markdown (the README's table).")):
+    """Every zoo model with its source, params, MACs and the formats/recipes the test suite found passing."""
     from . import zoo
+    from .zoo import matrix as zm
 
-    table = Table(header_style="bold")
-    for c in ("model", "aliases", "source", "params", f"MMACs@{input_size}", "paper"):
+    matrix = zm.load_matrix()
+    if markdown:
+        out.print(zm.to_markdown(matrix, input_size), markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table(header_style="bold", caption=f"passing: from the test run of {matrix.get('generated', 'never')} "
+                                               "(edgekit/zoo/matrix.py says what each column means)")
+    for c in ("model", "aliases", "source", "params", f"MMACs@{input_size}", *zm.COLUMNS, "paper"):
         table.add_column(c)
     for spec in zoo.list_models():
         st = zoo.model_stats(zoo.create(spec.name), (3, input_size, input_size))
+        entry = matrix.get("models", {}).get(spec.name, {})
         table.add_row(spec.name, ", ".join(spec.aliases), spec.source, f"{st['params'] / 1e6:.2f}M",
-                      f"{st['macs'] / 1e6:.1f}", spec.paper)
+                      f"{st['macs'] / 1e6:.1f}", *(zm.cell(entry.get(c), c) for c in zm.COLUMNS), spec.paper)
     out.print(table)
 
 

@@ -2,12 +2,57 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- the zoo matrix
+
+_MATRIX_ROWS: list = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Record the outcome (and record_property facts) of every ``zoo_matrix(column)`` test, per zoo entry."""
+    outcome = yield
+    rep = outcome.get_result()
+    mark = item.get_closest_marker("zoo_matrix")
+    if mark is None or not hasattr(item, "callspec"):
+        return
+    if rep.when == "call" or (rep.when == "setup" and not rep.passed):
+        result = "xfailed" if hasattr(rep, "wasxfail") else rep.outcome
+        _MATRIX_ROWS.append((item.callspec.params["name"], mark.args[0], result, dict(item.user_properties)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Write the zoo matrix cells this session decided (``$EDGEKIT_ZOO_MATRIX`` or .pytest_cache/zoo-matrix.json)."""
+    if not _MATRIX_ROWS:
+        return
+    import datetime
+    import importlib.metadata as md
+    from pathlib import Path
+
+    from edgekit.zoo import matrix as zm
+
+    path = Path(os.environ.get("EDGEKIT_ZOO_MATRIX") or Path(session.config.rootpath) / ".pytest_cache" /
+                "zoo-matrix.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"generated": datetime.date.today().isoformat(),
+            "versions": ", ".join(f"{p} {md.version(p)}" for p in ("torch", "onnxruntime", "torch-pruning"))}
+    data = zm.merge(zm.load_matrix(path), _MATRIX_ROWS, meta)
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    shipped = zm.load_matrix().get("models", {})
+    differs = sorted({f"{m}:{c}" for m, c, o, _ in _MATRIX_ROWS
+                      if shipped.get(m, {}).get(c, {}).get("outcome") != o})
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"zoo matrix: {len(_MATRIX_ROWS)} cells written to {path}"
+                            + (f"; differ from edgekit/zoo/matrix.json: {', '.join(differs)}" if differs else ""))
 
 
 @pytest.fixture(scope="session", autouse=True)

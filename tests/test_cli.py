@@ -123,6 +123,18 @@ def test_list_commands():
     assert res.exit_code == 0 and "--recipe" in res.output
 
 
+def test_zoo_list_shows_the_matrix_columns():
+    from edgekit.zoo import matrix as zm
+
+    res = runner.invoke(app, ["zoo", "list", "--markdown"])
+    assert res.exit_code == 0, res.output
+    header = res.output.splitlines()[0]
+    assert all(f" {c} " in header for c in zm.COLUMNS)
+    row = next(line for line in res.output.splitlines() if line.startswith("| shufflenetv2-x1.0 |"))
+    entry = zm.load_matrix()["models"]["shufflenetv2-x1.0"]
+    assert row.rstrip(" |").endswith(zm.cell(entry["svd"], "svd"))
+
+
 def test_imagefolder_data(tmp_path):
     """--data with an ImageNet-val style tree: real PNG files decoded, resized and split."""
     np = pytest.importorskip("numpy")

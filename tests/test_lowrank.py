@@ -41,11 +41,14 @@ def test_full_rank_factorization_is_exact(layer, shape, kind, rank):
         assert pair[0].kernel_size[1] == 1 and pair[1].kernel_size[0] == 1
 
 
+@pytest.mark.zoo_matrix("svd")
 @pytest.mark.parametrize("name", SPECS)
-def test_every_zoo_model_factorizes_and_exports(name, small_task, tmp_path):
+def test_every_zoo_model_factorizes_and_exports(name, small_task, tmp_path, record_property):
     model = _fresh(name, small_task)
     out, ctx = _svd(model, small_task, name, macs=0.7)
     info = ctx.info["svd"]
+    record_property("macs_ratio", round(info["macs_ratio"], 3))
+    record_property("reached", bool(info["reached"]))
     assert info["macs_after"] <= info["macs_before"]
     assert zoo.count_macs(out, small_task.input_shape[1:]) == info["macs_after"]
     if name in LIMITED:

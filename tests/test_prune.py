@@ -57,12 +57,15 @@ def test_steps_are_registered_by_importing_the_registry():
     assert {"prune", "distill", "svd"} <= set(STEPS)
 
 
+@pytest.mark.zoo_matrix("prune50")
 @pytest.mark.parametrize("name", SPECS)
-def test_every_zoo_model_prunes_and_exports(name, small_task, tmp_path):
+def test_every_zoo_model_prunes_and_exports(name, small_task, tmp_path, record_property):
     model = _fresh(name, small_task)
     before = layer_widths(model)
     pruned, ctx = _prune(model, small_task, name)
     info = ctx.info["prune"]
+    record_property("macs_ratio", round(info["macs_ratio"], 3))
+    record_property("reached", bool(info["reached"]))
     assert info["macs_after"] <= info["macs_before"]
     if name in LIMITED:
         assert info["reached"] is False and any("could only be pruned" in n for n in ctx.notes)

@@ -14,6 +14,7 @@ from edgekit.runtime import load_runner
 SPECS = [s.name for s in zoo.list_models()]
 
 
+@pytest.mark.zoo_matrix("onnx")
 @pytest.mark.parametrize("name", SPECS)
 def test_builds_exports_and_matches_torch(name, tmp_path):
     torch.manual_seed(0)
@@ -101,3 +102,20 @@ def test_macs_counter_matches_known_figures():
     st = zoo.model_stats(zoo.create("shufflenetv2-x1.0"), (3, 224, 224))
     assert abs(st["macs"] / 1e6 - 146) / 146 < 0.03
     assert st["params"] == 2278604
+
+
+def test_zoo_matrix_covers_every_entry_and_the_readme_is_rendered_from_it():
+    """The shipped matrix has a cell for every entry and column, and the README table is its rendering."""
+    from pathlib import Path
+
+    from edgekit.zoo import matrix as zm
+
+    m = zm.load_matrix()
+    assert set(m["models"]) == set(SPECS)
+    for name, entry in m["models"].items():
+        assert set(entry) == set(zm.COLUMNS), name
+        assert entry["onnx"]["outcome"] == "passed", name
+        assert entry["int8"]["outcome"] == ("xfailed" if name == "efficientnet-b0" else "passed"), name
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split(zm.README_START)[1].split(zm.README_END)[0].strip()
+    assert block == zm.to_markdown(m).strip()
