@@ -20,7 +20,7 @@ from edgekit.errors import EdgekitError
 pytestmark = pytest.mark.slow
 
 RECIPE = ("description: deploy test recipe\ntrain: {epochs: 1}\nvariants:\n  - {format: onnx, precision: fp32}\n"
-          "  - {format: onnx, precision: int8, options: {num_calib: 64}}\naccuracy_budget_pp: 5.0\n")
+          "  - {format: onnx, precision: int8, options: {num_calib: 64, search: none}}\naccuracy_budget_pp: 5.0\n")
 
 
 def wheel_cache() -> Path:
