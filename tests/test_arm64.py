@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.arm64, pytest.mark.slow]
+pytestmark = [pytest.mark.arm64, pytest.mark.slow, pytest.mark.xdist_group("wheel-cache")]  # one pip at a time
 
 RECIPE = ("description: deploy test recipe\ntrain: {epochs: 1}\nvariants:\n  - {format: onnx, precision: fp32}\n"
-          "  - {format: onnx, precision: int8, options: {num_calib: 64}}\naccuracy_budget_pp: 5.0\n")
+          "  - {format: onnx, precision: int8, options: {num_calib: 64, search: none}}\naccuracy_budget_pp: 5.0\n")
 
 
 def user_cache() -> Path:
