@@ -68,7 +68,7 @@ def quantization_sections(report: dict) -> List[Tuple[str, List[str], List[List[
         title = f"{v['name']} ({v['format']} {v['precision']}): {q.get('config') or q.get('scheme', '')}"
         extra = q.get("tool", "")
         if q.get("calibration_sqnr_db"):
-            extra += "; calibration chosen by logits SQNR vs fp32 on the calibration split: " + ", ".join(
+            extra += "; calibration and op scope chosen by logits SQNR vs fp32 on the calibration split: " + ", ".join(
                 f"{k} {val} dB" for k, val in q["calibration_sqnr_db"].items())
         rows = [[r["config"], f"{r['sqnr_db']:.1f}", f"{100 * r['calib_agreement']:.1f}%", f"{r['p50_ms']:.3f}",
                  ("chosen" if r["chosen"] else "") + ("" if r["eligible"] else "not accurate enough")]

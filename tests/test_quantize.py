@@ -63,14 +63,15 @@ def test_bad_quant_settings(trained):
 
 
 def test_auto_calibration_keeps_the_closest_candidate(trained):
-    from edgekit.compress.quantize import quantize_onnx_auto
+    from edgekit.compress.quantize import quantize_onnx_auto, scope_label
 
     fp32, task, d = trained
     calib, _ = task.arrays("calib", limit=64)
     path, cfg, details = quantize_onnx_auto(fp32, d / "auto.onnx", calib, OrtQuantConfig())
     scores = details["calibration_sqnr_db"]
-    assert set(scores) == {"minmax", "percentile"} and "search" not in details
-    assert cfg.calibration == max(scores, key=scores.get)
+    assert set(scores) == {"minmax", "percentile", "minmax conv-only", "percentile conv-only"}
+    assert "search" not in details
+    assert cfg.calibration + scope_label(cfg.op_types) == max(scores, key=scores.get)
     assert path.is_file() and scores[cfg.calibration] > 10  # dB: logits close to fp32
     with pytest.raises(EdgekitError, match="calibration must be one of"):
         quantize_onnx(fp32, d / "y.onnx", calib, OrtQuantConfig(calibration="auto"))
@@ -88,8 +89,11 @@ def test_latency_search_keeps_the_fastest_accurate_layout(trained):
     path, cfg, details = quantize_onnx_auto(fp32, d / "search.onnx", calib, OrtQuantConfig(), latency_threads=1,
                                             rounds=20)
     rows = details["search"]
-    assert len(rows) == len(LAYOUT_CANDIDATES) + 1 and len({r["config"] for r in rows}) == len(rows)
-    top_sqnr, top_agree = max(r["sqnr_db"] for r in rows), max(r["calib_agreement"] for r in rows)
+    # the layouts + ORT's defaults + the other op scope at the chosen calibration
+    assert len(rows) == len(LAYOUT_CANDIDATES) + 2 and len({r["config"] for r in rows}) == len(rows)
+    top = max(rows, key=lambda r: r["sqnr_db"])
+    top_sqnr, top_agree = top["sqnr_db"], top["calib_agreement"]
+    assert top["eligible"]
     for r in rows:
         assert r["eligible"] == (r["sqnr_db"] >= top_sqnr - SEARCH_SQNR_TOLERANCE_DB
                                  and r["calib_agreement"] >= top_agree - SEARCH_AGREEMENT_TOLERANCE - 1e-9)

@@ -75,7 +75,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Tuple[int, ...]
 
 def export_variant(model: nn.Module, precision: str, options: dict, ctx) -> Path:
     """fp32: export. int8: export fp32 once per model, then ORT static quantization with the device's types."""
-    from ..compress.quantize import OrtQuantConfig, quantize_onnx, quantize_onnx_auto
+    from ..compress.quantize import (AUTO_CANDIDATES, AUTO_SCOPES, OrtQuantConfig, quantize_onnx,
+                                     quantize_onnx_auto)
 
     key = ("onnx-fp32", id(model))
     fp32 = ctx.cache.get(key)
@@ -114,8 +115,10 @@ def export_variant(model: nn.Module, precision: str, options: dict, ctx) -> Path
                            f"{ctx.device.name} is not this machine; use search: none")
     details = None
     if cfg.calibration == "auto" or search == "latency":
-        methods = ("minmax", "percentile") if cfg.calibration == "auto" else (cfg.calibration,)
-        out, cfg, details = quantize_onnx_auto(fp32, ctx.path(".onnx"), calib, cfg, candidates=methods,
+        auto = cfg.calibration == "auto"  # auto: edgekit picks the calibration method and the op scope
+        out, cfg, details = quantize_onnx_auto(fp32, ctx.path(".onnx"), calib, cfg,
+                                               candidates=AUTO_CANDIDATES if auto else (cfg.calibration,),
+                                               scopes=AUTO_SCOPES if auto else (None,),
                                                latency_threads=ctx.device.resolved_threads()
                                                if search == "latency" else None)
     else:
