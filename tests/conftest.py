@@ -14,11 +14,20 @@ torch.set_num_threads(1)
 # ----------------------------------------------------------------------------- the zoo matrix
 
 _MATRIX_ROWS: list = []
+_IS_WORKER = False  # a pytest-xdist worker: its reports reach the controller, which records them
+
+
+def pytest_configure(config):
+    global _IS_WORKER
+    _IS_WORKER = hasattr(config, "workerinput")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Record the outcome (and record_property facts) of every ``zoo_matrix(column)`` test, per zoo entry."""
+    """Tag the report of every ``zoo_matrix(column)`` test with its zoo entry, column and outcome.
+
+    The tag rides in ``user_properties``, which pytest-xdist carries from a worker to the controller.
+    """
     outcome = yield
     rep = outcome.get_result()
     mark = item.get_closest_marker("zoo_matrix")
@@ -26,12 +35,22 @@ def pytest_runtest_makereport(item, call):
         return
     if rep.when == "call" or (rep.when == "setup" and not rep.passed):
         result = "xfailed" if hasattr(rep, "wasxfail") else rep.outcome
-        _MATRIX_ROWS.append((item.callspec.params["name"], mark.args[0], result, dict(item.user_properties)))
+        rep.user_properties.append(("zoo_matrix", [item.callspec.params["name"], mark.args[0], result]))
+
+
+def pytest_runtest_logreport(report):
+    """Collect the tagged cells (in the controller, or in a run without workers)."""
+    if _IS_WORKER:
+        return
+    props = dict(report.user_properties)
+    if "zoo_matrix" in props:
+        name, column, result = props.pop("zoo_matrix")
+        _MATRIX_ROWS.append((name, column, result, props))
 
 
 def pytest_sessionfinish(session, exitstatus):
     """Write the zoo matrix cells this session decided (``$EDGEKIT_ZOO_MATRIX`` or .pytest_cache/zoo-matrix.json)."""
-    if not _MATRIX_ROWS:
+    if _IS_WORKER or not _MATRIX_ROWS:
         return
     import datetime
     import importlib.metadata as md
@@ -57,9 +76,16 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session", autouse=True)
 def _edgekit_cache(tmp_path_factory):
-    """Keep trained baselines of this test session out of the user's cache, shared across tests."""
+    """Keep trained baselines of this test session out of the user's cache, shared across tests.
+
+    Under pytest-xdist every worker has its own basetemp below one shared root: the cache goes there, so a
+    baseline one worker trained is reused by the other (baselines are written atomically).
+    """
     if "EDGEKIT_CACHE" not in os.environ:
-        os.environ["EDGEKIT_CACHE"] = str(tmp_path_factory.mktemp("edgekit-cache"))
+        base = tmp_path_factory.getbasetemp()
+        root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+        (root / "edgekit-cache").mkdir(exist_ok=True)
+        os.environ["EDGEKIT_CACHE"] = str(root / "edgekit-cache")
     yield
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from edgekit.errors import EdgekitError
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wheel-cache")]  # the user wheel cache: one pip at a time
 
 RECIPE = ("description: deploy test recipe\ntrain: {epochs: 1}\nvariants:\n  - {format: onnx, precision: fp32}\n"
           "  - {format: onnx, precision: int8, options: {num_calib: 64, search: none}}\naccuracy_budget_pp: 5.0\n")
