@@ -32,7 +32,7 @@ from .formats import FORMATS, FormatUnavailable
 from .profiling.local import interleaved_latency
 from .runtime import load_runner
 from .runtime.base import module_versions
-from .train import FitConfig, fit
+from .train import FitConfig, fit, set_stochastic_depth
 
 TRAIN_VERSION = 1  # bump when the baseline training recipe changes, to invalidate caches
 
@@ -77,8 +77,11 @@ def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, rec
     else:
         model = None
     torch.manual_seed(seed)  # fresh weights must not depend on what ran before in this process
+    stochastic_depth = spec.train.get("stochastic_depth")
     key = json.dumps({"model": spec.name, "task": task.describe(), "fit": vars(cfg), "pretrained": model is not None,
-                      "v": TRAIN_VERSION, "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+                      "v": TRAIN_VERSION, "torch": torch.__version__.split("+")[0],
+                      **({"stochastic_depth": stochastic_depth} if stochastic_depth is not None else {})},
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / "baselines" / f"{spec.name}-{task.name.replace(':', '_')}-{digest}.pt"
     info = {"source": "pretrained+finetuned" if model is not None else "trained", "cache": str(path),
@@ -91,6 +94,8 @@ def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, rec
             return model.eval(), {**info, "cached": True}
         except Exception:  # a stale or corrupt cache entry is retrained, never fatal
             path.unlink(missing_ok=True)
+    if stochastic_depth is not None:
+        info["stochastic_depth"] = set_stochastic_depth(model, stochastic_depth)
     t0 = time.time()
     fit(model, task, cfg, description=f"train {spec.name}")
     info["train_seconds"] = round(time.time() - t0, 1)

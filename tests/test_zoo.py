@@ -119,3 +119,24 @@ def test_zoo_matrix_covers_every_entry_and_the_readme_is_rendered_from_it():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split(zm.README_START)[1].split(zm.README_END)[0].strip()
     assert block == zm.to_markdown(m).strip()
+
+
+def test_stochastic_depth_is_switched_off_for_baseline_training_only():
+    """EfficientNet-B0's registry hint turns its 16 stochastic-depth modules off; eval outputs do not change."""
+    import timm
+
+    from edgekit.train import set_stochastic_depth
+
+    spec = zoo.get_spec("efficientnet-b0")
+    assert spec.train == {"stochastic_depth": 0.0}
+    torch.manual_seed(0)
+    m = zoo.create("efficientnet-b0", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = m(x)
+        assert set_stochastic_depth(m, 0.0) == 16
+        assert torch.equal(before, m(x))  # identity at inference either way
+    assert all(mod.p == 0.0 for mod in m.modules() if type(mod).__name__ == "StochasticDepth")
+    t = timm.create_model("efficientnet_b0", num_classes=10, drop_path_rate=0.2)
+    assert set_stochastic_depth(t, 0.0) > 0 and all(mod.drop_prob == 0.0 for mod in t.modules()
+                                                     if type(mod).__name__ == "DropPath")
