@@ -14,6 +14,7 @@ from edgekit.config import Recipe, TrainSpec
 from edgekit.errors import EdgekitError
 
 SHORT = Recipe(name="test-short", train=TrainSpec(epochs=1))  # same cache key as the other test files
+pytestmark = pytest.mark.xdist_group("benchmark")  # one worker builds this module's artifacts once
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 FAST = {"tflite:int8": {"num_calib": 32}, "tensorrt:int8": {"num_calib": 32}}
 

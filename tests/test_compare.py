@@ -17,6 +17,7 @@ from edgekit.export.onnx import export_onnx
 from edgekit.export.tensorrt import quantize_for_tensorrt
 
 SHORT = Recipe(name="test-short", train=TrainSpec(epochs=1))  # same cache key as the other test files
+pytestmark = pytest.mark.xdist_group("compare")  # one worker builds this module's artifacts once
 
 
 @pytest.fixture(scope="module")
