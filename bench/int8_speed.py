@@ -58,9 +58,9 @@ def main() -> int:
         model, info = get_baseline(name, task, recipe=Recipe(name="bench", train=TrainSpec(epochs=args.epochs)))
         with tempfile.TemporaryDirectory() as d:
             fp32 = export_onnx(model, Path(d) / "fp32.onnx", task.input_shape)
-            paths = {"fp32": fp32,
-                     "edgekit": quantize_onnx_auto(fp32, Path(d) / "edgekit.onnx", calib, edge_cfg,
-                                                   latency_threads=threads if dev.local else None)[0],
+            edge_path, chosen, _ = quantize_onnx_auto(fp32, Path(d) / "edgekit.onnx", calib, edge_cfg,
+                                                      latency_threads=threads if dev.local else None)
+            paths = {"fp32": fp32, "edgekit": edge_path,
                      "ort-default": quantize_onnx(fp32, Path(d) / "ortdefault.onnx", calib, ORT_DEFAULT)}
             runners = {k: load_runner("onnxruntime", p, threads=threads) for k, p in paths.items()}
             logits = {k: predict_arrays(r.run, x, batch_size=1) for k, r in runners.items()}
@@ -71,18 +71,18 @@ def main() -> int:
                "agree_edgekit": agreement(logits["fp32"], logits["edgekit"]),
                "p50_fp32": p50["fp32"], "p50_edgekit": p50["edgekit"], "p50_ortdef": p50["ort-default"],
                "speedup_edgekit": p50["fp32"] / p50["edgekit"], "speedup_ortdef": p50["fp32"] / p50["ort-default"],
-               "seconds": time.time() - t0}
+               "config": chosen.label().replace("QDQ ", ""), "seconds": time.time() - t0}
         rows.append(row)
         console.print(f"{name}: fp32 {acc['fp32']:.3f} / edgekit int8 {acc['edgekit']:.3f} "
                       f"({row['speedup_edgekit']:.2f}x) / ORT default {acc['ort-default']:.3f} "
                       f"({row['speedup_ortdef']:.2f}x)  [{row['seconds']:.0f} s, baseline {info['source']}]")
     cols = ["model", "top-1 fp32", "top-1 edgekit int8", "Δ pp", "top-1 ORT-default int8", "fp32 p50 ms",
             "edgekit int8 p50 ms", "ORT-default int8 p50 ms", "edgekit speedup", "ORT-default speedup",
-            "edgekit / ORT-default", "verdict"]
+            "edgekit / ORT-default", "edgekit int8 layout", "verdict"]
     table = Table(title=f"int8 on {dev.name} ({threads} threads, batch 1, input {task.input_shape[-1]}px, "
                         f"{args.rounds} interleaved rounds)")
     for c in cols:
-        table.add_column(c, justify="left" if c in ("model", "verdict") else "right")
+        table.add_column(c, justify="left" if c in ("model", "verdict", "edgekit int8 layout") else "right")
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         drop = 100 * (r["acc_fp32"] - r["acc_edgekit"])
@@ -96,10 +96,17 @@ def main() -> int:
         cells = [r["model"], f"{100 * r['acc_fp32']:.1f}", f"{100 * r['acc_edgekit']:.1f}", f"{-drop:+.1f}",
                  f"{100 * r['acc_ortdef']:.1f}", f"{r['p50_fp32']:.3f}", f"{r['p50_edgekit']:.3f}",
                  f"{r['p50_ortdef']:.3f}", f"{r['speedup_edgekit']:.2f}x", f"{r['speedup_ortdef']:.2f}x",
-                 f"{r['p50_ortdef'] / r['p50_edgekit']:.2f}x", "; ".join(verdict) or "ok"]
+                 f"{r['p50_ortdef'] / r['p50_edgekit']:.2f}x", r["config"], "; ".join(verdict) or "ok"]
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
     console.print(table)
+    n = len(rows)
+    within = sum(100 * (r["acc_fp32"] - r["acc_edgekit"]) <= 0.5 + 1e-9 for r in rows)
+    not_slower = sum(r["p50_edgekit"] <= r["p50_ortdef"] for r in rows)
+    faster_fp32 = sum(r["speedup_edgekit"] > 1 for r in rows)
+    console.print(f"{within}/{n} within 0.5 pp of fp32; edgekit int8 not slower than ORT-default int8 on "
+                  f"{not_slower}/{n}; faster than fp32 on {faster_fp32}/{n}; median edgekit/ORT-default "
+                  f"{float(np.median([r['p50_ortdef'] / r['p50_edgekit'] for r in rows])):.2f}x")
     if args.markdown:
         print("\n".join(md))
     return 0
