@@ -49,6 +49,9 @@ class TrainSpec(Strict):
     epochs: float = Field(4, gt=0)
     lr: Optional[float] = Field(None, gt=0)
     batch_size: int = Field(64, gt=0)
+    # Drop-path rate while training the baseline (None: the architecture's own, e.g. 0.2 in torchvision's
+    # EfficientNet-B0). The modules are the identity at inference, so this changes no exported graph.
+    stochastic_depth: Optional[float] = Field(None, ge=0, lt=1)
 
 
 class Recipe(Strict):

@@ -77,7 +77,7 @@ def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, rec
     else:
         model = None
     torch.manual_seed(seed)  # fresh weights must not depend on what ran before in this process
-    stochastic_depth = spec.train.get("stochastic_depth")
+    stochastic_depth = recipe.train.stochastic_depth if recipe is not None else None
     key = json.dumps({"model": spec.name, "task": task.describe(), "fit": vars(cfg), "pretrained": model is not None,
                       "v": TRAIN_VERSION, "torch": torch.__version__.split("+")[0],
                       **({"stochastic_depth": stochastic_depth} if stochastic_depth is not None else {})},

@@ -121,14 +121,17 @@ def test_zoo_matrix_covers_every_entry_and_the_readme_is_rendered_from_it():
     assert block == zm.to_markdown(m).strip()
 
 
-def test_stochastic_depth_is_switched_off_for_baseline_training_only():
-    """EfficientNet-B0's registry hint turns its 16 stochastic-depth modules off; eval outputs do not change."""
+def test_recipe_stochastic_depth_switches_drop_path_off_and_keeps_eval_outputs():
+    """``train: {stochastic_depth: 0}`` reaches EfficientNet-B0's 16 StochasticDepth modules and timm's DropPath."""
     import timm
+    from pydantic import ValidationError
 
+    from edgekit.config import TrainSpec
     from edgekit.train import set_stochastic_depth
 
-    spec = zoo.get_spec("efficientnet-b0")
-    assert spec.train == {"stochastic_depth": 0.0}
+    assert TrainSpec().stochastic_depth is None and TrainSpec(stochastic_depth=0).stochastic_depth == 0
+    with pytest.raises(ValidationError):
+        TrainSpec(stochastic_depth=1.5)
     torch.manual_seed(0)
     m = zoo.create("efficientnet-b0", num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)

@@ -159,7 +159,7 @@ class Distill(Step):
 
     def build_teacher(self, ctx: StepContext) -> tuple[nn.Module, dict]:
         from .. import zoo
-        from ..train import FitConfig, fit, set_stochastic_depth
+        from ..train import FitConfig, fit
 
         p: DistillParams = self.params
         if p.teacher is None:
@@ -173,8 +173,6 @@ class Distill(Step):
         spec = zoo.get_spec(p.teacher)
         torch.manual_seed(ctx.seed)
         t = zoo.create(spec.name, num_classes=task.num_classes, in_chans=task.in_chans)
-        if spec.train.get("stochastic_depth") is not None:  # as for baselines (edgekit.train.set_stochastic_depth)
-            set_stochastic_depth(t, spec.train["stochastic_depth"])
         lr = p.teacher_lr or float(spec.train.get("lr", 1e-2))
         fit(t, task, FitConfig(epochs=p.teacher_epochs, lr=lr, seed=ctx.seed, batch_size=p.batch_size),
             description=f"train teacher {spec.name}")
