@@ -111,3 +111,28 @@ def test_runner_without_runtime_exits_3(model, tmp_path):
     assert r["error"].startswith("no runtime for .onnx on this device: install onnxruntime")
     code, r = runner("info", python=venv / "bin" / "python")
     assert code == 0 and r["runtimes"]["onnxruntime"] is False
+
+
+def test_interleaved_rounds_are_paired_and_shuffled():
+    """Every variant runs once per round, in a different order from round to round."""
+    from edgekit.profiling.local import interleaved_latency
+
+    calls = []
+    runs = {k: (lambda x, k=k: calls.append(k)) for k in "abcd"}
+    lat = interleaved_latency(runs, np.zeros(1), warmup=0, rounds=30, raw=True)
+    assert all(len(lat[k]["times"]) == 30 and lat[k]["runs"] == 30 for k in runs)
+    rounds = [tuple(calls[i:i + 4]) for i in range(0, len(calls), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    assert len(set(rounds)) > 5 and len({r[0] for r in rounds}) == 4
+    assert "times" not in interleaved_latency(runs, np.zeros(1), warmup=0, rounds=3)["a"]
+
+
+def test_ratio_interval_tells_a_difference_from_noise():
+    from edgekit.profiling.local import ratio_interval
+
+    rng = np.random.default_rng(1)
+    base = rng.lognormal(0, 0.3, 400)  # the machine's noise, shared by both variants of a round
+    same = ratio_interval(base * rng.lognormal(0, 0.05, 400), base * rng.lognormal(0, 0.05, 400))
+    assert same[1] < 1 < same[2] and same[1] <= same[0] <= same[2]
+    slower = ratio_interval(1.1 * base * rng.lognormal(0, 0.05, 400), base * rng.lognormal(0, 0.05, 400))
+    assert 1 < slower[1] and abs(slower[0] - 1.1) < 0.05

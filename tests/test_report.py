@@ -56,7 +56,7 @@ def test_target_met_and_missed():
 def test_quantization_search_is_shown_in_markdown_and_html():
     v = _variant("int8", 0.969, 0.6, 1.6)
     rows = [{"config": "QDQ U8S8 per-channel minmax", "sqnr_db": 30.0, "calib_agreement": 1.0, "p50_ms": 0.5,
-             "eligible": True, "chosen": True},
+             "eligible": True, "chosen": True, "final_p50_ms": 0.45},
             {"config": "QDQ S8S8 per-tensor minmax", "sqnr_db": 20.0, "calib_agreement": 0.98, "p50_ms": 0.4,
              "eligible": False, "chosen": False}]
     v.info = {"quantization": {"config": "QDQ U8S8 per-channel minmax", "tool": "onnxruntime",
@@ -64,7 +64,7 @@ def test_quantization_search_is_shown_in_markdown_and_html():
     r = _report([_variant("fp32", 0.97, 1.0, 1.0), v])
     md = to_markdown(r)
     assert "## Quantization" in md and "minmax 30.0 dB, percentile 29.0 dB" in md
-    assert "| QDQ U8S8 per-channel minmax | 30.0 | 100.0% | 0.500 | chosen |" in md
-    assert "| QDQ S8S8 per-tensor minmax | 20.0 | 98.0% | 0.400 | not accurate enough |" in md
+    assert "| QDQ U8S8 per-channel minmax | 30.0 | 100.0% | 0.500 | 0.450 | chosen |" in md
+    assert "| QDQ S8S8 per-tensor minmax | 20.0 | 98.0% | 0.400 |  | not accurate enough |" in md
     assert "<h2>Quantization</h2>" in to_html(r)
     assert "## Quantization" not in to_markdown(_report([_variant("fp32", 0.97, 1.0, 1.0)]))
