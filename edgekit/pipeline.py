@@ -307,9 +307,31 @@ def _evaluate(variants: List[Variant], task: Task, dev: DeviceProfile, runs: int
                             for k, val in lat[v.name + v.format].items()}
             v.latency_ms.update({"source": "measured", "device": dev.name, "runtime": r.runtime,
                                  "runtime_version": r.version, "threads": r.threads, "batch": 1})
+    elif ok:
+        _estimate(ok, dev)
+    timed = [v for v in ok if v.latency_ms]
+    if timed and timed[0] is ok[0]:
         base = ok[0].latency_ms["p50"]
-        for v in ok:
+        for v in timed:
             v.speedup = round(base / v.latency_ms["p50"], 3)
+
+
+def _estimate(variants: List[Variant], dev: DeviceProfile) -> None:
+    """Latency on a device that is not this machine: edgekit's per-operator latency model, labelled ``estimated``.
+
+    Only ONNX graphs can be estimated; other formats keep no latency. Measuring on the device is
+    ``edgekit profile ARTIFACT --device D --host user@addr``.
+    """
+    from .profiling.estimate import estimate_latency
+
+    threads = dev.resolved_threads()
+    for v in variants:
+        if Path(v.path).suffix.lower() != ".onnx":
+            continue
+        est = estimate_latency(v.path, dev, threads=threads)
+        v.latency_ms = {"p50": round(est["p50"], 4), "p90": None, "source": "estimated", "device": dev.name,
+                        "threads": threads, "method": est["method"],
+                        "coefficients": est["calibration"]}
 
 
 def _assemble(spec, rec: Recipe, dev: DeviceProfile, task: Task, base_info, step_info, variants: List[Variant],
@@ -326,20 +348,22 @@ def _assemble(spec, rec: Recipe, dev: DeviceProfile, task: Task, base_info, step
             notes.append(f"{v.name} ({v.format}) loses {100 * (ref.accuracy - v.accuracy):.2f} points of accuracy, "
                          f"more than the recipe's budget of {rec.accuracy_budget_pp} points.")
         if v.speedup is not None and v.speedup < 1.0:
+            how = "measured" if v.latency_ms.get("source") == "measured" else "ESTIMATED, not measured"
             notes.append(f"{v.name} ({v.format}) is SLOWER than fp32 on {dev.name} ({v.speedup:.2f}x the fp32 speed, "
-                         f"measured): it does not pay off on this device; use fp32 here.")
+                         f"{how}): it does not pay off on this device; use fp32 here.")
     for v in variants:
         if v.status != "ok":
             notes.append(f"{v.name} ({v.format}) {'is not available here' if v.status == 'unavailable' else 'failed'}"
                          f": {v.error}")
     if not dev.local:
-        notes.append(f"Latency was not measured: {dev.name} is not this machine. Profile on the device with "
-                     f"`edgekit profile` or give it an ssh host.")
+        notes.append(f"Latency on {dev.name} is ESTIMATED by edgekit's per-operator latency model, not measured: "
+                     f"{dev.name} is not this machine. Measure on the device with `edgekit profile ARTIFACT "
+                     f"--device {dev.name} --host user@addr`.")
     target_block: Dict[str, Any] = {"latency_ms": target, "met": None, "source": None}
     if target is not None and measured:
         best = recommended or min(measured, key=lambda v: v.latency_ms["p50"])
         target_block = {"latency_ms": target, "met": bool(best.latency_ms["p50"] <= target),
-                        "variant": best.name, "p50_ms": best.latency_ms["p50"], "source": "measured"}
+                        "variant": best.name, "p50_ms": best.latency_ms["p50"], "source": best.latency_ms["source"]}
         for v in measured:
             v.info["meets_target"] = bool(v.latency_ms["p50"] <= target)
     return {
@@ -357,7 +381,8 @@ def _assemble(spec, rec: Recipe, dev: DeviceProfile, task: Task, base_info, step
         "machine": machine_info(),
         "steps": step_info,
         "variants": [v.to_json(root) for v in variants],
-        "recommended": {"name": recommended.name, "format": recommended.format} if recommended else None,
+        "recommended": {"name": recommended.name, "format": recommended.format,
+                        "latency_source": recommended.latency_ms["source"]} if recommended else None,
         "target": target_block,
         "notes": notes,
     }

@@ -44,8 +44,9 @@ def summary_lines(report: dict) -> List[str]:
     lines = []
     rec = report.get("recommended")
     if rec:
+        how = " by ESTIMATED latency" if rec.get("latency_source") == "estimated" else ""
         lines.append(f"Recommended for {report['device']}: **{rec['name']}** ({rec['format']}) — the fastest variant "
-                     f"within the recipe's accuracy budget.")
+                     f"within the recipe's accuracy budget{how}.")
     t = report.get("target") or {}
     if t.get("latency_ms") is not None:
         if t.get("met") is None:

@@ -161,3 +161,33 @@ def test_imagefolder_data(tmp_path):
 
     with pytest.raises(EdgekitError, match="no class sub-folders"):
         load_task(data=str(tmp_path / "empty"))
+
+
+def test_a_device_that_is_not_this_machine_gets_labelled_estimates(tmp_path, fast_recipe):
+    """--device rpi4 --target-ms: every ONNX variant gets an estimated p50, the target is checked on it, and the
+    terminal, report.md and report.json all say it is an estimate."""
+    from edgekit.profiling.estimate import estimate_latency
+
+    out = tmp_path / "rpi"
+    res = compress("shufflenetv2-x0.5", "--recipe", fast_recipe, "--input-size", 32, "--out", out,
+                   "--device", "rpi4", "--target-ms", 1000)
+    assert res.exit_code == 0, res.output
+    assert "ESTIMATED" in res.output
+    r = json.loads((out / "report.json").read_text())
+    assert r["device"] == "rpi4"
+    for v in r["variants"]:
+        lat = v["latency_ms"]
+        assert lat["source"] == "estimated" and lat["device"] == "rpi4" and lat["threads"] == 4
+        assert lat["p50"] == pytest.approx(estimate_latency(out / v["path"], "rpi4")["p50"], rel=1e-3)
+    fp32, int8 = (v["latency_ms"]["p50"] for v in r["variants"])
+    assert r["variants"][1]["speedup"] == pytest.approx(fp32 / int8, rel=1e-2)
+    assert r["target"]["met"] is True and r["target"]["source"] == "estimated"
+    md = (out / "report.md").read_text()
+    assert "(est.)" in md and "estimated)" in md and "ESTIMATED" in md
+
+    out2 = tmp_path / "rpi-tight"
+    res = compress("shufflenetv2-x0.5", "--recipe", fast_recipe, "--input-size", 32, "--out", out2,
+                   "--device", "rpi4", "--target-ms", 0.0001)
+    assert res.exit_code == 0, res.output
+    t = json.loads((out2 / "report.json").read_text())["target"]
+    assert t["met"] is False and t["source"] == "estimated"

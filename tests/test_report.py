@@ -26,7 +26,7 @@ def _report(variants, budget=0.5, target=None):
 
 def test_slower_int8_is_called_out_and_fp32_recommended():
     r = _report([_variant("fp32", 0.97, 1.0, 1.0), _variant("int8", 0.968, 1.4, 0.71)])
-    assert r["recommended"] == {"name": "fp32", "format": "onnx"}
+    assert r["recommended"] == {"name": "fp32", "format": "onnx", "latency_source": "measured"}
     assert any("SLOWER than fp32" in n and "use fp32" in n for n in r["notes"])
     md = to_markdown(r)
     assert "SLOWER than fp32" in md and "Recommended for desktop-cpu: **fp32**" in md

@@ -317,7 +317,8 @@ def select_variants(run_dir: str | Path, report: dict, dev) -> Tuple[dict, Optio
     if report.get("device") == dev.name and rec:
         chosen = next((v for v in deployable if v["name"] == rec.get("name") and v["format"] == rec.get("format")),
                       None)
-        why = f"the report's recommendation for {dev.name} (fastest measured within the accuracy budget)"
+        how = "by estimated latency" if rec.get("latency_source") == "estimated" else "measured"
+        why = f"the report's recommendation for {dev.name} (fastest {how} within the accuracy budget)"
     if chosen is None:
         budget = (report.get("recipe_spec") or {}).get("accuracy_budget_pp", 0.5) / 100
         ref = report["variants"][0].get("accuracy")
