@@ -1,0 +1,105 @@
+"""Every zoo model x every format and precision (ONNX, TFLite, TensorRT): does it export, run, and keep accuracy?
+
+    python bench/formats_zoo.py [--models a,b] [--formats onnx,tflite,tensorrt] [--epochs 4]
+                                [--markdown] [--json out.json]
+
+For each model: the baseline trained on the default task (cached, 64x64), then
+``edgekit.benchmark.benchmark`` on it: each format x precision is exported,
+loaded in its runtime here (ONNX Runtime, LiteRT) and evaluated on the
+1,000-image eval split. The TensorRT rows write the fp16 ONNX and the QDQ int8
+ONNX that TensorRT builds its engine from; the int8 one must pass
+``check_trt_qdq`` or its export fails (❌). Without TensorRT (this machine) the
+engine is not built and the row is ❎ with the checked ONNX kept. A row is
+flagged when an int8 variant loses more than 1 point against its format's fp32.
+Latency is not timed here (see bench/int8_speed.py and ``edgekit benchmark``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from edgekit import zoo
+from edgekit.benchmark import FAILED, OK, UNAVAILABLE, benchmark
+from edgekit.config import Recipe, TrainSpec, load_device
+from edgekit.data import load_task
+from edgekit.pipeline import get_baseline
+
+INT8_BUDGET_PP = 1.0
+
+
+def _cell(row: dict, fp32_acc) -> str:
+    if row["status"] == OK:
+        text = f"{100 * row['accuracy']:.1f}"
+        if row["precision"] == "int8" and fp32_acc is not None:
+            text += f" ({100 * (row['accuracy'] - fp32_acc):+.1f})"
+        return text
+    if row["status"] == UNAVAILABLE and row["format"] == "tensorrt":
+        return "❎ checked, no TensorRT here" if row["precision"] == "int8" else "❎ ONNX written, no TensorRT here"
+    return f"{row['status']} {(row['reason'] or '')[:60]}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="", help="comma-separated zoo names (default: all)")
+    ap.add_argument("--formats", default="onnx,tflite,tensorrt")
+    ap.add_argument("--epochs", type=float, default=4, help="baseline training epochs")
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table too")
+    ap.add_argument("--json", default="", help="write every row to this file")
+    args = ap.parse_args()
+    formats = [f for f in args.formats.split(",") if f]
+    names = [n for n in args.models.split(",") if n] or [s.name for s in zoo.list_models()]
+    task = load_task("mnist")
+    dev = load_device("desktop-cpu").model_copy(update={"local": False})  # accuracy only: no timing pass
+    console = Console(width=220)
+    results, problems = {}, []
+    for name in names:
+        t0 = time.time()
+        model, _ = get_baseline(name, task, recipe=Recipe(name="bench", train=TrainSpec(epochs=args.epochs)))
+        rows = benchmark(model.eval(), task=task, device=dev, formats=formats)
+        results[name] = rows
+        fp32 = {r["format"]: r["accuracy"] for r in rows if r["precision"] == "fp32" and r["status"] == OK}
+        for r in rows:
+            if r["status"] == FAILED:
+                problems.append(f"{name} {r['format']} {r['precision']}: {r['reason']}")
+            elif (r["status"] == OK and r["precision"] == "int8" and r["format"] in fp32
+                  and 100 * (fp32[r["format"]] - r["accuracy"]) > INT8_BUDGET_PP):
+                problems.append(f"{name} {r['format']} int8: {100 * (fp32[r['format']] - r['accuracy']):.1f} pp "
+                                f"below fp32")
+        console.print(f"{name}: " + ", ".join(f"{r['format']} {r['precision']} {r['status']}" for r in rows)
+                      + f"  [{time.time() - t0:.0f} s]")
+    cols = ["model"] + [f"{r['format']} {r['precision']}" for r in next(iter(results.values()))]
+    table = Table(title=f"Every format x precision, top-1 % on the eval split ({task.input_shape[-1]}px); "
+                        f"int8: change vs the same format's fp32")
+    for c in cols:
+        table.add_column(c, justify="left" if c == "model" else "right")
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, rows in results.items():
+        fp32 = {r["format"]: r["accuracy"] for r in rows if r["precision"] == "fp32" and r["status"] == OK}
+        cells = [name] + [_cell(r, fp32.get(r["format"])) for r in rows]
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    console.print(table)
+    total = sum(len(rows) for rows in results.values())
+    ran = sum(r["status"] == OK for rows in results.values() for r in rows)
+    console.print(f"{len(results)} models, {total} rows: {ran} ran here, "
+                  f"{sum(r['status'] == UNAVAILABLE for rows in results.values() for r in rows)} not available here, "
+                  f"{sum(r['status'] == FAILED for rows in results.values() for r in rows)} failed; "
+                  f"{len(problems)} problem(s)")
+    for p in problems:
+        console.print(f"  ⚠ {p}")
+    if args.markdown:
+        print("\n".join(md))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: [{**r, "info": {}} for r in v] for k, v in results.items()}, f, indent=1, default=str)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
