@@ -9,7 +9,8 @@ loaded in its runtime here (ONNX Runtime, LiteRT) and evaluated on the
 1,000-image eval split. The TensorRT rows write the fp16 ONNX and the QDQ int8
 ONNX that TensorRT builds its engine from; the int8 one must pass
 ``check_trt_qdq`` or its export fails (❌). Without TensorRT (this machine) the
-engine is not built and the row is ❎ with the checked ONNX kept. A row is
+engine is not built and the row is ❎; the checked QDQ ONNX is then run in ONNX
+Runtime and must match the ONNX int8 accuracy within 0.5 points. A row is
 flagged when an int8 variant loses more than 1 point against its format's fp32.
 Latency is not timed here (see bench/int8_speed.py and ``edgekit benchmark``).
 """
@@ -19,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -28,7 +31,9 @@ from edgekit import zoo
 from edgekit.benchmark import FAILED, OK, UNAVAILABLE, benchmark
 from edgekit.config import Recipe, TrainSpec, load_device
 from edgekit.data import load_task
+from edgekit.evaluate import predict_arrays, top1
 from edgekit.pipeline import get_baseline
+from edgekit.runtime import load_runner
 
 INT8_BUDGET_PP = 1.0
 
@@ -40,7 +45,9 @@ def _cell(row: dict, fp32_acc) -> str:
             text += f" ({100 * (row['accuracy'] - fp32_acc):+.1f})"
         return text
     if row["status"] == UNAVAILABLE and row["format"] == "tensorrt":
-        return "❎ checked, no TensorRT here" if row["precision"] == "int8" else "❎ ONNX written, no TensorRT here"
+        if row["precision"] == "int8" and row.get("qdq_ort_accuracy") is not None:
+            return f"❎ checker passed; QDQ in ORT {100 * row['qdq_ort_accuracy']:.1f}"
+        return "❎ ONNX written, no TensorRT here"
     return f"{row['status']} {(row['reason'] or '')[:60]}"
 
 
@@ -61,7 +68,19 @@ def main() -> int:
     for name in names:
         t0 = time.time()
         model, _ = get_baseline(name, task, recipe=Recipe(name="bench", train=TrainSpec(epochs=args.epochs)))
-        rows = benchmark(model.eval(), task=task, device=dev, formats=formats)
+        with tempfile.TemporaryDirectory(prefix="edgekit-fz-") as d:
+            rows = benchmark(model.eval(), task=task, device=dev, formats=formats, out_dir=Path(d) / "out")
+            trt = Path(d) / "out" / "model.tensorrt-int8.trt.onnx"
+            if trt.is_file():  # the QDQ ONNX TensorRT would build from, run in ONNX Runtime here
+                x, y = task.arrays("eval")
+                acc = top1(predict_arrays(load_runner("onnxruntime", trt, threads=2).run, x, batch_size=1), y)
+                row = next(r for r in rows if r["format"] == "tensorrt" and r["precision"] == "int8")
+                row["qdq_ort_accuracy"] = acc
+                ort_int8 = next((r["accuracy"] for r in rows if r["format"] == "onnx" and r["precision"] == "int8"
+                                 and r["status"] == OK), None)
+                if ort_int8 is not None and abs(acc - ort_int8) > 0.005 + 1e-9:
+                    problems.append(f"{name} tensorrt int8 QDQ ONNX in ORT: {100 * acc:.1f} vs ONNX int8 "
+                                    f"{100 * ort_int8:.1f}")
         results[name] = rows
         fp32 = {r["format"]: r["accuracy"] for r in rows if r["precision"] == "fp32" and r["status"] == OK}
         for r in rows:
