@@ -189,3 +189,21 @@ def test_static_shift_max():
         u = two.u.weight[:, 0, 0, 0].view(1, -1, 1, 1) * x + two.u.weight[:, 1, 0, 0].view(1, -1, 1, 1) * s
         v = two.v.weight[:, 0, 0, 0].view(1, -1, 1, 1) * x + two.v.weight[:, 1, 0, 0].view(1, -1, 1, 1) * s
         assert torch.allclose(two(x), torch.maximum(u + v, v), atol=1e-6)
+
+
+def test_condensenet_freezes_its_deployed_index_for_torch_export():
+    """torch.export (litert-torch's front end) cannot trace deploy_index's nonzero(); freeze_for_export fixes it as
+    constants, and train() drops it so a later training step condenses again from the buffers."""
+    torch.manual_seed(0)
+    model = CondenseNet(10, stages=(2, 2), growth=(8, 16), condense_every=2).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(Exception):
+        torch.export.export(model, (x,))
+    lgcs = [m for m in model.modules() if isinstance(m, LearnedGroupConv)]
+    for m in lgcs:
+        m.freeze_for_export()
+    exported = torch.export.export(model, (x,)).module()
+    with torch.no_grad():
+        assert torch.allclose(exported(x), model(x), atol=1e-5)
+    model.train()
+    assert all(m._frozen_keep is None for m in lgcs)

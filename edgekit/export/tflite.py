@@ -45,6 +45,10 @@ def _prepare(model: nn.Module, input_shape: Tuple[int, ...], nhwc: bool) -> Tupl
     import litert_torch
 
     module = model.eval()
+    for m in module.modules():  # layers whose deployed form is read from buffers fix it as constants first
+        freeze = getattr(m, "freeze_for_export", None)
+        if callable(freeze):
+            freeze()
     sample = torch.randn(*input_shape)
     if nhwc:
         module = litert_torch.to_channel_last_io(module, args=[0]).eval()

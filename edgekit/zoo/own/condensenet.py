@@ -99,6 +99,22 @@ class LearnedGroupConv(nn.Module):
             mask = self._drop_stage(mask)
         return [torch.nonzero(row).flatten().tolist() for row in mask]
 
+    def freeze_for_export(self) -> None:
+        """Fix the deployed channel index as Python constants for ``torch.export`` (litert-torch, PT2E).
+
+        ``deploy_index`` reads the ``stage``/``mask`` buffers (``int()``, ``nonzero``): data-dependent control flow
+        that ``torch.export`` cannot trace. Cleared by ``train()`` and by loading a state dict.
+        """
+        self._frozen_keep = self.deploy_index()
+
+    def train(self, mode: bool = True):
+        self._frozen_keep = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._frozen_keep = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
     @property
     def condensed(self) -> bool:
         return int(self.stage) >= self.condense - 1
@@ -115,7 +131,7 @@ class LearnedGroupConv(nn.Module):
             mask = self.mask.repeat_interleave(self.out_ch // self.groups, 0)
             y = F.conv2d(x, self.weight * mask[:, :, None, None])
             return y if bn is None else bn(y)
-        keep = self.deploy_index()
+        keep = getattr(self, "_frozen_keep", None) or self.deploy_index()
         d = self.out_ch // self.groups
         index = torch.tensor([c for row in keep for c in row], dtype=torch.long, device=x.device)
         weight = torch.cat([self.weight[g * d:(g + 1) * d, row] for g, row in enumerate(keep)], 0)
