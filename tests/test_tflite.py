@@ -154,3 +154,36 @@ def test_unconvertible_op_is_a_clear_error(mnist_task, tmp_path):
     ctx = ExportContext(tmp_path, mnist_task, load_device("desktop-cpu"), mnist_task.input_shape, name="fp32")
     with pytest.raises(RuntimeError, match="litert-torch cannot convert this model: .*bucketize"):
         export("tflite", Bucketize().eval(), "fp32", {}, ctx)
+
+
+def _small(name):
+    from edgekit.zoo.own.channelnet import ChannelNetV1
+    from edgekit.zoo.own.condensenet import CondenseNet
+
+    return ChannelNetV1(10) if name == "channelnet-v1" else CondenseNet(10, stages=(2, 2), growth=(8, 16))
+
+
+@pytest.mark.parametrize("name", ["channelnet-v1", "condensenet-g4c4"])
+def test_int8_export_of_channelwise_and_condensed_models(name, tmp_path):
+    """Untrained small instances convert to full-integer TFLite. ChannelNet's channel-wise conv reshape and the
+    residual add share one dequantize (litert's layout pass needs them split: ``unshare_dequantize``);
+    CondenseNet's concatenations need litert's ``cat`` annotator (``mark_cat_sources``) and its learned group
+    convs their constant export form (``LearnedGroupConv.freeze_for_export``)."""
+    from edgekit.export.tflite import convert_int8
+
+    torch.manual_seed(0)
+    model = _small(name).eval()
+    shape = (1, 3, 32, 32)
+    calib = np.random.RandomState(0).rand(16, *shape[1:]).astype(np.float32)
+    path = tmp_path / f"{name}.tflite"
+    convert_int8(model, path, shape, calib)
+    runner = load_runner("litert", path, threads=1)
+    assert runner.input_dtype == np.int8 and runner.output_dtype == np.int8
+    floats = [t["name"] for t in runner.interpreter.get_tensor_details() if t["dtype"] == np.float32]
+    assert floats == [], f"float tensors left in the int8 model: {floats[:5]}"
+    x = calib[:8]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    got = predict_arrays(runner.run, x, batch_size=1)
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.99
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()

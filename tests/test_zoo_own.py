@@ -207,3 +207,40 @@ def test_condensenet_freezes_its_deployed_index_for_torch_export():
         assert torch.allclose(exported(x), model(x), atol=1e-5)
     model.train()
     assert all(m._frozen_keep is None for m in lgcs)
+
+
+def test_condensenet_export_form_matches_deployed_forward():
+    """freeze_for_export (which the TFLite exporter calls on every module) runs each learned group conv as
+    Gather -> depthwise 1x1 (its input BN) -> ReLU -> group conv (the following BN folded), with constant weights:
+    the deployed eval outputs, no BatchNorm in front of a group conv and no weight arithmetic left for PT2E to
+    quantize; train() and load_state_dict drop it."""
+    torch.manual_seed(0)
+    model = CondenseNet(10, stages=(2, 2), growth=(8, 16), condense_every=2)
+    x = torch.randn(4, 3, 32, 32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):  # condense part of the way (the rest is finished virtually) and move the BN statistics
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    for m in model.modules():  # what edgekit.export.tflite._prepare does
+        if callable(getattr(m, "freeze_for_export", None)):
+            m.freeze_for_export()
+    lgcs = [m for m in model.modules() if isinstance(m, LearnedGroupConv)]
+    assert all(m._frozen_forms for m in lgcs)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-5)
+    gm = torch.export.export(model, (x[:1],)).module()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum("batch_norm" in str(t) for t in targets) == 1  # only the final BN (after the last concat)
+    assert sum(t == torch.ops.aten.index_select.default for t in targets) == len(lgcs)
+    with torch.no_grad():
+        assert torch.allclose(gm(x[:1]), ref[:1], atol=1e-5)
+    model.load_state_dict(model.state_dict())
+    assert all(m._frozen_forms is None and m._frozen_keep is None for m in lgcs)
+    for m in lgcs:
+        m.freeze_for_export()
+    model.train()
+    assert all(m._frozen_forms is None and m._frozen_keep is None for m in lgcs)

@@ -113,6 +113,56 @@ def route_through_qdq(gm) -> int:
     return changed
 
 
+def mark_cat_sources(gm) -> int:
+    """Let litert-torch's ``cat`` annotator see the ``torch.cat`` calls of a non-strict ``torch.export`` graph.
+
+    The annotator finds concatenations by ``get_source_partitions(graph, [torch.cat])``, which
+    reads ``source_fn_stack``; non-strict export (what ``torch.export.export`` does by
+    default) records only ``torch_fn`` (``("cat_1", "builtin_function_or_method.cat")``),
+    which the matcher compares with its function argument and never matches. Such a ``cat``
+    gets no shared input/output quantization, so its inputs keep their own scales and the
+    TFLite converter stops on CONCATENATION's same-scale constraint ("'tfl.concatenation' op
+    quantization parameters violate the same scale constraint"). Returns the number of
+    nodes marked.
+    """
+    marked = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.cat.default \
+                and not node.meta.get("source_fn_stack"):
+            node.meta["source_fn_stack"] = [(node.name, torch.cat)]
+            marked += 1
+    return marked
+
+
+def unshare_dequantize(gm) -> int:
+    """Give every consumer of a shared ``dequantize`` node its own copy (same Q input, same parameters).
+
+    torchao's ``DuplicateDQPass`` does this only for consumers that carry a quantization
+    annotation, so a dequantize feeding, e.g., both an ``add`` and a ``reshape`` stays
+    shared. litert-torch's NHWC layout pass cannot lower such a node when its consumers
+    want different layouts: inserting the NCHW transpose for the reshape overwrites the
+    shared node's metadata (``insert_t_q_dq`` assigns ``input_dq.meta``), after which the
+    NHWC consumer fails with "Attempting to convert non-NHWC compatible node to NHWC:
+    dequantize_per_tensor_N". Copies compute the same values, so this changes nothing
+    numerically. Returns the number of copies added.
+    """
+    qd = torch.ops.quantized_decomposed
+    dequant = (qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor, qd.dequantize_per_channel.default)
+    added = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in dequant or len(node.users) < 2:
+            continue
+        for user in list(node.users)[1:]:
+            with gm.graph.inserting_after(node):
+                copy = gm.graph.node_copy(node)
+            user.replace_input_with(node, copy)
+            added += 1
+    if added:
+        gm.graph.lint()
+        gm.recompile()
+    return added
+
+
 def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], calib: np.ndarray, nhwc: bool = False,
                  per_channel: bool = True) -> int:
     """Full-integer int8 by PT2E: export, insert observers, calibrate, convert, lower to TFLite.
@@ -133,6 +183,7 @@ def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], cal
         pq.get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=False))
     try:
         graph = torch.export.export(module, (sample,)).module()
+        mark_cat_sources(graph)
         prepared = prepare_pt2e(graph, quantizer)
         move_exported_model_to_eval(prepared)
         n = input_shape[0]  # the exported graph has the static batch of the sample input
@@ -145,6 +196,7 @@ def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], cal
         for sub in quantized.modules():
             sub.training = False
         rewired = route_through_qdq(quantized)
+        unshare_dequantize(quantized)
         edge = litert_torch.convert(quantized, (sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
     except Exception as exc:
         raise RuntimeError(f"litert-torch cannot quantize this model (PT2E int8): {_first_line(exc)}") from exc

@@ -29,6 +29,12 @@ How the learned group convolution (LGC) becomes a standard group conv:
   remaining stages are applied (same criterion) when forming the deployed layer, so
   eval/export always see the condensed model; train-mode outputs differ from it only
   until condensation is complete.
+- Export form (``freeze_for_export``, called by the TFLite exporter on every module):
+  the same deployed layer with constant weights, ``Gather -> depthwise 1x1 Conv`` (the
+  input BN, which commutes with the gather) ``-> ReLU -> group Conv`` (following BN
+  folded), so PT2E int8 quantizes convs only: no BatchNorm right after the stem conv
+  (whose output is also concatenated, which PT2E's conv-BN folding would corrupt) and
+  no weight arithmetic in the graph. Eval mode only; ``train()`` drops it.
 
 The paper's channel permutation between the LGC and the 3x3 group conv is placed after
 the BN-ReLU that follows the LGC instead of before it (BN and ReLU are per channel, so
@@ -99,20 +105,49 @@ class LearnedGroupConv(nn.Module):
             mask = self._drop_stage(mask)
         return [torch.nonzero(row).flatten().tolist() for row in mask]
 
-    def freeze_for_export(self) -> None:
-        """Fix the deployed channel index as Python constants for ``torch.export`` (litert-torch, PT2E).
+    @torch.no_grad()
+    def export_form(self, bn: Optional[nn.BatchNorm2d] = None) -> tuple[torch.Tensor, ...]:
+        """The deployed layer as constant tensors ``(index, pre_weight, pre_bias, weight, bias)`` (eval mode).
+
+        ``x -> Gather(index) -> depthwise 1x1 Conv(pre_weight, pre_bias) -> ReLU -> group Conv(weight, bias)``:
+        the input BN-ReLU commutes with the channel gather (both per channel), so it runs on the gathered
+        channels as a depthwise 1x1 convolution, and ``bn`` (eval mode) is folded into the group conv. Same
+        values as the deployed forward; every weight is one constant and there is no BatchNorm node, so PT2E
+        quantizes each conv as a conv (no parameter arithmetic left in the graph for it to annotate, and no
+        conv -> BatchNorm pair for it to fold into a conv whose output is also concatenated).
+        """
+        keep = self.deploy_index()
+        index = torch.tensor([c for row in keep for c in row], dtype=torch.long, device=self.weight.device)
+        scale, shift = bn_scale_shift(self.norm)
+        d = self.out_ch // self.groups
+        weight = torch.cat([self.weight[g * d:(g + 1) * d, row] for g, row in enumerate(keep)], 0)
+        bias = None
+        if bn is not None:
+            post_scale, bias = bn_scale_shift(bn)
+            weight = weight * post_scale[:, None, None, None]
+        return (index, scale[index].reshape(-1, 1, 1, 1).clone(), shift[index].clone(), weight.clone(),
+                None if bias is None else bias.detach().clone())
+
+    def freeze_for_export(self, bn: Optional[nn.BatchNorm2d] = None) -> None:
+        """Fix the deployed layer as constants for ``torch.export`` (litert-torch, PT2E); ``bn`` as in ``forward``.
 
         ``deploy_index`` reads the ``stage``/``mask`` buffers (``int()``, ``nonzero``): data-dependent control flow
-        that ``torch.export`` cannot trace. Cleared by ``train()`` and by loading a state dict.
+        that ``torch.export`` cannot trace. Freezing stores the index and :meth:`export_form` for ``bn`` (a layer
+        may be frozen for several ``bn``; ``forward`` uses the form frozen for the ``bn`` it is given). Only
+        eval-mode forwards use it; cleared by ``train()`` and by loading a state dict.
         """
         self._frozen_keep = self.deploy_index()
+        forms = [(b, f) for b, f in (getattr(self, "_frozen_forms", None) or []) if b is not bn]
+        self._frozen_forms = forms + [(bn, self.export_form(bn))]
 
     def train(self, mode: bool = True):
         self._frozen_keep = None
+        self._frozen_forms = None
         return super().train(mode)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._frozen_keep = None
+        self._frozen_forms = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     @property
@@ -125,6 +160,12 @@ class LearnedGroupConv(nn.Module):
 
         ``bn``: an eval-mode BatchNorm that follows this layer, folded into the deployed conv.
         """
+        if not self.training and (bn is None or not bn.training):
+            form = next((f for b, f in (getattr(self, "_frozen_forms", None) or []) if b is bn), None)
+            if form is not None:
+                index, pre_weight, pre_bias, weight, bias = form
+                x = F.conv2d(x.index_select(1, index), pre_weight, pre_bias, groups=index.numel())
+                return self.conv(self.relu(x), weight, bias)
         x = self.relu(self.norm(x))
         if self.training and torch.is_grad_enabled():
             self._advance()
@@ -157,6 +198,10 @@ class DenseLayer(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.shuffle = ChannelShuffle(groups)
         self.conv = nn.Conv2d(mid, growth, 3, 1, 1, groups=groups, bias=False)
+
+    def freeze_for_export(self) -> None:
+        """Freeze the LGC's export form with this layer's BN folded in (see ``LearnedGroupConv.freeze_for_export``)."""
+        self.lgc.freeze_for_export(self.norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(self.shuffle(self.relu(self.lgc(x, self.norm))))
