@@ -21,7 +21,7 @@ from edgekit.errors import EdgekitError
 from edgekit.evaluate import agreement, predict_arrays, top1
 from edgekit.export import ExportContext, export
 from edgekit.export.onnx import export_onnx
-from edgekit.export.tensorrt import (TRT_QUANT_OPS, check_trt_qdq, engine_path, non_residual_add_inputs,
+from edgekit.export.tensorrt import (TRT_SCOPES, check_trt_qdq, engine_path, non_residual_add_inputs,
                                      quantize_for_tensorrt, trt_extra_options)
 from edgekit.formats import FORMATS, FormatUnavailable
 from edgekit.runtime import load_runner
@@ -88,7 +88,8 @@ def test_qdq_model_conforms_and_runs_in_ort(quantized, mnist_task, name):
         q = producers.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
         if q is not None and q.input[0] not in inits:  # an activation Q/DQ pair (weights: Q of an initializer)
             readers = {m.op_type for m in g.node if n.output[0] in m.input}
-            assert readers <= set(TRT_QUANT_OPS), (n.name, readers)
+            assert readers <= set(r["chosen"]["op_types"]), (n.name, readers)
+    assert tuple(r["chosen"]["op_types"]) in TRT_SCOPES.values()
     lg = r["logits"]
     acc = {k: top1(v, y) for k, v in lg.items()}
     assert acc["trt"] >= acc["fp32"] - 0.01, acc  # held-out eval split: close to fp32
@@ -204,7 +205,11 @@ def test_exporter_without_tensorrt_writes_onnx_and_trtexec(quantized, mnist_task
     if precision == "int8":
         assert check_trt_qdq(onnx_file) == []
         q = ctx.info["quantization"]
-        assert q["calibration"] in ("minmax", "percentile") and set(q["calibration_sqnr_db"]) == {"minmax", "percentile"}
+        assert q["calibration"] in ("minmax", "percentile") and tuple(q["op_types"]) in TRT_SCOPES.values()
+        assert set(q["calibration_sqnr_db"]) == {"minmax", "percentile", "minmax no-pool", "percentile no-pool"}
+        best = max(q["calibration_sqnr_db"].values())  # the closest to fp32 on the calibration split was kept
+        scope = next(k for k, v in TRT_SCOPES.items() if tuple(v) == tuple(q["op_types"]))
+        assert q["calibration_sqnr_db"][q["calibration"] + ("" if scope == "all" else f" {scope}")] == best
     else:  # fp16 weights and activations, fp32 input/output
         m = onnx.load(str(onnx_file))
         assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
