@@ -13,6 +13,9 @@ Usage:
   python3 runner.py predict MODEL INPUT.npy OUT.npy [--threads N]
   python3 runner.py info
 
+predict on a full-integer .tflite takes float input and writes float output, converted with the
+model's own input / output scale and zero point (as the host's evaluation does).
+
 Every command prints exactly one JSON object on stdout. Exit codes:
   0 ok, 2 bad arguments or unreadable model/input, 3 no runtime for the model's format, 4 runtime failure.
 """
@@ -84,8 +87,17 @@ def _missing_runtime(suffix: str) -> RunnerError:
                        f"(tried {', '.join(names)} with {sys.executable})", EXIT_NO_RUNTIME, tried=list(names))
 
 
+def _dim(d) -> int:
+    """A fixed dimension as int (numpy ints included: LiteRT reports int32); symbolic or unknown -> 1."""
+    try:
+        d = int(d)
+    except (TypeError, ValueError):
+        return 1
+    return d if d > 0 else 1
+
+
 def _random_input(np, shape, dtype, rng):
-    shape = tuple(int(d) if isinstance(d, int) and d > 0 else 1 for d in shape)
+    shape = tuple(_dim(d) for d in shape)
     dtype = np.dtype(dtype)
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)
@@ -160,7 +172,10 @@ class LiteRTBackend:
             raise RunnerError(f"{self.runtime} cannot load {os.path.basename(path)}: {str(exc).splitlines()[0][:300]}")
         self.in_details = self.interp.get_input_details()
         self.out_details = self.interp.get_output_details()
-        self.inputs = [(d["name"], list(d["shape"]), d["dtype"]) for d in self.in_details]
+        self.inputs = [(d["name"], [int(v) for v in d["shape"]], d["dtype"]) for d in self.in_details]
+        # full-integer models: (scale, zero point) of the int8/uint8 input and output, (0.0, 0) when float
+        self.input_quant = [tuple(d.get("quantization") or (0.0, 0)) for d in self.in_details]
+        self.output_quant = [tuple(d.get("quantization") or (0.0, 0)) for d in self.out_details]
 
     def run(self, arrays):
         for d, a in zip(self.in_details, arrays):
@@ -274,16 +289,28 @@ def cmd_predict(args) -> dict:
     except Exception as exc:  # noqa: BLE001
         raise RunnerError(f"cannot read input {args.input}: {exc}") from None
     _, shape, dtype = backend.inputs[0]
+    in_q = (getattr(backend, "input_quant", None) or [(0.0, 0)])[0]
+    out_q = (getattr(backend, "output_quant", None) or [(0.0, 0)])[0]
+    integer_io = np.issubdtype(np.dtype(dtype), np.integer) and in_q[0] > 0
+    if integer_io and np.issubdtype(x.dtype, np.floating):
+        # a full-integer model fed float data (what the host's evaluation feeds): quantize with the model's
+        # own input scale / zero point; a plain cast would truncate every value to 0 or +-1
+        info = np.iinfo(np.dtype(dtype))
+        x = np.clip(np.round(x / in_q[0]) + in_q[1], info.min, info.max)
     x = np.ascontiguousarray(x, dtype=dtype)
     try:
         out = backend.run([x])[0]
     except Exception as exc:  # noqa: BLE001
         raise RunnerError(f"{backend.runtime} failed on input of shape {list(x.shape)} (model expects {shape}): "
                           f"{str(exc).splitlines()[0][:300]}", EXIT_RUNTIME_FAILED) from None
-    np.save(args.output, np.asarray(out), allow_pickle=False)
+    out = np.asarray(out)
+    dequantized = np.issubdtype(out.dtype, np.integer) and out_q[0] > 0
+    if dequantized:  # logits in float, comparable with every other format's
+        out = ((out.astype(np.float32) - out_q[1]) * out_q[0]).astype(np.float32)
+    np.save(args.output, out, allow_pickle=False)
     return {"command": "predict", "runtime": backend.runtime, "version": backend.version,
             "input_shape": list(x.shape), "output_shape": list(np.shape(out)), "output": args.output,
-            **machine_info()}
+            "integer_io": bool(integer_io or dequantized), **machine_info()}
 
 
 def cmd_info(args) -> dict:
