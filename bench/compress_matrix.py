@@ -6,7 +6,8 @@
 For each model: the baseline trained on the default task (4 epochs, cached like
 the pipeline's), exported to ONNX fp32. For each recipe its steps are applied to
 a copy (``Step.apply``, in recipe order) and its last variant exported (fp32, or
-int8 with the device profile's quantization settings). The compressed variant
+int8 as ``edgekit compress`` makes it: on a local device the layout search picks
+the fastest accurate int8 layout at ``--threads``). The compressed variant
 and the fp32 baseline are timed round-robin in one loop (``interleaved_latency``,
 batch 1, 64x64, ``--threads`` ORT threads), so the speedup is a same-run ratio.
 ``--size224`` also times the same two torch models exported at 224x224 (fp32,
@@ -32,11 +33,11 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekit import zoo
-from edgekit.compress.quantize import OrtQuantConfig, quantize_onnx
 from edgekit.compress.steps import StepContext, validate_steps
 from edgekit.config import Recipe, TrainSpec, load_device, load_recipe
 from edgekit.data import load_task
 from edgekit.evaluate import predict_arrays, top1
+from edgekit.export import ExportContext, export
 from edgekit.export.onnx import export_onnx
 from edgekit.pipeline import get_baseline
 from edgekit.profiling.local import interleaved_latency
@@ -47,19 +48,12 @@ def _accuracy(runner, x, y) -> float:
     return top1(predict_arrays(runner.run, x, batch_size=1, description="evaluate"), y)
 
 
-def _variant(model, recipe: Recipe, dev, task, d: Path, tag: str) -> Path:
+def _variant(model, recipe: Recipe, dev, task, d: Path, tag: str) -> tuple[Path, dict]:
+    """The recipe's last variant, made as ``edgekit compress`` makes it (its int8 search included)."""
     v = recipe.variants[-1]
-    fp32 = export_onnx(model, d / f"{tag}.fp32.onnx", task.input_shape)
-    if v.precision == "fp32":
-        return fp32
-    q = dev.quantization
-    o = v.options
-    cfg = OrtQuantConfig(activation_type=o.get("activation_type", q.activation_type),
-                         weight_type=o.get("weight_type", q.weight_type),
-                         per_channel=bool(o.get("per_channel", q.per_channel)),
-                         calibration=o.get("calibration", "minmax"))
-    calib, _ = task.arrays("calib", limit=int(o.get("num_calib", 256)))
-    return quantize_onnx(fp32, d / f"{tag}.int8.onnx", calib, cfg)
+    ctx = ExportContext(out_dir=d, task=task, device=dev, input_shape=task.input_shape,
+                        name=f"{tag}.{v.format}-{v.precision}")
+    return export(v.format, model, v.precision, dict(v.options), ctx), ctx.info
 
 
 def main() -> int:
@@ -77,6 +71,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(max(1, args.threads))
     dev = load_device(args.device)
+    dev = dev.model_copy(update={"threads": args.threads})  # the int8 search times at the bench's threads
     names = [n for n in args.models.split(",") if n] or [s.name for s in zoo.list_models()]
     recipes = {r: load_recipe(r) for r in args.recipes.split(",") if r}
     task = load_task("mnist")
@@ -108,7 +103,9 @@ def main() -> int:
                     row["macs_ratio"] = stats["macs"] / base_stats["macs"]
                     row["params_ratio"] = stats["params"] / base_stats["params"]
                     row["variant"] = f"{rec.variants[-1].format} {rec.variants[-1].precision}"
-                    path = _variant(model, rec, dev, task, d, rname)
+                    path, info = _variant(model, rec, dev, task, d, rname)
+                    if "quantization" in info:
+                        row["int8_config"] = info["quantization"].get("config")
                     run = load_runner("onnxruntime", path, threads=args.threads)
                     row["acc"] = _accuracy(run, x, y)
                     lat = interleaved_latency({"fp32": base_run.run, "variant": run.run}, x1, warmup=10,
