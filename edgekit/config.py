@@ -128,6 +128,10 @@ class LatencyModel(Strict):
     int8_channel_align: int = Field(0, ge=0, description="int8 convs whose channels are not a multiple of this "
                                     "use the *_tail coefficients (0: no distinction)")
     calibration: Dict[str, Any] = Field(default_factory=dict, description="where the coefficients came from")
+    kernel_tables: Dict[int, str] = Field(default_factory=dict, description="threads -> kernel-timing table "
+                                          "(edgekit.profiling.kernels; a path, or a file beside the built-in "
+                                          "profiles); where one exists for the threads asked, ONNX Runtime "
+                                          "estimates use per-kernel regression instead of the roofline")
 
     @field_validator("efficiency", "depth_half", "width_half")
     @classmethod

@@ -612,6 +612,9 @@ def estimate_latency(model, device: DeviceProfile | str, threads: Optional[int] 
     if isinstance(device, str):
         device = load_device(device)
     lm = lm or device.latency_model
+    table = kernel_table_for(lm, int(threads or device.resolved_threads()))
+    if table is not None:
+        return _estimate_from_kernels(model, device, table, int(threads or device.resolved_threads()), per_op)
     ops = cost_ops(analyze_for(model, lm), device, threads, lm)
     total_us = lm.session_overhead_us + sum(o.time_us for o in ops)
     by_cat: Dict[str, dict] = {}
@@ -641,4 +644,79 @@ def estimate_latency(model, device: DeviceProfile | str, threads: Optional[int] 
         result["artifact"] = str(model)
     if per_op:
         result["per_op"] = [asdict(o) for o in ops]
+    return result
+
+
+# ----------------------------------------------------------------------------- kernel regression
+
+
+def kernel_table_for(lm: LatencyModel, threads: int) -> Optional[Path]:
+    """The kernel-timing table for ``threads``, when the profile has one and ONNX Runtime is importable."""
+    name = lm.kernel_tables.get(int(threads))
+    if not name:
+        return None
+    try:
+        import onnxruntime  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError:
+        return None
+    p = Path(name).expanduser()
+    if not p.is_absolute() and not p.is_file():
+        p = Path(__file__).resolve().parent.parent / "devices" / name
+    if not p.is_file():
+        raise EdgekitError(f"Kernel latency table {name} (latency_model.kernel_tables[{threads}]) not found")
+    return p
+
+
+def _estimate_from_kernels(model, device: DeviceProfile, table: Path, threads: int, per_op: bool) -> dict:
+    import tempfile
+
+    import onnx
+
+    from .kernels import estimate_kernels, kernel_model
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-est-") as tmp:
+        path = model
+        if not isinstance(model, (str, Path)):
+            path = Path(tmp) / "model.onnx"
+            onnx.save(model, str(path))
+        path = Path(path)
+        if not path.is_file():
+            raise EdgekitError(f"Model file not found: {path}")
+        if path.suffix.lower() != ".onnx":
+            raise EdgekitError(f"Latency estimation reads ONNX graphs; {path.name} is not .onnx "
+                               f"(estimate the .onnx it was converted from)")
+        try:
+            onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # noqa: BLE001 - protobuf errors are not user friendly
+            raise EdgekitError(f"{path} is not a readable ONNX model: {str(exc).splitlines()[0][:200]}") from None
+        est = estimate_kernels(path, table, threads)
+    km = kernel_model(table)
+    t = km.table
+    kernels = est["kernels"]
+    result = {
+        "source": SOURCE,
+        "method": "per-kernel regression: ONNX Runtime's optimized graph, each kernel's time predicted from "
+                  "its shape by forests trained on profiled random networks, plus executor overhead",
+        "device": device.name,
+        "threads": threads,
+        "p50": est["ms"],
+        "mean": est["ms"],
+        "estimate_ms": est["ms"],
+        "session_overhead_ms": km.overhead["a_us"] / 1e3,
+        "ops": len(kernels),
+        "gmacs": sum(k.desc.get("macs", 0) for k in kernels) / 1e9,
+        "precisions": [est["precision"]],
+        "by_category": {k: {"ops": v["kernels"], "ms": v["ms"], "trained_on": v["trained_on"], "source": SOURCE}
+                        for k, v in sorted(est["by_kernel"].items())},
+        "unseen_kernels": est["unseen"],
+        "calibration": {"host": t.get("host"), "date": t.get("date"), "threads": t.get("threads"),
+                        "onnxruntime": t.get("onnxruntime"), "random_networks": len(t.get("nets", [])),
+                        "kernel_samples": len(t["kernels"]), "table": table.name},
+    }
+    if isinstance(model, (str, Path)):
+        result["artifact"] = str(model)
+    if per_op:
+        result["per_op"] = [{"name": k.name, "op_type": k.op, "category": k.key, "time_us": k.predicted_us,
+                             **k.desc, "source": SOURCE} for k in kernels]
     return result

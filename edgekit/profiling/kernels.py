@@ -1,0 +1,490 @@
+"""Kernel-level latency regression for ONNX Runtime on this machine (the nn-Meter approach).
+
+A whole-model roofline misses how ONNX Runtime really runs a graph: which operators it fuses, the
+NCHWc reorders and NHWC transposes it inserts, and how fast each of its kernels is on a given shape
+(an int8 grouped 1x1 convolution with 4 channels per group runs at a small fraction of the rate of a
+dense one). So for a *local* ONNX Runtime device the estimate is built the way nn-Meter builds its:
+
+1. **Kernel detection.** ONNX Runtime optimizes the graph (``ORT_ENABLE_ALL``, as a session would) and
+   saves it; the nodes of that graph are the kernels that will run. One untimed run on a zero input
+   gives ORT's own record of every kernel's tensor shapes (exact under its layout changes).
+2. **Per-kernel predictors.** For each kernel type (``nchwc:Conv/dw``, ``ms:QLinearConv/group``,
+   ``Transpose.u8``, ...) a random forest maps shape features (log sizes, MACs, reduction depth,
+   channels, channels per group and their alignment, stride, kernel, groups, fused activation) to the
+   log of the kernel's time; rare types fall back to one gradient-boosted model over all kernels. They
+   are trained on per-node times from ONNX Runtime's profiler, on *synthetic* random networks built
+   from mobile-CNN blocks (``edgekit.profiling.synthetic``) with random widths, depths, kernel sizes,
+   groups and input sizes, fp32 and edgekit's int8. No zoo model is timed to train them.
+3. **Sum and overhead.** Model latency = a + b * kernels + c * sum(kernel predictions), with a, b, c
+   fitted on the same random networks' wall-clock p50 (the profiler's per-node times include its own
+   cost and leave out the executor's between kernels).
+
+The table of training samples (gzip JSON, ~150 KB) is shipped per device and thread count
+(``latency_model.kernel_tables``); the models are refitted from it when first used (a few seconds), so
+the estimate is reproducible from the table.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import EdgekitError
+
+TABLE_VERSION = 1
+CONV_LIKE = {"Conv", "FusedConv", "QLinearConv", "ConvInteger"}
+POOL_LIKE = {"MaxPool", "AveragePool", "NhwcMaxPool", "QLinearAveragePool", "LpPool"}
+ACTIVATION_CODES = {"": 0, "Relu": 1, "Clip": 2, "HardSigmoid": 3, "Sigmoid": 4, "LeakyRelu": 5, "Tanh": 6}
+FEATURES = ("out", "in0", "in_other", "weights", "macs", "depth", "cout", "cin", "spatial", "stride", "kernel",
+            "groups", "rank", "activation", "sum_input", "inner", "model_weight_bytes")
+MIN_SAMPLES = 6  # a kernel type with fewer calibration samples is reported as unseen (its family carries it)
+
+
+@dataclass
+class Kernel:
+    """One node of the graph ONNX Runtime runs, with the features its predictor reads."""
+
+    name: str
+    op: str  # domain-qualified op type, e.g. nchwc:Conv
+    key: str  # predictor key: op + conv kind + 8-bit data flag
+    desc: Dict[str, int] = field(default_factory=dict)  # raw sizes: see ``features``
+    predicted_us: float = 0.0
+
+    @property
+    def features(self) -> List[float]:
+        return features(self.desc)
+
+
+LINEAR = ("stride", "rank", "activation", "sum_input")  # small integers, used as they are
+CONTEXT = ("model_weight_bytes",)  # recorded, not a feature: one value per network lets the forests memorize networks
+
+
+def _align(n: int) -> float:
+    """log2 of the largest power of two (up to 16) dividing n: vector kernels pad or take slow tails
+    when channel counts are not multiples of their block (58 channels can run 3x slower than 64)."""
+    n = int(n)
+    if n <= 0:
+        return 0.0
+    a = 0
+    while a < 4 and n % (2 << a) == 0:
+        a += 1
+    return float(a)
+
+
+def features(desc: Dict[str, int]) -> List[float]:
+    """The predictor's inputs: log2 of sizes, small integers as they are, channels per group and their
+    alignment."""
+    base = [float(desc.get(f, 0)) if f in LINEAR else float(np.log2(1 + desc.get(f, 0))) for f in FEATURES
+            if f not in CONTEXT]
+    g = max(1, int(desc.get("groups", 0) or 1))
+    cin_g, cout_g = int(desc.get("cin", 0)) // g, int(desc.get("cout", 0)) // g
+    return base + [float(np.log2(1 + cin_g)), float(np.log2(1 + cout_g)), _align(cin_g), _align(cout_g),
+                   _align(desc.get("cout", 0))]
+
+
+# ----------------------------------------------------------------------------- kernel detection
+
+
+def _op_name(node) -> str:
+    dom = node.domain.replace("com.microsoft.", "").replace("com.microsoft", "ms")
+    return f"{dom}:{node.op_type}" if dom else node.op_type
+
+
+def _numel(shape) -> int:
+    if not shape or any(d is None or d <= 0 for d in shape):
+        return 0 if shape is None or any(d is None or d <= 0 for d in (shape or ())) else 1
+    return int(np.prod(shape))
+
+
+def _conv_out(x, w, attrs) -> Optional[Tuple[int, ...]]:
+    if not x or not w or len(x) < 3:
+        return None
+    k = list(attrs.get("kernel_shape") or w[2:])
+    n = len(k)
+    strides = list(attrs.get("strides") or [1] * n)
+    pads = list(attrs.get("pads") or [0] * (2 * n))
+    dil = list(attrs.get("dilations") or [1] * n)
+    sp = []
+    for i in range(n):
+        if x[2 + i] is None:
+            return None
+        eff = dil[i] * (k[i] - 1) + 1
+        sp.append((x[2 + i] + pads[i] + pads[i + n] - eff) // strides[i] + 1)
+    return (x[0], int(w[0]), *sp)
+
+
+def _shape_dtype(entry) -> Tuple[Optional[Tuple[int, ...]], str]:
+    if not entry:
+        return None, ""
+    (dtype, dims), = entry.items()
+    return tuple(int(d) for d in dims), dtype
+
+
+def _session(path: Path, threads: int, profile_prefix: Optional[str] = None, optimized: Optional[Path] = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    if optimized:
+        opts.optimized_model_filepath = str(optimized)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT's messages are one line of C++ context
+        raise EdgekitError(f"ONNX Runtime cannot load {Path(path).name}: {str(exc).splitlines()[0][:200]}") \
+            from None
+
+
+def _node_events(profile_file: str) -> Dict[str, List[dict]]:
+    per: Dict[str, List[dict]] = {}
+    for e in json.loads(Path(profile_file).read_text()):
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per.setdefault(e["name"][: -len("_kernel_time")], []).append(e)
+    return per
+
+
+def graph_kernels(model_path, threads: int, runs: int = 0, warmup: int = 10):
+    """(kernels ONNX Runtime runs for an ONNX file here, "int8" or "fp32"[, median µs per kernel name]).
+
+    Kernel detection: ONNX Runtime optimizes the graph as a session does (``ORT_ENABLE_ALL``) and saves
+    it; its nodes are the kernels, their attributes and constant weights come from that graph. Tensor
+    shapes and types come from ORT's node records of one untimed run on a zero input (ORT's own shape
+    inference, so its layout changes (NCHWc blocks, NHWC int8) are exact); no time from that run is used.
+
+    ``runs`` > 0 (calibration): the same session then times ``warmup`` + ``runs`` runs on a random input
+    and the per-kernel medians are returned too. (It must be the same session: ORT numbers the nodes
+    it inserts per session, so names do not carry over to another one.)
+    """
+    import onnx
+    from onnx import helper
+
+    path = Path(model_path)
+    with tempfile.TemporaryDirectory(prefix="edgekit-kern-") as tmp:
+        opt_path = Path(tmp) / "optimized.onnx"
+        sess = _session(path, threads, profile_prefix=str(Path(tmp) / "shapes"), optimized=opt_path)
+        try:
+            sess.run(None, _feed(sess, zeros=True))
+            feed = _feed(sess)
+            for _ in range(warmup + runs if runs else 0):
+                sess.run(None, feed)
+        except Exception as exc:  # noqa: BLE001
+            raise EdgekitError(f"ONNX Runtime cannot run {path.name}: {str(exc).splitlines()[0][:200]}") from None
+        events = _node_events(sess.end_profiling())
+        g = onnx.load(str(opt_path)).graph
+    consts = {i.name: tuple(i.dims) for i in g.initializer}
+    quantized = any(n.op_type.startswith("QLinear") or n.op_type == "QuantizeLinear" for n in g.node)
+    kernels = []
+    for node in g.node:
+        ev = events.get(node.name)
+        if not ev:
+            continue  # not run (e.g. a constant ORT folded at load)
+        args = ev[0].get("args", {})
+        ins = [_shape_dtype(e) for e in args.get("input_type_shape", [])]
+        outs = [_shape_dtype(e) for e in args.get("output_type_shape", [])]
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        op = _op_name(node)
+        base = node.op_type
+        xi = 2 if base == "QLinearConcat" else 0
+        x, xdt = ins[xi] if len(ins) > xi else (None, "")
+        y = outs[0][0] if outs else None
+        w = None
+        if base == "QLinearConv" and len(node.input) > 3:
+            w = consts.get(node.input[3])
+        elif base in CONV_LIKE and len(node.input) > 1:
+            w = consts.get(node.input[1])
+        weights = sum(_numel(consts[i]) for i in node.input if i in consts)
+        others = sum(_numel(s) for i, (s, _) in zip(node.input, ins) if i and i not in consts and s) - _numel(x)
+        macs = depth = cout = cin = groups = kernel = stride = 0
+        kind = ""
+        if base in CONV_LIKE and w and y:
+            groups = int(a.get("group", 1))
+            cout, cin_g = int(w[0]), int(w[1])
+            kernel = int(np.prod(w[2:])) if len(w) > 2 else 1
+            cin = cin_g * groups
+            depth = cin_g * kernel
+            stride = int(max(a.get("strides") or [1]))
+            spatial_out = _numel(y) // max(1, y[0] * cout)
+            macs = y[0] * cout * spatial_out * depth
+            kind = ("dw" if cout == groups else "dwm") if groups > 1 and cin_g == 1 else \
+                "group" if groups > 1 else "pw" if kernel == 1 else "dense"  # dwm: depthwise with a multiplier
+            if stride > 1:
+                kind += "/s2"
+        elif base in ("Gemm", "QGemm", "MatMul", "MatMulInteger", "QLinearMatMul") and y:
+            w_shape = next((consts[i] for i in node.input[1:] if i in consts and len(consts[i]) == 2), None)
+            depth = int(w_shape[1] if a.get("transB") else w_shape[0]) if w_shape else (x[-1] if x else 0)
+            cout = int(y[-1])
+            macs = _numel(y) * depth
+        elif base in POOL_LIKE:
+            kernel = int(np.prod(a.get("kernel_shape") or [1]))
+            stride = int(max(a.get("strides") or [1]))
+        act = a.get("activation", b"")
+        act = act.decode() if isinstance(act, bytes) else str(act)
+        inner = 0
+        if base == "Transpose" and x:
+            perm = list(a.get("perm") or range(len(x))[::-1])
+            inner = 1
+            for i in range(len(perm) - 1, -1, -1):
+                if perm[i] != i:
+                    break
+                inner *= x[i]
+        n_out = _numel(y)
+        if cout and y:  # conv / gemm: positions per output channel, whatever the layout (ORT's int8 is NHWC)
+            spatial = n_out // max(1, y[0] * cout)
+        else:
+            spatial = int(np.prod(y[2:])) if y and len(y) > 2 else 1
+        desc = {"out": n_out, "in0": _numel(x), "in_other": max(0, others), "weights": weights, "macs": macs,
+                "depth": depth, "cout": cout, "cin": cin, "spatial": spatial, "stride": stride, "kernel": kernel,
+                "groups": groups, "rank": len(x or ()), "activation": ACTIVATION_CODES.get(act, 7),
+                "sum_input": int(base == "Conv" and node.domain.endswith("nchwc") and len(node.input) > 3
+                                 and bool(node.input[3])), "inner": inner}
+        data8 = base not in CONV_LIKE and not base.startswith("Q") and xdt in ("uint8", "int8")
+        key = op + (f"/{kind}" if kind else "") + (".u8" if data8 else "")
+        kernels.append(Kernel(node.name, op, key, {k: int(v) for k, v in desc.items()}))
+    # The cache regime: a kernel whose model's weights all stay in L2 runs faster than the same kernel in a
+    # model that streams its weights from L3 or memory every inference.
+    model_bytes = sum(k.desc["weights"] * (1 if k.op.split(":")[-1].startswith(("QLinear", "QGemm")) else 4)
+                      for k in kernels)
+    for k in kernels:
+        k.desc["model_weight_bytes"] = int(model_bytes)
+    precision = "int8" if quantized else "fp32"
+    if not runs:
+        return kernels, precision
+    times = {k.name: float(np.median([e["dur"] for e in events[k.name][1 + warmup:]]))
+             for k in kernels if len(events[k.name]) > 1 + warmup}
+    return kernels, precision, times
+
+
+# ----------------------------------------------------------------------------- measuring kernels
+
+
+def _feed(sess, zeros: bool = False) -> dict:
+    inp = sess.get_inputs()[0]
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
+    x = np.zeros(shape, np.float32) if zeros else np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    return {inp.name: x}
+
+
+def wall_p50_ms(path: Path, threads: int, runs: int = 100, warmup: int = 10) -> float:
+    from .calibrate import time_onnx
+
+    return time_onnx(path, threads, warmup=warmup, runs=runs)
+
+
+# ----------------------------------------------------------------------------- the regression
+
+
+class KernelModel:
+    """Per-kernel-type random forests on log(µs); kernel types with fewer than ``MIN_SAMPLES`` calibration
+    samples are predicted by one gradient-boosted model over all kernels (features + kernel type + op
+    family one-hot, so a rare type borrows from its family); then the executor-overhead fit."""
+
+    def __init__(self, table: dict):
+        from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
+
+        self.table = table
+        samples = table["kernels"]
+        self.keys = sorted({s["key"] for s in samples})
+        self.families = sorted({_family(k) for k in self.keys})
+        keys = np.array([s["key"] for s in samples])
+        feats = np.array([features(s["desc"]) for s in samples], dtype=float)
+        y = np.log(np.maximum(np.array([s["us"] for s in samples], dtype=float), 0.5))
+        self.pooled = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, min_samples_leaf=10,
+                                                    random_state=0).fit(self._design(keys, feats), y)
+        self.forests = {}
+        self.counts = {}
+        for k in self.keys:
+            m = keys == k
+            self.counts[k] = int(m.sum())
+            if m.sum() >= MIN_SAMPLES:
+                rf = RandomForestRegressor(n_estimators=40, min_samples_leaf=2, random_state=0, n_jobs=1)
+                self.forests[k] = rf.fit(feats[m], y[m])
+        self.overhead = table["overhead"]
+
+    def _design(self, keys: Sequence[str], feats: np.ndarray) -> np.ndarray:
+        kx = {k: i for i, k in enumerate(self.keys)}
+        fx = {f: i for i, f in enumerate(self.families)}
+        onehot = np.zeros((len(keys), len(kx) + len(fx)))
+        for i, k in enumerate(keys):
+            if k in kx:
+                onehot[i, kx[k]] = 1.0
+            if _family(k) in fx:
+                onehot[i, len(kx) + fx[_family(k)]] = 1.0
+        return np.hstack([feats.reshape(len(keys), -1), onehot])
+
+    def predict_us(self, kernels: Sequence[Kernel]) -> np.ndarray:
+        if not kernels:
+            return np.zeros(0)
+        keys = [k.key for k in kernels]
+        feats = np.array([k.features for k in kernels], dtype=float)
+        out = np.exp(self.pooled.predict(self._design(keys, feats)))
+        for key, rf in self.forests.items():
+            m = np.array([k == key for k in keys])
+            if m.any():
+                out[m] = np.exp(rf.predict(feats[m]))
+        return out
+
+    def total_ms(self, kernel_us: np.ndarray) -> float:
+        o = self.overhead
+        return (o["a_us"] + o["b_us"] * len(kernel_us) + o["c"] * float(np.sum(kernel_us))) / 1e3
+
+
+def _family(key: str) -> str:
+    base = key.split("/")[0].split(".")[0].split(":")[-1]
+    return base
+
+
+def fit_overhead(nets: Sequence[dict]) -> dict:
+    """wall = a + b * kernels + c * sum(kernel µs), least squares on relative error."""
+    n = np.array([r["kernels"] for r in nets], dtype=float)
+    s = np.array([r["sum_us"] for r in nets], dtype=float)
+    wall = np.array([r["wall_ms"] * 1e3 for r in nets], dtype=float)
+    A = np.stack([np.ones_like(n), n, s], axis=1) / wall[:, None]
+    coef, *_ = np.linalg.lstsq(A, np.ones_like(wall), rcond=None)
+    return {"a_us": float(coef[0]), "b_us": float(coef[1]), "c": float(coef[2])}
+
+
+def save_table(table: dict, path: Path) -> None:
+    """Write a kernel table (gzip JSON when the name ends in .gz); kernel samples as compact rows."""
+    import gzip
+
+    keys = sorted({k["key"] for k in table["kernels"]})
+    ix = {k: i for i, k in enumerate(keys)}
+    out = {**table, "keys": keys, "fields": list(FEATURES),
+           "kernels": [[ix[k["key"]], k["us"]] + [k["desc"].get(f, 0) for f in FEATURES] for k in table["kernels"]]}
+    data = json.dumps(out, separators=(",", ":")).encode()
+    Path(path).write_bytes(gzip.compress(data, mtime=0) if str(path).endswith(".gz") else data)
+
+
+def load_table(path: Path) -> dict:
+    import gzip
+
+    try:
+        raw = Path(path).read_bytes()
+        table = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+        if table.get("version") != TABLE_VERSION or not {"kernels", "overhead", "keys", "fields"} <= set(table):
+            raise ValueError("not a version-%d edgekit kernel table" % TABLE_VERSION)
+        keys, fields = table["keys"], table["fields"]
+        table["kernels"] = [{"key": keys[int(r[0])], "us": float(r[1]), "desc": dict(zip(fields, r[2:]))}
+                            for r in table["kernels"]]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise EdgekitError(f"Kernel latency table {path} is unreadable ({exc}); recalibrate it with "
+                           f"`python bench/latency_model.py --calibrate`") from None
+    return table
+
+
+@lru_cache(maxsize=4)
+def _model_for(path: str, mtime: float) -> KernelModel:
+    return KernelModel(load_table(Path(path)))
+
+
+def kernel_model(path: Path) -> KernelModel:
+    path = Path(path)
+    if not path.is_file():
+        raise EdgekitError(f"Kernel latency table not found: {path}")
+    return _model_for(str(path.resolve()), path.stat().st_mtime)
+
+
+def estimate_kernels(model_path, table_path: Path, threads: int) -> dict:
+    """Estimated latency of an ONNX file from its ONNX Runtime kernels (see the module docstring)."""
+    km = kernel_model(table_path)
+    if int(km.table.get("threads", threads)) != int(threads):
+        raise EdgekitError(f"The kernel table {Path(table_path).name} was measured at {km.table['threads']} "
+                           f"thread(s), not {threads}")
+    kernels, precision = graph_kernels(model_path, threads)
+    us = km.predict_us(kernels)
+    for k, t in zip(kernels, us):
+        k.predicted_us = float(t)
+    total = km.total_ms(us)
+    by_key: Dict[str, dict] = {}
+    for k in kernels:
+        row = by_key.setdefault(k.key, {"kernels": 0, "ms": 0.0, "trained_on": km.counts.get(k.key, 0)})
+        row["kernels"] += 1
+        row["ms"] += k.predicted_us / 1e3
+    return {"ms": total, "kernels": kernels, "precision": precision, "by_kernel": by_key,
+            "unseen": sorted(k for k, v in by_key.items() if v["trained_on"] < MIN_SAMPLES)}
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def measure_net(path: Path, threads: int, runs: int = 60) -> Tuple[List[dict], dict]:
+    """Per-kernel samples and the whole-graph record of one ONNX file timed here."""
+    kernels, precision, times = graph_kernels(path, threads, runs=runs)
+    samples = [{"key": k.key, "desc": k.desc, "us": times[k.name]}
+               for k in kernels if k.name in times]
+    wall = wall_p50_ms(path, threads, runs=max(100, runs))
+    return samples, {"name": Path(path).stem, "precision": precision, "kernels": len(kernels),
+                     "sum_us": float(sum(times.get(k.name, 0.0) for k in kernels)), "wall_ms": wall}
+
+
+def calibrate_kernels(device, threads: int, nets: int = 60, out: Optional[Path] = None, seed0: int = 1000,
+                      runs: int = 60, progress: bool = True) -> dict:
+    """Time ``nets`` random networks (fp32 and int8) kernel by kernel here and write the kernel table."""
+    import platform
+    import datetime as _dt
+
+    import torch
+
+    from ..export.onnx import export_onnx
+    from ..progress import track
+    from .calibrate import _ort_version, _quantize, cpu_name
+    from .synthetic import RandomNet
+
+    samples: List[dict] = []
+    records: List[dict] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgekit-kcal-") as tmp:
+        for i in (track(range(nets), description="timing random networks") if progress else range(nets)):
+            torch.manual_seed(seed0 + i)
+            net = RandomNet(seed0 + i).eval()
+            fp32 = export_onnx(net, Path(tmp) / f"net{i}.fp32.onnx", net.input_shape)
+            int8 = _quantize(fp32, Path(tmp) / f"net{i}.int8.onnx", net.input_shape, device)
+            for p in (fp32, int8):
+                s, rec = measure_net(p, threads, runs=runs)
+                samples += s
+                records.append(rec)
+    table = {"version": TABLE_VERSION, "threads": int(threads), "host": cpu_name(), "machine": platform.machine(),
+             "onnxruntime": _ort_version(), "date": _dt.date.today().isoformat(), "nets": records,
+             "measure_s": round(time.perf_counter() - t0, 1), "kernels": samples}
+    table["overhead"] = fit_overhead(records)
+    if out:
+        save_table(table, Path(out))
+    return table
+
+
+def calibrate_device(device: str = "desktop-cpu", threads: Optional[int] = None, nets: int = 120,
+                     runs: int = 60, progress: bool = True) -> dict:
+    """Recalibrate a local profile's kernel table for ``threads`` and point its YAML at it.
+
+    The table is written beside the profile's YAML as ``<profile>.kernels-t<threads>.json``.
+    """
+    from ..config import _resolve, load_device
+    from .calibrate import write_latency_model
+
+    path = _resolve("devices", device)
+    dev = load_device(device)
+    if not dev.local:
+        raise EdgekitError(f"Kernel calibration measures this machine; device {dev.name} is not local: true")
+    threads = int(threads or dev.resolved_threads())
+    out = path.parent / f"{path.stem}.kernels-t{threads}.json.gz"
+    tmp = out.with_name(".tmp-" + out.name)
+    table = calibrate_kernels(dev, threads, nets=nets, out=tmp, runs=runs, progress=progress)
+    tmp.replace(out)
+    lm = dev.latency_model.model_copy(update={"kernel_tables": {**dev.latency_model.kernel_tables,
+                                                                 threads: out.name}})
+    write_latency_model(path, lm)
+    _model_for.cache_clear()
+    return {"path": str(out), "yaml": str(path), "threads": threads, "nets": len(table["nets"]),
+            "kernels": len(table["kernels"]), "measure_s": table["measure_s"], "overhead": table["overhead"]}

@@ -1,0 +1,148 @@
+"""Kernel-level latency regression (edgekit.profiling.kernels): kernel detection, calibration, labelling."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgekit import zoo
+from edgekit.config import load_device
+from edgekit.errors import EdgekitError
+from edgekit.export.onnx import export_onnx
+from edgekit.profiling.calibrate import _quantize
+from edgekit.profiling.estimate import estimate_latency, kernel_table_for
+from edgekit.profiling.kernels import (FEATURES, KernelModel, calibrate_kernels, graph_kernels, load_table,
+                                       save_table)
+from edgekit.profiling.synthetic import RandomNet
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    """Three random networks, fp32 and int8, and a zoo model in both."""
+    d = tmp_path_factory.mktemp("kern")
+    dev = load_device("desktop-cpu")
+    out = []
+    for seed in (3, 4, 5):
+        torch.manual_seed(seed)
+        net = RandomNet(seed).eval()
+        fp32 = export_onnx(net, d / f"n{seed}.fp32.onnx", net.input_shape)
+        out.append((fp32, _quantize(fp32, d / f"n{seed}.int8.onnx", net.input_shape, dev)))
+    torch.manual_seed(0)
+    model = zoo.create("mobilenetv2", num_classes=10).eval()
+    fp32 = export_onnx(model, d / "mbv2.fp32.onnx", (1, 3, 64, 64))
+    return out, (fp32, _quantize(fp32, d / "mbv2.int8.onnx", (1, 3, 64, 64), dev)), model
+
+
+def test_kernels_are_what_onnx_runtime_runs(nets):
+    """fp32 convs run as ORT's NCHWc convs (the residual adds fused in), one reorder back to NCHW before the head;
+    int8 convs as QLinearConv in NHWC between two transposes, whose MACs add up to the torch model's conv
+    MACs (int8 convs are not padded to channel blocks)."""
+    _, (fp32, int8), model = nets
+    k32, p32 = graph_kernels(fp32, 1)
+    k8, p8 = graph_kernels(int8, 1)
+    assert (p32, p8) == ("fp32", "int8")
+    ops32 = collections.Counter(k.op for k in k32)
+    assert ops32["nchwc:Conv"] == 52 and ops32["nchwc:ReorderOutput"] == 1  # 52 Conv layers in MobileNetV2
+    assert "Add" not in ops32
+    ops8 = collections.Counter(k.op for k in k8)
+    assert ops8["ms:QLinearAdd"] == 10 and ops8["Transpose"] == 2
+    assert {k.key for k in k8 if k.op == "Transpose"} == {"Transpose.u8"}
+    q = [k for k in k8 if k.op == "ms:QLinearConv"]
+    assert len(q) == 52
+    conv_macs = 0
+    hooks = []
+
+    def hook(m, i, o):
+        nonlocal conv_macs
+        conv_macs += o.numel() * m.weight[0].numel()
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 64, 64))
+    for h in hooks:
+        h.remove()
+    assert sum(k.desc["macs"] for k in q) == conv_macs
+    assert {"ms:QLinearConv/dw", "ms:QLinearConv/pw", "ms:QLinearConv/dense/s2"} <= {k.key for k in q}
+    assert len({len(k.features) for k in k32 + k8}) == 1
+    assert all(np.isfinite(k.features).all() for k in k32 + k8)
+
+
+def test_calibrate_fit_and_estimate(nets, tmp_path):
+    """Time two random networks kernel by kernel, write the table, read it back, and estimate a third."""
+    third = nets[0][2]
+    table = calibrate_kernels(load_device("desktop-cpu"), 1, nets=2, out=tmp_path / "t.json.gz", runs=5,
+                              progress=False)
+    assert len(table["nets"]) == 4 and {r["precision"] for r in table["nets"]} == {"fp32", "int8"}
+    assert all(r["kernels"] > 10 and r["wall_ms"] > 0 and r["sum_us"] > 0 for r in table["nets"])
+    back = load_table(tmp_path / "t.json.gz")
+    assert back["threads"] == 1 and len(back["kernels"]) == len(table["kernels"])
+    assert back["kernels"][0]["desc"].keys() == set(FEATURES) and back["kernels"][0]["us"] >= 0
+    km = KernelModel(back)
+    kernels, _ = graph_kernels(third[1], 1)
+    us = km.predict_us(kernels)
+    assert us.shape == (len(kernels),) and (us > 0).all()
+    assert km.total_ms(us) > 0
+
+
+def test_desktop_cpu_estimates_by_kernel_and_says_so(nets):
+    """The shipped desktop-cpu profile has kernel tables; the estimate is labelled, with its method."""
+    _, (fp32, int8), _ = nets
+    dev = load_device("desktop-cpu")
+    for threads in dev.latency_model.kernel_tables:
+        assert kernel_table_for(dev.latency_model, threads) is not None
+        for path in (fp32, int8):
+            r = estimate_latency(path, dev, threads=threads, per_op=True)
+            assert r["source"] == "estimated" and r["method"].startswith("per-kernel regression")
+            assert r["p50"] > 0 and r["calibration"]["kernel_samples"] > 1000
+            assert all(row["source"] == "estimated" for row in r["by_category"].values())
+            assert all(op["source"] == "estimated" and op["time_us"] > 0 for op in r["per_op"])
+    # threads without a table: the roofline, still labelled
+    r = estimate_latency(fp32, dev, threads=7)
+    assert r["source"] == "estimated" and r["method"].startswith("per-operator roofline")
+
+
+def test_missing_or_corrupt_kernel_tables_are_clear_errors(nets, tmp_path):
+    _, (fp32, _), _ = nets
+    dev = load_device("desktop-cpu")
+    lm = dev.latency_model.model_copy(update={"kernel_tables": {1: str(tmp_path / "none.json.gz")}})
+    with pytest.raises(EdgekitError, match="not found"):
+        estimate_latency(fp32, dev, threads=1, lm=lm)
+    bad = tmp_path / "bad.json.gz"
+    bad.write_bytes(b"\x1f\x8bnot gzip")
+    lm = lm.model_copy(update={"kernel_tables": {1: str(bad)}})
+    with pytest.raises(EdgekitError, match="unreadable"):
+        estimate_latency(fp32, dev, threads=1, lm=lm)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"version": 0, "kernels": []}))
+    with pytest.raises(EdgekitError, match="unreadable"):
+        load_table(old)
+
+
+def test_table_round_trip_keeps_every_sample(tmp_path):
+    table = {"version": 1, "threads": 2, "nets": [], "overhead": {"a_us": 1.0, "b_us": 0.5, "c": 1.0},
+             "kernels": [{"key": "nchwc:Conv/pw", "us": 3.5, "desc": {f: i for i, f in enumerate(FEATURES)}},
+                         {"key": "Transpose.u8", "us": 1.0, "desc": {"out": 64, "in0": 64}}]}
+    for name in ("t.json", "t.json.gz"):
+        save_table(table, tmp_path / name)
+        back = load_table(tmp_path / name)
+        assert [k["key"] for k in back["kernels"]] == ["nchwc:Conv/pw", "Transpose.u8"]
+        assert back["kernels"][0]["desc"] == {f: i for i, f in enumerate(FEATURES)}
+        assert back["kernels"][1]["desc"]["out"] == 64 and back["kernels"][1]["desc"]["cout"] == 0
+
+
+def test_random_networks_cover_the_blocks_of_the_zoo():
+    """Across a few seeds the generator produces every block kind, and each network runs."""
+    kinds = collections.Counter()
+    for seed in range(12):
+        net = RandomNet(seed).eval()
+        kinds.update(type(m).__name__ for m in net.modules())
+        with torch.no_grad():
+            assert net(torch.zeros(net.input_shape)).shape == (1, 10)
+    assert {"MB", "ShuffleV2", "ShuffleV1", "Fire", "Ghost", "SqNext", "DenseLayer", "GroupPair", "SE",
+            "Micro"} <= set(kinds)
