@@ -1,16 +1,20 @@
-"""Estimated vs measured latency for every zoo model, fp32 and int8, on a local device profile.
+"""Estimated vs measured latency for every zoo model x {fp32, int8, prune50} on a local device profile.
 
     python bench/latency_model.py [--device desktop-cpu] [--threads N] [--calibrate] [--models a,b]
-                                  [--runs 200] [--repeats 3] [--json out.json] [--markdown]
+                                  [--variants fp32,int8,prune50] [--runs 200] [--repeats 3]
+                                  [--json out.json] [--markdown]
 
-For each zoo model (untrained weights, seed 0, 64x64 input, batch 1): ONNX fp32 export and edgekit's
-int8 (ONNX Runtime static QDQ with the device's settings, calibrated on the MNIST calibration split).
+For each zoo model (untrained weights, seed 0, 64x64 input, batch 1): ONNX fp32 export, edgekit's
+int8 (ONNX Runtime static QDQ with the device's settings, calibrated on the MNIST calibration split)
+and the prune step at 50% of the MACs (one shot, no fine-tune: latency depends on the structure).
 Each artifact is measured with ONNX Runtime at the given threads (p50 of ``--runs`` timed runs after
 warm-up, the median over ``--repeats`` passes that cycle through all artifacts so machine noise is spread
-out; each artifact runs alone, as on a device, not interleaved with another model whose weights would
-evict its own), and estimated by ``edgekit.profiling.estimate`` from the same file with the profile's
-latency model. ``--calibrate`` first refits the profile's coefficients with the micro-benchmarks of
-``edgekit.profiling.calibrate`` (written into the device YAML), so fit and check see the same machine state.
+out; each artifact runs alone, as on a device), and estimated by ``edgekit.profiling.estimate`` from
+the same file with the profile's latency model: per-kernel regression where the profile has a kernel
+table for these threads (desktop-cpu), else the roofline, which is printed beside it for comparison.
+``--calibrate`` first re-times the random networks of ``edgekit.profiling.kernels`` here and rewrites
+the profile's kernel table for these threads, so fit and check see the same machine state. No zoo
+model is timed to train the estimator.
 
 The table prints the error of the estimate relative to the measurement and the share within +-15%.
 """
@@ -22,7 +26,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +43,20 @@ from edgekit.profiling.estimate import estimate_latency
 TOLERANCE = 0.15
 
 
-def build_artifacts(names, device, workdir: Path, num_calib: int, console: Console) -> list:
+def _prune50(model, name: str, device):
+    """The prune step at 50% of the MACs, no fine-tune (BatchNorm re-estimated): the structure is what
+    latency depends on."""
+    from edgekit.compress.steps import StepContext, build_step
+
+    task = load_task("mnist")
+    step = build_step("prune", {"macs": 0.5, "iterations": 1, "finetune_epochs": 0}, "bench")
+    return step.apply(model, StepContext(task=task, baseline=model, model_name=name, device=device)).eval()
+
+
+def build_artifacts(names, device, workdir: Path, num_calib: int, console: Console,
+                    variants=("fp32", "int8", "prune50")) -> list:
+    import copy
+
     import torch
 
     q = device.quantization
@@ -48,14 +64,20 @@ def build_artifacts(names, device, workdir: Path, num_calib: int, console: Conso
     calib, _ = load_task("mnist").arrays("calib", limit=num_calib)
     arts = []
     for name in names:
-        fp32, int8 = workdir / f"{name}.fp32.onnx", workdir / f"{name}.int8.onnx"
-        if not (fp32.exists() and int8.exists()):
+        paths = {v: workdir / f"{name}.{v}.onnx" for v in variants}
+        if not all(p.exists() for p in paths.values()):
             torch.manual_seed(0)
-            model = zoo.create(name, num_classes=10)
-            export_onnx(model, fp32, (1, 3, 64, 64))
-            quantize_onnx(fp32, int8, calib, cfg)
+            model = zoo.create(name, num_classes=10).eval()
+            fp32 = export_onnx(model, workdir / f"{name}.fp32.onnx", (1, 3, 64, 64))
+            if "int8" in paths:
+                quantize_onnx(fp32, paths["int8"], calib, cfg)
+            if "prune50" in paths:
+                try:
+                    export_onnx(_prune50(copy.deepcopy(model), name, device), paths["prune50"], (1, 3, 64, 64))
+                except Exception as exc:  # noqa: BLE001 - a model the pruner cannot take: no prune50 row
+                    console.log(f"{name}: no prune50 ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
             console.log(f"exported {name}")
-        arts += [(name, "fp32", fp32), (name, "int8", int8)]
+        arts += [(name, v, p) for v, p in paths.items() if p.exists()]
     return arts
 
 
@@ -67,8 +89,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-calib", type=int, default=64, help="MNIST calibration images for int8")
-    ap.add_argument("--calibrate", action="store_true", help="refit the profile's latency model first")
-    ap.add_argument("--quick-calibrate", action="store_true", help="a smaller micro-benchmark suite")
+    ap.add_argument("--variants", default="fp32,int8,prune50", help="comma-separated: fp32, int8, prune50")
+    ap.add_argument("--calibrate", action="store_true", help="time random networks here first and rewrite the "
+                    "profile's kernel table for these threads")
+    ap.add_argument("--quick-calibrate", action="store_true", help="--calibrate with 30 random networks")
+    ap.add_argument("--nets", type=int, default=120, help="random networks (x fp32, int8) for --calibrate")
     ap.add_argument("--workdir", default=None, help="keep the exported models here (default: a temp folder)")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table too")
@@ -83,19 +108,20 @@ def main() -> int:
     names = [n for n in args.models.split(",") if n] or [s.name for s in zoo.list_models()]
     load_before = os.getloadavg()
     if args.calibrate or args.quick_calibrate:
-        from edgekit.profiling.calibrate import calibrate_local
+        from edgekit.profiling.kernels import calibrate_device
 
-        t0 = time.time()
-        cal = calibrate_local(args.device, threads=threads, quick=args.quick_calibrate)
-        console.print(f"calibrated {device.name} at {threads} thread(s) from {len(cal['samples'])} micro-benchmarks "
-                      f"in {time.time() - t0:.0f} s: median |error| {cal['median_abs_error']:.1%}, "
-                      f"{cal['within_15pct']:.0%} within 15% -> {cal['path']}")
+        cal = calibrate_device(args.device, threads=threads, nets=30 if args.quick_calibrate else args.nets)
+        console.print(f"calibrated {device.name} at {threads} thread(s): {cal['kernels']} kernel timings from "
+                      f"{cal['nets']} random networks in {cal['measure_s']:.0f} s -> {cal['path']}")
         device = load_device(args.device)
+    lm = device.latency_model
+    roofline = lm.model_copy(update={"kernel_tables": {}})
 
     with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        arts = build_artifacts(names, device, workdir, args.num_calib, console)
+        arts = build_artifacts(names, device, workdir, args.num_calib, console,
+                               variants=[v for v in args.variants.split(",") if v])
         p50s = {str(p): [] for _, _, p in arts}
         for rep in range(args.repeats):
             for _, _, path in arts:
@@ -103,36 +129,43 @@ def main() -> int:
         rows = []
         for name, prec, path in arts:
             est = estimate_latency(path, device, threads=threads)
+            roof = estimate_latency(path, device, threads=threads, lm=roofline)
             measured = float(np.median(p50s[str(path)]))
             rows.append({"model": name, "precision": prec, "ops": est["ops"], "gmacs": est["gmacs"],
                          "measured_p50_ms": measured, "measured_spread": float(np.ptp(p50s[str(path)]) / measured),
-                         "estimated_ms": est["p50"], "error": est["p50"] / measured - 1, "source": est["source"]})
+                         "estimated_ms": est["p50"], "error": est["p50"] / measured - 1, "source": est["source"],
+                         "method": est["method"].split(":")[0], "roofline_ms": roof["p50"],
+                         "roofline_error": roof["p50"] / measured - 1, "unseen": est.get("unseen_kernels", [])})
     load_after = os.getloadavg()
 
     table = Table(title=f"Latency model vs measurement: {device.name}, {threads} thread(s), ONNX Runtime, batch 1, "
                         f"64x64")
-    for col in ("model", "precision", "ops", "GMACs", "measured p50 ms", "spread", "estimated ms", "error", "+-15%"):
+    for col in ("model", "precision", "kernels", "GMACs", "measured p50 ms", "spread", "estimated ms", "error", "+-15%",
+                "roofline error"):
         table.add_column(col, justify="left" if col in ("model", "precision") else "right")
     for r in rows:
         ok = abs(r["error"]) <= TOLERANCE
         table.add_row(r["model"], r["precision"], str(r["ops"]), f"{r['gmacs']:.3f}", f"{r['measured_p50_ms']:.3f}",
                       f"{r['measured_spread']:.0%}", f"{r['estimated_ms']:.3f}", f"{r['error']:+.0%}",
-                      "[green]yes" if ok else "[red]no")
+                      "[green]yes" if ok else "[red]no", f"{r['roofline_error']:+.0%}")
     console.print(table)
     errs = np.array([abs(r["error"]) for r in rows])
     share = float(np.mean(errs <= TOLERANCE))
     by_prec = {p: float(np.mean([abs(r["error"]) <= TOLERANCE for r in rows if r["precision"] == p]))
-               for p in ("fp32", "int8")}
+               for p in dict.fromkeys(r["precision"] for r in rows)}
     worst = sorted(rows, key=lambda r: -abs(r["error"]))[:5]
-    console.print(f"within +-15%: {share:.0%} ({int((errs <= TOLERANCE).sum())}/{len(rows)}; fp32 {by_prec['fp32']:.0%}, "
-                  f"int8 {by_prec['int8']:.0%}); median |error| {np.median(errs):.1%}; "
+    console.print(f"within +-15%: {share:.0%} ({int((errs <= TOLERANCE).sum())}/{len(rows)}; "
+                  + ", ".join(f"{p} {v:.0%}" for p, v in by_prec.items()) + f"); median |error| {np.median(errs):.1%}; "
                   f"load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} cores")
+    roof_share = float(np.mean([abs(r["roofline_error"]) <= TOLERANCE for r in rows]))
+    console.print(f"method: {rows[0]['method'] if rows else '-'}; the roofline alone: {roof_share:.0%} within +-15%")
     console.print("worst: " + ", ".join(f"{r['model']} {r['precision']} {r['error']:+.0%}" for r in worst))
     if args.markdown:
-        print("\n| model | precision | measured p50 ms | estimated ms | error |\n|---|---|---:|---:|---:|")
+        print("\n| model | precision | measured p50 ms | estimated ms | error | roofline error |\n"
+              "|---|---|---:|---:|---:|---:|")
         for r in rows:
             print(f"| {r['model']} | {r['precision']} | {r['measured_p50_ms']:.3f} | {r['estimated_ms']:.3f} | "
-                  f"{r['error']:+.0%} |")
+                  f"{r['error']:+.0%} | {r['roofline_error']:+.0%} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device.name, "threads": threads, "rows": rows,
                                                "within_15pct": share, "load": [load_before, load_after]}, indent=1))
