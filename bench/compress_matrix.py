@@ -73,7 +73,8 @@ def main() -> int:
     dev = load_device(args.device)
     dev = dev.model_copy(update={"threads": args.threads})  # the int8 search times at the bench's threads
     names = [n for n in args.models.split(",") if n] or [s.name for s in zoo.list_models()]
-    recipes = {r: load_recipe(r) for r in args.recipes.split(",") if r}
+    recipes = {Path(r).stem if r.endswith((".yaml", ".yml")) else r: load_recipe(r)
+               for r in args.recipes.split(",") if r}
     task = load_task("mnist")
     x, y = task.arrays("eval")
     x1 = np.ascontiguousarray(x[:1])

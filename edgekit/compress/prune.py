@@ -27,6 +27,11 @@ plans the channels itself so that it can
   (1x1 -> dw3x3 -> 1x1) and the ``conv5`` channels are pruned, each part traced
   on its own, and block inputs and outputs keep their widths (``ADAPTERS``).
 
+With ``blocks`` the step first removes whole blocks (``edgekit.compress.depth``:
+residual blocks and ShuffleNetV2 stride-1 units, least harmful first), then prunes
+channels for the rest of the budget: at small inputs a block's fixed per-kernel
+costs are a large part of its latency, and thinning channels keeps them all.
+
 An iterative schedule (``iterations``) reaches the budget in geometric steps,
 each followed by a short fine-tune (``edgekit.train.fit``; BatchNorm statistics
 are re-estimated) or, with ``finetune_epochs: 0``, by BatchNorm recalibration only.
@@ -65,6 +70,10 @@ class PruneParams(StepParams):
     max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="at most this share of one layer's channels goes")
     taylor_batches: int = Field(4, ge=1, description="training batches whose gradients the taylor criterion uses")
     recalibrate: bool = True
+    blocks: float = Field(0.0, ge=0, lt=1, description=(
+        "share of the removable blocks (residual blocks, ShuffleNetV2 stride-1 units) to remove before channels "
+        "are pruned, least harmful first; the rest of the budget is met by channel pruning"))
+    block_samples: int = Field(128, ge=8, description="calibration images that rank the blocks")
 
     @model_validator(mode="after")
     def _one_target(self) -> "PruneParams":
@@ -636,11 +645,20 @@ def _widths(m: nn.Module) -> Optional[int]:
 
 
 def _group_ok(model: nn.Module, ops: List[Op], roots: set, round_to: int) -> bool:
-    """Every conv/linear losing output channels keeps a positive multiple of ``round_to``."""
+    """Every conv/linear losing output channels keeps a positive multiple of ``round_to``, and every
+    grouped conv keeps input and output counts its groups divide (a mis-mapped dependency, e.g. through
+    a channel shuffle whose neighbours were removed, can otherwise take a group an uneven share)."""
     for op in ops:
-        if not op.out or op.param:
+        if op.param:
             continue
-        n = _widths(model.get_submodule(op.name))
+        m = model.get_submodule(op.name)
+        if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels:  # depthwise convs lose groups with channels
+            n = m.out_channels if op.out else m.in_channels
+            if (n - len(op.idxs(roots))) % m.groups != 0:
+                return False
+        if not op.out:
+            continue
+        n = _widths(m)
         if n is None:
             continue
         left = n - len(op.idxs(roots))
@@ -894,6 +912,10 @@ class Prune(Step):
         widths_before = layer_widths(model)
         base = before[kind]
         log, fallbacks, reached, rejected, unprunable = [], 0, True, set(), False
+        depth_info = None
+        if p.blocks > 0:  # on a copy: the caller's model (often the teacher) stays whole
+            model = copy.deepcopy(model)
+            depth_info = self._remove_blocks(model, ctx, kind, int(base * keep), shape)
         for it in range(1, p.iterations + 1):
             target = base * keep ** (it / p.iterations)
             clf = _classifier(model, ctx.model_name)
@@ -949,6 +971,8 @@ class Prune(Step):
             "layers_changed": changed, "torch_pruning": tp.__version__,
             "groups_rejected": sorted(rejected),
         }
+        if depth_info is not None:
+            info["blocks"] = depth_info
         if fallbacks:
             info["criterion_fallbacks"] = fallbacks
             ctx.notes.append(f"prune: {fallbacks} channel group(s) had no usable {p.criterion} score "
@@ -971,6 +995,35 @@ class Prune(Step):
                          f"{p.scope}, round_to {round_to})")
         _record(ctx, self.name, info)
         return model
+
+    def _remove_blocks(self, model: nn.Module, ctx: StepContext, kind: str, floor: int, shape) -> dict:
+        """Depth pruning (``edgekit.compress.depth``), in place, before the channel pruning."""
+        from . import depth
+
+        p: PruneParams = self.params
+        if ctx.task is not None:
+            xb, _ = next(iter(ctx.task.loader("train", batch_size=p.block_samples, shuffle=True, seed=ctx.seed)))
+        else:
+            xb = torch.randn((min(p.block_samples, 64),) + tuple(shape[1:]))
+        clf = _classifier(model, ctx.model_name)
+        keep = ([clf] if clf is not None else []) + resolve_ignored(model, p.ignore)
+        blocks = depth.removable_blocks(model, xb[:2], keep)
+        count = int(round(p.blocks * len(blocks)))
+        chosen = depth.select_blocks(model, blocks, count, xb, lambda m: _metric(kind, m, shape[1:]), floor)
+        depth.remove(model, [b.name for b, _ in chosen])
+        info = {"removable": len(blocks), "asked": count, "removed": [b.name for b, _ in chosen],
+                "kinds": sorted({b.kind for b, _ in chosen}), "kl_after": [round(kl, 5) for _, kl in chosen],
+                "ranked_on": "task train images" if ctx.task is not None else "random inputs"}
+        if not blocks:
+            ctx.notes.append(f"prune: {ctx.model_name} has no block that can be removed (no residual block or "
+                             "ShuffleNetV2 stride-1 unit); 'blocks' did nothing, channels alone meet the budget")
+        else:
+            ctx.notes.append(f"prune: removed {len(chosen)} of {len(blocks)} removable blocks "
+                             f"({', '.join(info['removed']) or 'none'}), least harmful first"
+                             + ("" if len(chosen) == count else
+                                f"; stopped at {len(chosen)} of {count}: one more would take it below the {kind} "
+                                "budget"))
+        return info
 
 
 def _default_lr(model_name: Optional[str]) -> float:
