@@ -27,7 +27,8 @@ COLUMNS: Dict[str, tuple] = {
              "recipe's ORT quantization (calibration and op scope auto) within 3 points of fp32; ❌ known: an "
              "xfail that says why",
              "tests/test_zoo_pipeline.py::test_trains_exports_and_quantizes"),
-    "prune50": ("prune step to 50% of the MACs, exported ONNX matches torch; ⚠️ where the architecture "
+    "prune50": ("the prune50 recipe's prune step (70% of the removable blocks, then channels) to 50% of the MACs, "
+                "one shot, exported ONNX matches torch; ⚠️ where the architecture "
                 "caps how far it can go", "tests/test_prune.py::test_every_zoo_model_prunes_and_exports"),
     "svd": ("SVD step to 70% of the MACs, exported ONNX matches torch; ⚠️ where few layers can be "
             "factorized profitably", "tests/test_lowrank.py::test_every_zoo_model_factorizes_and_exports"),
