@@ -10,7 +10,8 @@ int8 as ``edgekit compress`` makes it: on a local device the layout search picks
 the fastest accurate int8 layout at ``--threads``). The compressed variant
 and the fp32 baseline are timed round-robin in one loop (``interleaved_latency``,
 batch 1, 64x64, ``--threads`` ORT threads), so the speedup is a same-run ratio.
-``--size224`` also times the same two torch models exported at 224x224 (fp32,
+Recipes with the same steps (``prune50`` and ``edge``) share one compressed model
+per baseline, so the two rows differ only in the exported variant. ``--size224`` also times the same two torch models exported at 224x224 (fp32,
 same weights): pruning saves a larger share of the time when per-operator
 overhead is small next to the convolutions. Accuracy is top-1 on the 1,000-image
 eval split, through ONNX Runtime. Rows where the compressed variant is slower
@@ -90,16 +91,26 @@ def main() -> int:
             base_path = export_onnx(baseline, d / "baseline.onnx", task.input_shape)
             base_run = load_runner("onnxruntime", base_path, threads=args.threads)
             base_acc = _accuracy(base_run, x, y)
+            done = {}  # recipes with the same steps (prune50 and edge) share one compressed model
             for rname, rec in recipes.items():
                 row = {"model": spec.name, "recipe": rname, "acc_fp32": base_acc,
                        "macs_fp32": base_stats["macs"], "params_fp32": base_stats["params"]}
                 t0 = time.time()
                 try:
-                    ctx = StepContext(task=task, baseline=baseline, model_name=spec.name, device=dev, seed=args.seed)
-                    model = copy.deepcopy(baseline)
-                    for step in validate_steps(rec.steps, where=f"recipe {rname}"):
-                        model = step.apply(model, ctx).eval()
-                    row["step_seconds"] = round(time.time() - t0, 1)
+                    key = json.dumps([s.model_dump() for s in rec.steps], sort_keys=True)
+                    if key in done:
+                        model, ctx, secs = done[key]
+                        row["steps_shared_with"] = ctx.info["_recipe"]
+                    else:
+                        ctx = StepContext(task=task, baseline=baseline, model_name=spec.name, device=dev,
+                                          seed=args.seed)
+                        model = copy.deepcopy(baseline)
+                        for step in validate_steps(rec.steps, where=f"recipe {rname}"):
+                            model = step.apply(model, ctx).eval()
+                        secs = round(time.time() - t0, 1)
+                        ctx.info["_recipe"] = rname
+                        done[key] = (model, ctx, secs)
+                    row["step_seconds"] = secs
                     stats = zoo.model_stats(model, task.input_shape[1:])
                     row["macs_ratio"] = stats["macs"] / base_stats["macs"]
                     row["params_ratio"] = stats["params"] / base_stats["params"]
