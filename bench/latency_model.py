@@ -6,7 +6,7 @@
 
 For each zoo model (untrained weights, seed 0, 64x64 input, batch 1): ONNX fp32 export, edgekit's
 int8 (ONNX Runtime static QDQ with the device's settings, calibrated on the MNIST calibration split)
-and the prune step at 50% of the MACs (one shot, no fine-tune: latency depends on the structure).
+and the prune50 recipe's prune step (one shot, no fine-tune: latency depends on the structure).
 Each artifact is measured with ONNX Runtime at the given threads (p50 of ``--runs`` timed runs after
 warm-up, the median over ``--repeats`` passes that cycle through all artifacts so machine noise is spread
 out; each artifact runs alone, as on a device), and estimated by ``edgekit.profiling.estimate`` from
@@ -44,12 +44,14 @@ TOLERANCE = 0.15
 
 
 def _prune50(model, name: str, device):
-    """The prune step at 50% of the MACs, no fine-tune (BatchNorm re-estimated): the structure is what
-    latency depends on."""
+    """The prune50 recipe's prune step (blocks, then channels) in one shot, no fine-tune (BatchNorm
+    re-estimated): the structure is what latency depends on."""
     from edgekit.compress.steps import StepContext, build_step
+    from edgekit.config import load_recipe
 
     task = load_task("mnist")
-    step = build_step("prune", {"macs": 0.5, "iterations": 1, "finetune_epochs": 0}, "bench")
+    params = next(s for s in load_recipe("prune50").steps if s.kind == "prune").params
+    step = build_step("prune", {**params, "iterations": 1, "finetune_epochs": 0}, "bench")
     return step.apply(model, StepContext(task=task, baseline=model, model_name=name, device=device)).eval()
 
 
