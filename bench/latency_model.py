@@ -8,9 +8,9 @@ For each zoo model (untrained weights, seed 0, 64x64 input, batch 1): ONNX fp32 
 int8 (ONNX Runtime static QDQ with the device's settings, calibrated on the MNIST calibration split)
 and the prune50 recipe's prune step (one shot, no fine-tune: latency depends on the structure).
 Each artifact is measured with ONNX Runtime at the given threads (p50 of ``--runs`` timed runs after
-warm-up, the median over ``--repeats`` passes that cycle through all artifacts so machine noise is spread
-out; each artifact runs alone, as on a device), and estimated by ``edgekit.profiling.estimate`` from
-the same file with the profile's latency model: per-kernel regression where the profile has a kernel
+warm-up, the median over ``--repeats`` passes through all artifacts, each pass in a new shuffled order, so
+machine noise is spread out; each artifact runs alone, as on a device), and estimated by
+``edgekit.profiling.estimate`` from the same file with the profile's latency model: per-kernel regression where the profile has a kernel
 table for these threads (desktop-cpu), else the roofline, which is printed beside it for comparison.
 ``--calibrate`` first re-times the random networks of ``edgekit.profiling.kernels`` here and rewrites
 the profile's kernel table for these threads, so fit and check see the same machine state. No zoo
@@ -124,9 +124,11 @@ def main() -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         arts = build_artifacts(names, device, workdir, args.num_calib, console,
                                variants=[v for v in args.variants.split(",") if v])
-        p50s = {str(p): [] for _, _, p in arts}
+        timed = [p for _, _, p in arts]
+        p50s = {str(p): [] for p in timed}
+        order = np.random.default_rng(0)
         for rep in range(args.repeats):
-            for _, _, path in arts:
+            for path in order.permutation(np.array(timed, dtype=object)):
                 p50s[str(path)].append(profile_local(path, threads=threads, warmup=20, runs=args.runs)["p50"])
         rows = []
         for name, prec, path in arts:

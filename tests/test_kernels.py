@@ -15,7 +15,7 @@ from edgekit.errors import EdgekitError
 from edgekit.export.onnx import export_onnx
 from edgekit.profiling.calibrate import _quantize
 from edgekit.profiling.estimate import estimate_latency, kernel_table_for
-from edgekit.profiling.kernels import (FEATURES, KernelModel, calibrate_kernels, graph_kernels, load_table,
+from edgekit.profiling.kernels import (FEATURES, Kernel, KernelModel, calibrate_kernels, graph_kernels, load_table,
                                        save_table)
 from edgekit.profiling.synthetic import RandomNet
 
@@ -88,6 +88,75 @@ def test_calibrate_fit_and_estimate(nets, tmp_path):
     us = km.predict_us(kernels)
     assert us.shape == (len(kernels),) and (us > 0).all()
     assert km.total_ms(us) > 0
+    assert back["seed0"] == 1000
+
+
+def _power_law_table(n: int = 60) -> dict:
+    """A pointwise-conv kernel type whose time is exactly 0.002 * MACs^0.9 µs, on MACs from 2^16 to 2^22."""
+    rng = np.random.default_rng(0)
+    kernels = []
+    for _ in range(n):
+        cin, cout, hw = (int(2 ** rng.uniform(3, 7)), int(2 ** rng.uniform(3, 7)), int(2 ** rng.uniform(4, 8)))
+        desc = {"out": cout * hw, "in0": cin * hw, "weights": cin * cout, "macs": cin * cout * hw, "depth": cin,
+                "cout": cout, "cin": cin, "spatial": hw, "stride": 1, "kernel": 1, "groups": 1, "rank": 4}
+        kernels.append({"key": "nchwc:Conv/pw", "us": 0.002 * desc["macs"] ** 0.9, "desc": desc})
+    nets = [{"name": f"net{i}.{p}", "precision": p, "kernels": 10 + (7 * i) % 13, "sum_us": 100.0 * (i + 1),
+             "wall_ms": (20 + (3 if p == "int8" else 1) * (10 + (7 * i) % 13) + 100.0 * (i + 1)) / 1e3}
+            for i in range(25) for p in ("fp32", "int8")]
+    return {"version": 1, "threads": 1, "kernels": kernels, "nets": nets,
+            "overhead": {"a_us": 0.0, "b_us": 0.0, "c": 1.0}}
+
+
+def test_kernel_predictions_scale_past_the_calibration_range():
+    """The ridge line under each forest carries a power law past the largest calibrated kernel; a forest alone
+    would predict at most the largest time it saw."""
+    table = _power_law_table()
+    km = KernelModel(table)
+    biggest = max(k["desc"]["macs"] for k in table["kernels"])
+    d = {"out": 256 * 1024, "in0": 256 * 1024, "weights": 256 * 256, "macs": 256 * 256 * 1024, "depth": 256,
+         "cout": 256, "cin": 256, "spatial": 1024, "stride": 1, "kernel": 1, "groups": 1, "rank": 4}
+    assert d["macs"] > 4 * biggest
+    (pred,) = km.predict_us([Kernel("k", "nchwc:Conv", "nchwc:Conv/pw", d)])
+    truth = 0.002 * d["macs"] ** 0.9
+    assert abs(pred / truth - 1) < 0.25, (pred, truth)
+    assert pred > 2 * max(k["us"] for k in table["kernels"])
+
+
+class _Gate(torch.nn.Module):
+    def __init__(self, gate_first: bool):
+        super().__init__()
+        self.gate_first = gate_first
+        self.conv = torch.nn.Conv2d(3, 32, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        g = torch.sigmoid(x.mean((2, 3), keepdim=True))
+        return g * x if self.gate_first else x * g
+
+
+def test_commutative_kernels_are_described_the_same_whatever_the_operand_order(tmp_path):
+    """``gate * x`` and ``x * gate`` are one kernel to predict: the larger operand is in0 either way."""
+    descs = []
+    for first in (True, False):
+        path = export_onnx(_Gate(first).eval(), tmp_path / f"gate{first}.onnx", (1, 3, 16, 16))
+        kernels, _ = graph_kernels(path, 1)
+        (mul,) = [k for k in kernels if k.op == "Mul"]
+        descs.append(mul.desc)
+    assert descs[0] == descs[1]
+    assert descs[0]["in0"] == 32 * 16 * 16 and descs[0]["in_other"] == 32
+
+
+def test_executor_overhead_is_fitted_per_precision():
+    """fp32 and int8 networks get their own a + b * kernels + c * sum fit when each has enough networks."""
+    km = KernelModel(_power_law_table())
+    o32, o8 = km.overhead_for("fp32"), km.overhead_for("int8")
+    assert o32["b_us"] == pytest.approx(1.0, abs=1e-6) and o8["b_us"] == pytest.approx(3.0, abs=1e-6)
+    assert o32["a_us"] == pytest.approx(20.0, abs=1e-4) and o32["c"] == pytest.approx(1.0, abs=1e-6)
+    us = np.full(10, 10.0)
+    assert km.total_ms(us, "int8") - km.total_ms(us, "fp32") == pytest.approx(0.02, abs=1e-6)
+    assert km.overhead_for(None) == km.table["overhead"]
+    few = {**_power_law_table(), "nets": _power_law_table()["nets"][:10]}
+    assert KernelModel(few).overhead_for("int8") == few["overhead"]
 
 
 def test_desktop_cpu_estimates_by_kernel_and_says_so(nets):

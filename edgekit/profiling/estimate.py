@@ -697,13 +697,13 @@ def _estimate_from_kernels(model, device: DeviceProfile, table: Path, threads: i
     result = {
         "source": SOURCE,
         "method": "per-kernel regression: ONNX Runtime's optimized graph, each kernel's time predicted from "
-                  "its shape by forests trained on profiled random networks, plus executor overhead",
+                  "its shape by a ridge line and a forest trained on profiled random networks, plus executor overhead",
         "device": device.name,
         "threads": threads,
         "p50": est["ms"],
         "mean": est["ms"],
         "estimate_ms": est["ms"],
-        "session_overhead_ms": km.overhead["a_us"] / 1e3,
+        "session_overhead_ms": km.overhead_for(est["precision"])["a_us"] / 1e3,
         "ops": len(kernels),
         "gmacs": sum(k.desc.get("macs", 0) for k in kernels) / 1e9,
         "precisions": [est["precision"]],
