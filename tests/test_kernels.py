@@ -222,4 +222,4 @@ def test_random_networks_cover_the_blocks_of_the_zoo():
         with torch.no_grad():
             assert net(torch.zeros(net.input_shape)).shape == (1, 10)
     assert {"MB", "ShuffleV2", "ShuffleV1", "Fire", "Ghost", "SqNext", "DenseLayer", "GroupPair", "SE",
-            "Micro"} <= set(kinds)
+            "Micro", "ChannelConv"} <= set(kinds)

@@ -1,12 +1,13 @@
 """Random mobile CNNs for training the kernel latency predictors (``edgekit.profiling.kernels``).
 
 Each network is a stem, four stages of blocks drawn at random from the building blocks of lightweight
-CNNs (inverted residuals with squeeze-excite, depthwise-separable, ShuffleNet v1/v2 units, Fire,
-Ghost, SqueezeNext, dense/CondenseNet layers with channel gathers, grouped + pointwise pairs, plain
-and grouped dense convolutions) and a classifier head, with random widths, kernel sizes, group
-counts, activations (ReLU, ReLU6, hard-swish, SiLU) and input size. They are PyTorch modules exported
-by edgekit's own exporter, so their ONNX graphs have the patterns real exports have. They are not
-zoo models: no zoo architecture or width is copied.
+CNNs (inverted residuals with squeeze-excite, depthwise-separable, ShuffleNet v1 units (bottleneck,
+stride-2 concat unit) and v2 units, Fire, Ghost, SqueezeNext, dense/CondenseNet layers with channel
+gathers, grouped + pointwise pairs, plain and grouped dense convolutions, 1-D convolutions along the
+channel axis) and a classifier head, with random widths, kernel sizes, group counts, activations
+(ReLU, ReLU6, hard-swish, SiLU) and input size. They are PyTorch modules exported by edgekit's own
+exporter, so their ONNX graphs have the patterns real exports have. They are not zoo models: no zoo
+architecture or width is copied.
 """
 
 from __future__ import annotations
@@ -83,15 +84,23 @@ class ShuffleV2(nn.Module):
 
 
 class ShuffleV1(nn.Module):
-    def __init__(self, c, g, act):
+    """ShuffleNet v1 unit: grouped 1x1 down to ``c / ratio`` (the bottleneck), shuffle, depthwise, grouped
+    1x1 back up; residual add, or with ``s`` = 2 a concat with a 3x3 average pool of the input."""
+
+    def __init__(self, c, g, act, ratio=1, cout=None, s=1):
         super().__init__()
-        self.g = g
-        self.pw1 = cbr(c, c, 1, g=g, act=act)
-        self.dw = cbr(c, c, 3, 1, c, "none")
-        self.pw2 = cbr(c, c, 1, g=g, act="none")
+        self.g, self.s = g, s
+        out = (cout - c) if s == 2 else c
+        mid = max(g, c // ratio // g * g)
+        self.pw1 = cbr(c, mid, 1, g=g, act=act)
+        self.dw = cbr(mid, mid, 3, s, mid, "none")
+        self.pw2 = cbr(mid, out, 1, g=g if out % g == 0 else 1, act="none")
 
     def forward(self, x):
-        return F.relu(x + self.pw2(self.dw(shuffle(self.pw1(x), self.g))))
+        y = self.pw2(self.dw(shuffle(self.pw1(x), self.g)))
+        if self.s == 2:
+            return F.relu(torch.cat([F.avg_pool2d(x, 3, 2, 1), y], 1))
+        return F.relu(x + y)
 
 
 class Fire(nn.Module):
@@ -182,6 +191,26 @@ class Micro(nn.Module):
         return x + y if self.res else y
 
 
+class ChannelConv(nn.Module):
+    """A 1-D convolution along the channel axis, written as a one-input-channel 2-D Conv over a
+    (C, H*W) view between two Reshapes: a channel-wise convolution (``g`` filters of length ``k``
+    sliding over channels with stride ``g``, so the channel count is kept), or, with ``attention``,
+    ECA-style channel attention (the same kind of conv over the pooled channel descriptor, a sigmoid
+    gate)."""
+
+    def __init__(self, g, k, attention):
+        super().__init__()
+        self.attention = attention
+        self.conv = nn.Conv2d(1, g, (k, 1), (g, 1), ((k - g) // 2, 0), bias=attention)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        if self.attention:
+            s = self.conv(x.mean((2, 3)).reshape(b, 1, c, 1)).reshape(b, c, 1, 1)
+            return x * torch.sigmoid(s)
+        return self.conv(x.reshape(b, 1, c, h * w)).reshape(b, c, h, w)
+
+
 class RandomNet(nn.Module):
     def __init__(self, seed: int):
         super().__init__()
@@ -205,10 +234,21 @@ class RandomNet(nn.Module):
             for j in range(int(r.integers(1, 4))):
                 s = 2 if j == 0 and stage > 0 else 1
                 kind = str(r.choice(["mb", "mb", "dwsep", "shufflev2", "shufflev1", "fire", "ghost", "sqnext",
-                                     "dense", "pair", "conv", "gconv", "micro"]))
+                                     "dense", "pair", "conv", "gconv", "micro", "chanconv"]))
                 a = str(r.choice(ACTS)) if r.random() < 0.3 else act
+                if kind == "shufflev1":
+                    g = int(r.choice([g for g in (2, 3, 4, 8, 16) if c % g == 0] or [1]))
+                    ratio = int(r.choice([1, 2, 4, 4]))
+                    if s == 2 and cout > c:
+                        blk = ShuffleV1(c, g, a, ratio, cout, 2)
+                        c = cout
+                        layers.append(blk)
+                        continue
                 if kind in ("shufflev1", "sqnext", "dense") and s == 2:
                     layers.append(nn.AvgPool2d(2, 2) if r.random() < 0.5 else cbr(c, c, 3, 2, c, "none"))
+                    s = 1
+                if kind == "chanconv" and s == 2:
+                    layers.append(cbr(c, c, 3, 2, c, "none"))
                     s = 1
                 if kind == "mb":
                     blk = MB(c, cout if j == 0 else c, s, int(r.choice([1, 2, 3, 4, 6])), int(r.choice([3, 5, 7])),
@@ -222,8 +262,7 @@ class RandomNet(nn.Module):
                     blk = ShuffleV2(c, co - co % 2, s, int(r.choice([3, 5])), a)
                     c = co - co % 2
                 elif kind == "shufflev1":
-                    g = int(r.choice([g for g in (2, 3, 4, 8, 16) if c % g == 0] or [1]))
-                    blk = ShuffleV1(c, g, a)
+                    blk = ShuffleV1(c, g, a, ratio)
                 elif kind == "fire":
                     blk = Fire(c, cout if s == 1 else c, a)
                     if s == 2:
@@ -250,6 +289,12 @@ class RandomNet(nn.Module):
                     co = co + int(r.choice([0, 0, 2, 4, 6]))  # off the 8-channel grid now and then
                     blk = Micro(c, co, s, r)
                     c = co
+                elif kind == "chanconv":
+                    g = int(r.choice([g for g in (1, 2, 4) if c % g == 0]))
+                    k = int(r.choice([k for k in (3, 5, 4 * g, 8) if (k - g) % 2 == 0]))
+                    blk = ChannelConv(g, k, r.random() < 0.3)
+                    if not blk.attention:
+                        blk = nn.Sequential(blk, cbr(c, c, 1, g=int(r.choice([1, 2])) if c % 2 == 0 else 1, act=a))
                 elif kind == "gconv":
                     g = int(r.choice([g for g in (2, 4, 8, 16) if c % g == 0 and cout % g == 0] or [1]))
                     blk = cbr(c, cout, int(r.choice([1, 3])), s, g, a)
