@@ -15,8 +15,8 @@ from edgekit.errors import EdgekitError
 from edgekit.export.onnx import export_onnx
 from edgekit.profiling.calibrate import _quantize
 from edgekit.profiling.estimate import estimate_latency, kernel_table_for
-from edgekit.profiling.kernels import (FEATURES, Kernel, KernelModel, _middle_mean, calibrate_kernels, graph_kernels,
-                                       load_table, save_table)
+from edgekit.profiling.kernels import (FEATURES, Kernel, KernelModel, _middle_mean, calibrate_kernels, fit_aggregate,
+                                       fit_overhead, graph_kernels, load_table, save_table)
 from edgekit.profiling.synthetic import RandomNet
 
 
@@ -80,6 +80,8 @@ def test_calibrate_fit_and_estimate(nets, tmp_path):
                               progress=False)
     assert len(table["nets"]) == 4 and {r["precision"] for r in table["nets"]} == {"fp32", "int8"}
     assert all(r["kernels"] > 10 and r["wall_ms"] > 0 and r["sum_us"] > 0 for r in table["nets"])
+    assert sum(r["samples"] for r in table["nets"]) == len(table["kernels"])
+    assert table["aggregate"] is None  # 2 networks per precision: too few for the stacked fit, the plain one serves
     back = load_table(tmp_path / "t.json.gz")
     assert back["threads"] == 1 and len(back["kernels"]) == len(table["kernels"])
     assert back["kernels"][0]["desc"].keys() == set(FEATURES) and back["kernels"][0]["us"] >= 0
@@ -165,6 +167,47 @@ def test_executor_overhead_is_fitted_per_precision():
     assert km.overhead_for(None) == km.table["overhead"]
     few = {**_power_law_table(), "nets": _power_law_table()["nets"][:10]}
     assert KernelModel(few).overhead_for("int8") == few["overhead"]
+
+
+def _pw_sample(rng) -> dict:
+    cin, cout, hw = (int(2 ** rng.uniform(2, 6)), int(2 ** rng.uniform(2, 6)), int(2 ** rng.uniform(2, 6)))
+    desc = {"out": cout * hw, "in0": cin * hw, "weights": cin * cout, "macs": cin * cout * hw, "depth": cin,
+            "cout": cout, "cin": cin, "spatial": hw, "stride": 1, "kernel": 1, "groups": 1, "rank": 4}
+    return {"key": "nchwc:Conv/pw", "us": 0.002 * desc["macs"] ** 0.9, "desc": desc}
+
+
+def _true_wall_us(kernels) -> float:
+    """A network's wall-clock that is not linear in its profiled kernel times: a kernel under 5 µs costs a flat
+    1 µs (the profiler's own cost is most of it), a longer one its time less 2 µs; 15 µs per run."""
+    t = np.array([k["us"] for k in kernels])
+    return 15.0 + float(np.where(t < 5, 1.0, t - 2.0).sum())
+
+
+def test_executor_fit_is_stacked_and_binned_by_kernel_time():
+    """The executor fit reads out-of-fold kernel predictions binned by time, so a wall-clock that costs small
+    kernels differently from large ones is recovered; one a + b * kernels + c * sum line cannot."""
+    rng = np.random.default_rng(1)
+    kernels, nets = [], []
+    for i in range(30):
+        for p in ("fp32", "int8"):
+            ks = [_pw_sample(rng) for _ in range(int(rng.integers(8, 30)))]
+            kernels += ks
+            nets.append({"name": f"net{i}.{p}", "precision": p, "kernels": len(ks), "samples": len(ks),
+                         "sum_us": sum(k["us"] for k in ks), "wall_ms": _true_wall_us(ks) / 1e3})
+    table = {"version": 1, "threads": 1, "kernels": kernels, "nets": nets, "overhead": fit_overhead(nets)}
+    table["aggregate"] = fit_aggregate(table)
+    assert set(table["aggregate"]) >= {"fp32", "int8", "edges_us"}
+    stacked, plain = KernelModel(table), KernelModel({**table, "aggregate": None})
+    err_stacked, err_plain = [], []
+    for _ in range(20):
+        ks = [_pw_sample(rng) for _ in range(int(rng.integers(8, 30)))]
+        truth = _true_wall_us(ks) / 1e3
+        kern = [Kernel("k", "nchwc:Conv", k["key"], k["desc"]) for k in ks]
+        err_stacked.append(abs(stacked.total_ms(stacked.predict_us(kern), "fp32") / truth - 1))
+        err_plain.append(abs(plain.total_ms(plain.predict_us(kern), "fp32") / truth - 1))
+    assert np.median(err_stacked) < 0.03 and np.median(err_plain) > 3 * np.median(err_stacked)
+    # a table that cannot say which samples are whose network gets no stacked fit (and keeps the plain one)
+    assert fit_aggregate({**table, "kernels": kernels[:-1]}) is None
 
 
 def test_desktop_cpu_estimates_by_kernel_and_says_so(nets):
