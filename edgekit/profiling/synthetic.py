@@ -1,13 +1,12 @@
 """Random mobile CNNs for training the kernel latency predictors (``edgekit.profiling.kernels``).
 
 Each network is a stem, four stages of blocks drawn at random from the building blocks of lightweight
-CNNs (inverted residuals with squeeze-excite, depthwise-separable, ShuffleNet v1 units (bottleneck,
-stride-2 concat unit) and v2 units, Fire, Ghost, SqueezeNext, dense/CondenseNet layers with channel
-gathers, grouped + pointwise pairs, plain and grouped dense convolutions, 1-D convolutions along the
-channel axis) and a classifier head, with random widths, kernel sizes, group counts, activations
-(ReLU, ReLU6, hard-swish, SiLU) and input size. They are PyTorch modules exported by edgekit's own
-exporter, so their ONNX graphs have the patterns real exports have. They are not zoo models: no zoo
-architecture or width is copied.
+CNNs (inverted residuals with squeeze-excite, depthwise-separable, ShuffleNet v1/v2 units, Fire,
+Ghost, SqueezeNext, dense/CondenseNet layers with channel gathers, grouped + pointwise pairs, plain
+and grouped dense convolutions, 1-D convolutions along the channel axis) and a classifier head, with
+random widths, kernel sizes, group counts, activations (ReLU, ReLU6, hard-swish, SiLU) and input
+size. They are PyTorch modules exported by edgekit's own exporter, so their ONNX graphs have the
+patterns real exports have. They are not zoo models: no zoo architecture or width is copied.
 """
 
 from __future__ import annotations
@@ -84,23 +83,15 @@ class ShuffleV2(nn.Module):
 
 
 class ShuffleV1(nn.Module):
-    """ShuffleNet v1 unit: grouped 1x1 down to ``c / ratio`` (the bottleneck), shuffle, depthwise, grouped
-    1x1 back up; residual add, or with ``s`` = 2 a concat with a 3x3 average pool of the input."""
-
-    def __init__(self, c, g, act, ratio=1, cout=None, s=1):
+    def __init__(self, c, g, act):
         super().__init__()
-        self.g, self.s = g, s
-        out = (cout - c) if s == 2 else c
-        mid = max(g, c // ratio // g * g)
-        self.pw1 = cbr(c, mid, 1, g=g, act=act)
-        self.dw = cbr(mid, mid, 3, s, mid, "none")
-        self.pw2 = cbr(mid, out, 1, g=g if out % g == 0 else 1, act="none")
+        self.g = g
+        self.pw1 = cbr(c, c, 1, g=g, act=act)
+        self.dw = cbr(c, c, 3, 1, c, "none")
+        self.pw2 = cbr(c, c, 1, g=g, act="none")
 
     def forward(self, x):
-        y = self.pw2(self.dw(shuffle(self.pw1(x), self.g)))
-        if self.s == 2:
-            return F.relu(torch.cat([F.avg_pool2d(x, 3, 2, 1), y], 1))
-        return F.relu(x + y)
+        return F.relu(x + self.pw2(self.dw(shuffle(self.pw1(x), self.g))))
 
 
 class Fire(nn.Module):
@@ -236,14 +227,6 @@ class RandomNet(nn.Module):
                 kind = str(r.choice(["mb", "mb", "dwsep", "shufflev2", "shufflev1", "fire", "ghost", "sqnext",
                                      "dense", "pair", "conv", "gconv", "micro", "chanconv"]))
                 a = str(r.choice(ACTS)) if r.random() < 0.3 else act
-                if kind == "shufflev1":
-                    g = int(r.choice([g for g in (2, 3, 4, 8, 16) if c % g == 0] or [1]))
-                    ratio = int(r.choice([1, 2, 4, 4]))
-                    if s == 2 and cout > c:
-                        blk = ShuffleV1(c, g, a, ratio, cout, 2)
-                        c = cout
-                        layers.append(blk)
-                        continue
                 if kind in ("shufflev1", "sqnext", "dense") and s == 2:
                     layers.append(nn.AvgPool2d(2, 2) if r.random() < 0.5 else cbr(c, c, 3, 2, c, "none"))
                     s = 1
@@ -262,7 +245,8 @@ class RandomNet(nn.Module):
                     blk = ShuffleV2(c, co - co % 2, s, int(r.choice([3, 5])), a)
                     c = co - co % 2
                 elif kind == "shufflev1":
-                    blk = ShuffleV1(c, g, a, ratio)
+                    g = int(r.choice([g for g in (2, 3, 4, 8, 16) if c % g == 0] or [1]))
+                    blk = ShuffleV1(c, g, a)
                 elif kind == "fire":
                     blk = Fire(c, cout if s == 1 else c, a)
                     if s == 2:
