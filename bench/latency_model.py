@@ -95,7 +95,7 @@ def main() -> int:
     ap.add_argument("--calibrate", action="store_true", help="time random networks here first and rewrite the "
                     "profile's kernel table for these threads")
     ap.add_argument("--quick-calibrate", action="store_true", help="--calibrate with 30 random networks")
-    ap.add_argument("--nets", type=int, default=120, help="random networks (x fp32, int8) for --calibrate")
+    ap.add_argument("--nets", type=int, default=200, help="random networks (x fp32, int8) for --calibrate")
     ap.add_argument("--workdir", default=None, help="keep the exported models here (default: a temp folder)")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table too")

@@ -568,7 +568,7 @@ def calibrate_kernels(device, threads: int, nets: int = 60, out: Optional[Path] 
     return table
 
 
-def calibrate_device(device: str = "desktop-cpu", threads: Optional[int] = None, nets: int = 120,
+def calibrate_device(device: str = "desktop-cpu", threads: Optional[int] = None, nets: int = 200,
                      runs: int = 60, progress: bool = True) -> dict:
     """Recalibrate a local profile's kernel table for ``threads`` and point its YAML at it.
 
