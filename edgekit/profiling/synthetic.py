@@ -35,6 +35,15 @@ def shuffle(x, g: int):
     return x.view(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
+class Shuffle(nn.Module):
+    def __init__(self, g: int):
+        super().__init__()
+        self.g = g
+
+    def forward(self, x):
+        return shuffle(x, self.g)
+
+
 class SE(nn.Module):
     def __init__(self, c, r, gate, mean):
         super().__init__()
@@ -225,7 +234,7 @@ class RandomNet(nn.Module):
             for j in range(int(r.integers(1, 4))):
                 s = 2 if j == 0 and stage > 0 else 1
                 kind = str(r.choice(["mb", "mb", "dwsep", "shufflev2", "shufflev1", "fire", "ghost", "sqnext",
-                                     "dense", "pair", "conv", "gconv", "micro", "chanconv"]))
+                                     "dense", "pair", "conv", "gconv", "gconv", "micro", "micro", "chanconv"]))
                 a = str(r.choice(ACTS)) if r.random() < 0.3 else act
                 if kind in ("shufflev1", "sqnext", "dense") and s == 2:
                     layers.append(nn.AvgPool2d(2, 2) if r.random() < 0.5 else cbr(c, c, 3, 2, c, "none"))
@@ -280,9 +289,17 @@ class RandomNet(nn.Module):
                     if not blk.attention:
                         blk = nn.Sequential(blk, cbr(c, c, 1, g=int(r.choice([1, 2])) if c % 2 == 0 else 1, act=a))
                 elif kind == "gconv":
-                    g = int(r.choice([g for g in (2, 4, 8, 16) if c % g == 0 and cout % g == 0] or [1]))
-                    blk = cbr(c, cout, int(r.choice([1, 3])), s, g, a)
-                    c = cout
+                    # from a few groups to a few channels per group (MicroNet, CondenseNet, IGCV), kept or
+                    # changed width, a channel shuffle after a grouped 1x1 now and then
+                    co = int(r.choice([cout, cout, c, c // 2])) if s == 1 else cout
+                    co = max(8, co)
+                    g = int(r.choice([g for g in (2, 4, 8, 16, 32, 64, c // 8, c // 4, c // 2)
+                                      if g >= 2 and c % g == 0 and co % g == 0] or [1]))
+                    k = int(r.choice([1, 1, 3]))
+                    blk = cbr(c, co, k, s, g, a)
+                    if k == 1 and g > 1 and r.random() < 0.5:
+                        blk = nn.Sequential(blk, Shuffle(g))
+                    c = co
                 else:
                     blk = cbr(c, cout, 3, s, act=a)
                     c = cout
