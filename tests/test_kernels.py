@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,3 +267,47 @@ def test_random_networks_cover_the_blocks_of_the_zoo():
             assert net(torch.zeros(net.input_shape)).shape == (1, 10)
     assert {"MB", "ShuffleV2", "ShuffleV1", "Fire", "Ghost", "SqNext", "DenseLayer", "GroupPair", "SE",
             "Micro", "ChannelConv"} <= set(kinds)
+
+
+def test_an_estimate_from_a_table_timed_on_another_cpu_says_so(nets, tmp_path):
+    from edgekit.profiling.calibrate import cpu_name
+
+    _, (fp32, _), _ = nets
+    dev = load_device("desktop-cpu")
+    for host, warned in (("Some Other CPU @ 1.0GHz", True), (cpu_name(), False)):
+        path = tmp_path / f"t{int(warned)}.json.gz"
+        save_table({**_power_law_table(), "host": host, "date": "2026-01-01"}, path)
+        r = estimate_latency(fp32, dev, threads=1, lm=dev.latency_model.model_copy(update={"kernel_tables": {1: str(path)}}))
+        assert r["source"] == "estimated" and r["p50"] > 0
+        assert bool(r.get("warnings")) is warned
+        if warned:
+            assert "Some Other CPU" in r["warnings"][0] and cpu_name() in r["warnings"][0]
+            assert "edgekit devices calibrate" in r["warnings"][0]
+
+
+def test_cli_calibrate_writes_the_table_beside_a_user_profile(nets, tmp_path):
+    """`edgekit devices calibrate my.yaml` times random networks here and points the user's profile at the table."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from edgekit.cli import app
+    from edgekit.config import _resolve
+
+    _, (fp32, _), _ = nets
+    prof = tmp_path / "my-pc.yaml"
+    shutil.copy(_resolve("devices", "desktop-cpu"), prof)
+    res = CliRunner().invoke(app, ["devices", "calibrate", str(prof), "--threads", "3", "--nets", "2"])
+    assert res.exit_code == 0, res.output
+    table = tmp_path / "my-pc.kernels-t3.json.gz"
+    assert table.is_file() and "random networks" in res.output
+    assert not list(tmp_path.glob(".tmp-*"))
+    dev = load_device(str(prof))
+    assert Path(dev.latency_model.kernel_tables[3]) == table.resolve()
+    assert dev.latency_model.kernel_tables[1] == load_device("desktop-cpu").latency_model.kernel_tables[1]
+    r = estimate_latency(fp32, dev, threads=3)
+    assert r["method"].startswith("per-kernel regression") and r["calibration"]["table"] == table.name
+    assert "warnings" not in r
+    # a profile that is not this machine cannot be calibrated here: one clear message, exit 2
+    res = CliRunner().invoke(app, ["devices", "calibrate", "rpi4", "--nets", "2"])
+    assert res.exit_code == 2 and "not local" in res.output

@@ -673,6 +673,7 @@ def _estimate_from_kernels(model, device: DeviceProfile, table: Path, threads: i
 
     import onnx
 
+    from .calibrate import cpu_name
     from .kernels import estimate_kernels, kernel_model
 
     with tempfile.TemporaryDirectory(prefix="edgekit-est-") as tmp:
@@ -714,6 +715,11 @@ def _estimate_from_kernels(model, device: DeviceProfile, table: Path, threads: i
                         "onnxruntime": t.get("onnxruntime"), "random_networks": len(t.get("nets", [])),
                         "kernel_samples": len(t["kernels"]), "table": table.name},
     }
+    here = cpu_name()
+    if device.local and t.get("host") and t["host"] != here:  # a kernel table only holds for the CPU it timed
+        result["warnings"] = [f"{table.name} was timed on {t['host']} ({t.get('date')}), not on this machine "
+                              f"({here}): estimates for this machine can be far off until it is re-timed here "
+                              f"(`edgekit devices calibrate {device.name}`)"]
     if isinstance(model, (str, Path)):
         result["artifact"] = str(model)
     if per_op:
