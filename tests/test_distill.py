@@ -52,19 +52,21 @@ def test_student_agreement_with_the_teacher_rises(rolled_teacher, small_task):
 
 @pytest.mark.slow
 def test_named_teacher_is_trained_then_taught_with_features(small_task, tmp_path):
+    # the student is one that learns within half an epoch from scratch: SqueezeNet 1.1 (the student here
+    # before) stayed at chance after 0.3 epochs on an AMD EPYC host (0.088 -> 0.086), 0.116 after a whole one
     torch.manual_seed(0)
-    student = zoo.create("squeezenet1.1", num_classes=10)
+    student = zoo.create("shufflenetv2-x0.5", num_classes=10)
     keys = set(student.state_dict())
-    ctx = StepContext(task=small_task, baseline=student, model_name="squeezenet1.1", device=None)
-    params = {"teacher": "mobilenetv3-small", "teacher_epochs": 0.5, "epochs": 0.3, "feature_weight": 1.0}
+    ctx = StepContext(task=small_task, baseline=student, model_name="shufflenetv2-x0.5", device=None)
+    params = {"teacher": "mobilenetv3-small", "teacher_epochs": 0.5, "epochs": 0.5, "feature_weight": 1.0}
     out = build_step("distill", params).apply(student, ctx)
     info = ctx.info["distill"]
     assert info["teacher"] == "mobilenetv3-small" and info["teacher_source"].startswith("trained 0.5 epochs")
     assert info["teacher_acc"] > 0.3
-    assert info["feature"]["student_channels"] == 512 and info["feature"]["teacher_channels"] == 576
+    assert info["feature"]["student_channels"] == 1024 and info["feature"]["teacher_channels"] == 576
     assert set(out.state_dict()) == keys  # the 1x1 adapter is not part of the student
     assert not out._forward_pre_hooks and not out._forward_hooks
-    assert info["student_acc_after"] > info["student_acc_before"]
+    assert info["student_acc_after"] > info["student_acc_before"] + 0.05, info
     assert_onnx_matches(out, small_task, tmp_path)
 
 
