@@ -1,15 +1,17 @@
 """Estimated vs measured latency for every zoo model x {fp32, int8, prune50} on a local device profile.
 
     python bench/latency_model.py [--device desktop-cpu] [--threads N] [--calibrate] [--models a,b]
-                                  [--variants fp32,int8,prune50] [--runs 200] [--repeats 3]
+                                  [--variants fp32,int8,prune50] [--rounds 12] [--runs-per-round 20]
                                   [--json out.json] [--markdown]
 
 For each zoo model (untrained weights, seed 0, 64x64 input, batch 1): ONNX fp32 export, edgekit's
 int8 (ONNX Runtime static QDQ with the device's settings, calibrated on the MNIST calibration split)
 and the prune50 recipe's prune step (one shot, no fine-tune: latency depends on the structure).
-Each artifact is measured with ONNX Runtime at the given threads (p50 of ``--runs`` timed runs after
-warm-up, the median over ``--repeats`` passes through all artifacts, each pass in a new shuffled order, so
-machine noise is spread out; each artifact runs alone, as on a device), and estimated by
+Each artifact is measured with ONNX Runtime at the given threads: all artifacts are loaded and timed
+round-robin, ``--rounds`` rounds in a new shuffled order each, ``--runs-per-round`` timed runs after a
+short warm-up per artifact and round (one artifact runs at a time, as on a device); the measurement is
+the median of its rounds' p50s, so a slow spell of the machine touches every artifact a little instead
+of the few that ran during it. It is estimated by
 ``edgekit.profiling.estimate`` from the same file with the profile's latency model: per-kernel regression where the profile has a kernel
 table for these threads (desktop-cpu), else the roofline, which is printed beside it for comparison.
 ``--calibrate`` first re-times the random networks of ``edgekit.profiling.kernels`` here and rewrites
@@ -26,6 +28,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,7 @@ from edgekit.compress.quantize import OrtQuantConfig, quantize_onnx
 from edgekit.config import load_device
 from edgekit.data import load_task
 from edgekit.export.onnx import export_onnx
-from edgekit.profiling import profile_local
+from edgekit.progress import track
 from edgekit.profiling.estimate import estimate_latency
 
 TOLERANCE = 0.15
@@ -83,19 +86,52 @@ def build_artifacts(names, device, workdir: Path, num_calib: int, console: Conso
     return arts
 
 
+def measure_round_robin(paths, threads: int, rounds: int, runs: int, warmup: int = 5) -> dict:
+    """Per artifact, the p50 of each round's ``runs`` timed runs (after ``warmup`` untimed ones).
+
+    All artifacts are loaded at once and timed round-robin, in a new shuffled order each round, so a
+    slow spell of the machine (another tenant, a frequency change) lands on every artifact a little
+    instead of on the few that happened to run during it; each round's warm-up restores the artifact's
+    own cache state, as on a device that runs one model. The measurement is the median of the rounds."""
+    from edgekit.profiling import _runtime_for
+    from edgekit.runtime import load_runner
+
+    runners = {}
+    for p in paths:
+        r = load_runner(_runtime_for(Path(p)), Path(p), threads=threads)
+        shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in r.input_shape)
+        runners[str(p)] = (r, np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    out = {k: [] for k in runners}
+    order = list(runners)
+    rng = np.random.default_rng(0)
+    for _ in track(range(rounds), "measuring (round-robin)", total=rounds):
+        rng.shuffle(order)
+        for k in order:
+            r, x = runners[k]
+            for _ in range(warmup):
+                r.run(x)
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                r.run(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+            out[k].append(float(np.median(times)))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="desktop-cpu")
     ap.add_argument("--models", default="", help="comma-separated zoo names (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="default: the profile's threads")
-    ap.add_argument("--runs", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=12, help="round-robin rounds through all artifacts")
+    ap.add_argument("--runs-per-round", type=int, default=20, help="timed runs of an artifact in each round")
     ap.add_argument("--num-calib", type=int, default=64, help="MNIST calibration images for int8")
     ap.add_argument("--variants", default="fp32,int8,prune50", help="comma-separated: fp32, int8, prune50")
     ap.add_argument("--calibrate", action="store_true", help="time random networks here first and rewrite the "
                     "profile's kernel table for these threads")
     ap.add_argument("--quick-calibrate", action="store_true", help="--calibrate with 30 random networks")
-    ap.add_argument("--nets", type=int, default=200, help="random networks (x fp32, int8) for --calibrate")
+    ap.add_argument("--nets", type=int, default=260, help="random networks (x fp32, int8) for --calibrate")
     ap.add_argument("--workdir", default=None, help="keep the exported models here (default: a temp folder)")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table too")
@@ -124,19 +160,17 @@ def main() -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         arts = build_artifacts(names, device, workdir, args.num_calib, console,
                                variants=[v for v in args.variants.split(",") if v])
-        timed = [p for _, _, p in arts]
-        p50s = {str(p): [] for p in timed}
-        order = np.random.default_rng(0)
-        for rep in range(args.repeats):
-            for path in order.permutation(np.array(timed, dtype=object)):
-                p50s[str(path)].append(profile_local(path, threads=threads, warmup=20, runs=args.runs)["p50"])
+        p50s = measure_round_robin([p for _, _, p in arts], threads, args.rounds, args.runs_per_round)
         rows = []
         for name, prec, path in arts:
             est = estimate_latency(path, device, threads=threads)
             roof = estimate_latency(path, device, threads=threads, lm=roofline)
-            measured = float(np.median(p50s[str(path)]))
+            chunks = p50s[str(path)]
+            measured = float(np.median(chunks))
             rows.append({"model": name, "precision": prec, "ops": est["ops"], "gmacs": est["gmacs"],
-                         "measured_p50_ms": measured, "measured_spread": float(np.ptp(p50s[str(path)]) / measured),
+                         "measured_p50_ms": measured,
+                         "measured_spread": float(np.subtract(*np.percentile(chunks, [90, 10])) / measured),
+                         "measured_rounds": [float(c) for c in chunks],
                          "estimated_ms": est["p50"], "error": est["p50"] / measured - 1, "source": est["source"],
                          "method": est["method"].split(":")[0], "roofline_ms": roof["p50"],
                          "roofline_error": roof["p50"] / measured - 1, "unseen": est.get("unseen_kernels", [])})
