@@ -81,6 +81,9 @@ def test_calibrate_fit_and_estimate(nets, tmp_path):
                               progress=False)
     assert len(table["nets"]) == 4 and {r["precision"] for r in table["nets"]} == {"fp32", "int8"}
     assert all(r["kernels"] > 10 and r["wall_ms"] > 0 and r["sum_us"] > 0 for r in table["nets"])
+    # the wall-clock label: the median of the pass after profiling and three round-robin passes
+    assert all(len(r["wall_passes_ms"]) == 4 and r["wall_ms"] == pytest.approx(np.median(r["wall_passes_ms"]), rel=1e-3)
+               for r in table["nets"])
     assert sum(r["samples"] for r in table["nets"]) == len(table["kernels"])
     assert table["aggregate"] is None  # 2 networks per precision: too few for the stacked fit, the plain one serves
     back = load_table(tmp_path / "t.json.gz")
@@ -267,6 +270,20 @@ def test_random_networks_cover_the_blocks_of_the_zoo():
             assert net(torch.zeros(net.input_shape)).shape == (1, 10)
     assert {"MB", "ShuffleV2", "ShuffleV1", "Fire", "Ghost", "SqNext", "DenseLayer", "GroupPair", "SE",
             "Micro", "ChannelConv"} <= set(kinds)
+
+
+def test_long_random_networks_are_deeper_and_narrower():
+    """A long network has 3-8 blocks a stage (the others 1-3) at half the width: many small convs."""
+    convs = {False: 0, True: 0}
+    for seed in range(4):
+        short, long = RandomNet(seed).eval(), RandomNet(seed, long=True).eval()
+        assert all(1 <= b <= 3 for b in short.blocks) and all(3 <= b <= 8 for b in long.blocks)
+        assert long.width == short.width / 2
+        for n in (short, long):
+            convs[n.long] += sum(isinstance(m, torch.nn.Conv2d) for m in n.modules())
+        with torch.no_grad():
+            assert long(torch.zeros(long.input_shape)).shape == (1, 10)
+    assert convs[True] > 2 * convs[False]
 
 
 def test_an_estimate_from_a_table_timed_on_another_cpu_says_so(nets, tmp_path):

@@ -5,8 +5,9 @@ CNNs (inverted residuals with squeeze-excite, depthwise-separable, ShuffleNet v1
 Ghost, SqueezeNext, dense/CondenseNet layers with channel gathers, grouped + pointwise pairs, plain
 and grouped dense convolutions, 1-D convolutions along the channel axis) and a classifier head, with
 random widths, kernel sizes, group counts, activations (ReLU, ReLU6, hard-swish, SiLU) and input
-size. They are PyTorch modules exported by edgekit's own exporter, so their ONNX graphs have the
-patterns real exports have. They are not zoo models: no zoo architecture or width is copied.
+size. A ``long`` network has 3-8 blocks a stage at half the width (100-270 small kernels, like
+ShuffleNetV2-x0.5 or MicroNet) where the others have 1-3. They are PyTorch modules exported by
+edgekit's own exporter, so their ONNX graphs have the patterns real exports have. They are not zoo models: no zoo architecture or width is copied.
 """
 
 from __future__ import annotations
@@ -178,7 +179,10 @@ class Micro(nn.Module):
         super().__init__()
         m = int(r.choice([2, 3, 4]))
         # groups from a few up to one output channel per group (MicroNet's 1152 -> 576 in 576 groups)
-        cands = [d for d in (2, 4, 8, cin * m // 4, cin * m // 2, cin * m, cout // 2, cout)
+        # (one or two output channels per group drawn three times as often: a conv with hundreds of groups
+        # costs about 0.15 µs a group, which the predictors only learn from enough of them)
+        cands = [d for d in (2, 4, 8, cin * m // 4, cin * m // 2, cin * m, cout // 2, cout, cout // 2, cout,
+                             cout // 2, cout)
                  if d >= 1 and (cin * m) % d == 0 and cout % d == 0]
         g1 = int(r.choice(cands or [1]))
         self.g1 = g1
@@ -212,12 +216,13 @@ class ChannelConv(nn.Module):
 
 
 class RandomNet(nn.Module):
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, long: bool = False):
         super().__init__()
         r = np.random.default_rng(seed)
+        self.long = bool(long)
         self.size = int(r.choice([32, 48, 64, 64, 64, 80, 96]))
         act = str(r.choice(ACTS))
-        w = float(r.choice([0.25, 0.5, 0.75, 1.0, 1.5, 2.0]))
+        w = self.width = float(r.choice([0.25, 0.5, 0.75, 1.0, 1.5, 2.0])) / (2.0 if self.long else 1.0)
         c = max(8, int(r.choice([8, 12, 16, 24, 32, 48, 64]) * max(w, 0.5)))
         if r.random() < 0.15:  # a narrow stem at full resolution (MicroNet: 3 -> 3, then depthwise x2)
             layers = [cbr(3, 3, 3, 2, act=act), cbr(3, 6, 3, 2, 3, act)]
@@ -229,9 +234,11 @@ class RandomNet(nn.Module):
         widths = [int(v * w) for v in r.choice([[24, 40, 80, 160], [32, 64, 128, 256], [48, 96, 192, 384],
                                                  [16, 32, 64, 128], [64, 128, 256, 512], [40, 80, 160, 320],
                                                  [58, 116, 232, 464], [30, 60, 120, 240], [72, 144, 288, 576]])]
+        self.blocks = []
         for stage in range(4):
             cout = max(8, widths[stage])
-            for j in range(int(r.integers(1, 4))):
+            self.blocks.append(int(r.integers(3, 9) if self.long else r.integers(1, 4)))
+            for j in range(self.blocks[-1]):
                 s = 2 if j == 0 and stage > 0 else 1
                 kind = str(r.choice(["mb", "mb", "dwsep", "shufflev2", "shufflev1", "fire", "ghost", "sqnext",
                                      "dense", "pair", "conv", "gconv", "gconv", "micro", "micro", "chanconv"]))
