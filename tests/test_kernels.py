@@ -16,8 +16,8 @@ from edgekit.errors import EdgekitError
 from edgekit.export.onnx import export_onnx
 from edgekit.profiling.calibrate import _quantize
 from edgekit.profiling.estimate import estimate_latency, kernel_table_for
-from edgekit.profiling.kernels import (FEATURES, Kernel, KernelModel, _middle_mean, calibrate_kernels, fit_aggregate,
-                                       fit_overhead, graph_kernels, load_table, save_table)
+from edgekit.profiling.kernels import (FEATURES, Kernel, KernelModel, _middle_mean, calibrate_kernels, cold_mb,
+                                       fit_aggregate, fit_overhead, graph_kernels, load_table, save_table)
 from edgekit.profiling.synthetic import RandomNet
 
 
@@ -212,6 +212,48 @@ def test_executor_fit_is_stacked_and_binned_by_kernel_time():
     assert np.median(err_stacked) < 0.03 and np.median(err_plain) > 3 * np.median(err_stacked)
     # a table that cannot say which samples are whose network gets no stacked fit (and keeps the plain one)
     assert fit_aggregate({**table, "kernels": kernels[:-1]}) is None
+
+
+def test_cold_mb_ramps_in_past_the_cache():
+    assert [cold_mb(mb * 1e6, 8.0) for mb in (2, 8, 12, 16, 24, 40)] == [0.0, 0.0, 3.0, 8.0, 24.0, 40.0]
+
+
+def test_weights_beyond_the_cache_are_a_cost_of_their_own():
+    """Networks whose weights outgrow the cache run their kernels slower and pay a per-MB cost: the kernel
+    models learn from the networks that fit (their predictions are the in-cache times) and the executor fit's
+    cold-MB column carries the rest, for networks of any size."""
+    rng = np.random.default_rng(2)
+
+    def net(mb):
+        ks = [_pw_sample(rng) for _ in range(int(rng.integers(8, 30)))]
+        for k in ks:
+            k["desc"]["model_weight_bytes"] = int(mb * 1e6)
+        wall = _true_wall_us(ks) + 30.0 * cold_mb(mb * 1e6, 8.0)
+        profiled = [{**k, "us": k["us"] * (1.6 if mb >= 8 else 1.0)} for k in ks]
+        return ks, profiled, wall
+
+    kernels, nets = [], []
+    for i in range(60):
+        for p in ("fp32", "int8"):
+            _, ks, wall = net(float(2 ** rng.uniform(0, 5.3)))
+            kernels += ks
+            nets.append({"name": f"net{i}.{p}", "precision": p, "kernels": len(ks), "samples": len(ks),
+                         "sum_us": sum(k["us"] for k in ks), "wall_ms": wall / 1e3})
+    table = {"version": 1, "threads": 1, "kernels": kernels, "nets": nets, "overhead": fit_overhead(nets),
+             "cold_mb": 8.0}
+    table["aggregate"] = fit_aggregate(table)
+    assert table["aggregate"]["cold_mb"] == 8.0
+    km = KernelModel(table)
+    for mb in (2.0, 30.0):
+        errs, kern_errs = [], []
+        for _ in range(15):
+            warm, _, wall = net(mb)
+            kern = [Kernel("k", "nchwc:Conv", k["key"], k["desc"]) for k in warm]
+            us = km.predict_us(kern)
+            kern_errs += list(us / np.array([k["us"] for k in warm]) - 1)
+            errs.append(km.total_ms(us, "fp32", mb * 1e6) / (wall / 1e3) - 1)
+        assert np.median(np.abs(kern_errs)) < 0.05, mb  # in-cache kernel times, whatever the model's size
+        assert np.median(np.abs(errs)) < 0.05, mb
 
 
 def test_desktop_cpu_estimates_by_kernel_and_says_so(nets):

@@ -20,10 +20,14 @@ dense one). So for a *local* ONNX Runtime device the estimate is built the way n
    from mobile-CNN blocks (``edgekit.profiling.synthetic``) with random widths, depths, kernel sizes,
    groups and input sizes, fp32 and edgekit's int8; every fourth network is long and narrow (3-8 blocks a
    stage), so graphs of 100-270 kernels of a few µs each are covered. No zoo model is timed to train them.
+   Only networks whose weights fit in cache (under the table's ``cold_mb``: a quarter of the L3, 8 MB on a
+   32 MB one) train them: they predict a kernel with its weights in cache. (EfficientNetV2-B0's 192 -> 1152
+   1x1 convs at 2x2 take 23 µs in small random networks and 50 µs in its 24 MB of weights.)
 3. **Sum and overhead.** The profiler's per-node times include its own cost and leave out the
    executor's between kernels, and that cost weighs most on the smallest kernels (a 3 µs kernel is
    mostly profiler). So the kernels are binned by predicted time (< 3, 3-5, 5-10, 10-20, 20-50,
-   >= 50 µs) and model latency = a + sum over bins of (b_bin * kernels + c_bin * their predicted µs),
+   >= 50 µs) and model latency = a + sum over bins of (b_bin * kernels + c_bin * their predicted µs)
+   + d * cold MB (``cold_mb()``: the weight MB beyond the cache, which are read from memory every run),
    fitted (least squares on relative error, a light ridge) on the random networks' wall-clock p50
    separately for fp32 and int8 graphs. The fit is *stacked*: it reads each network's kernel times as
    predicted by kernel models that never saw that network (4-fold by network), so it also absorbs what
@@ -65,6 +69,7 @@ MIN_NETS_PER_PRECISION = 20  # fewer calibration networks of a precision: the sh
 AGG_EDGES_US = (3.0, 5.0, 10.0, 20.0, 50.0)  # predicted-time bins of the executor fit
 AGG_FOLDS = 4
 AGG_RIDGE = 0.01  # a light pull of the executor fit's coefficients to 0 (its rows are relative errors)
+COLD_MB = 8.0  # weights beyond this do not stay in cache between inferences (a table without ``cold_mb``)
 
 
 @dataclass
@@ -84,6 +89,29 @@ class Kernel:
 
 LINEAR = ("stride", "rank", "activation", "sum_input")  # small integers, used as they are
 CONTEXT = ("model_weight_bytes",)  # recorded, not a feature: one value per network lets the forests memorize networks
+
+
+def cold_mb(model_bytes: float, threshold_mb: float) -> float:
+    """The executor fit's cache column: the model's weight MB, ramped in from 0 at ``threshold_mb`` to all of
+    them at 3x the threshold. A model whose weights outgrow the cache reads them from memory every
+    inference, which no kernel timed in a small random network shows."""
+    mb = float(model_bytes) / 1e6
+    return mb * min(1.0, max(0.0, (mb - threshold_mb) / (2.0 * threshold_mb)))
+
+
+def _cache_threshold_mb() -> float:
+    """A quarter of this CPU's last-level cache (Linux sysfs), else ``COLD_MB``: on a 32 MB L3 shared with
+    other tenants, 8 MB of weights is where the zoo's kernels start to run slower than the same shapes in
+    small networks (4, 8 and 12 MB tried: 8 fitted both the random networks and the zoo best)."""
+    best = 0
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (d / "size").read_text().strip().upper()
+            kb = int(size.rstrip("KMB")) * (1024 if size.endswith("M") else 1)
+            best = max(best, kb)
+        except (OSError, ValueError):
+            continue
+    return best / 1024 / 4 if best >= 4096 else COLD_MB
 
 
 def _align(n: int) -> float:
@@ -335,7 +363,11 @@ class KernelModel:
         from sklearn.linear_model import Ridge
 
         self.table = table
+        self.cold_mb = float(table.get("cold_mb", COLD_MB))
         samples = table["kernels"]
+        warm = [s for s in samples if s["desc"].get("model_weight_bytes", 0) < self.cold_mb * 1e6]
+        if len(warm) >= len(samples) // 2:  # the kernels as they run with their weights in cache
+            samples = warm
         self.keys = sorted({s["key"] for s in samples})
         self.families = sorted({_family(k) for k in self.keys})
         keys = np.array([s["key"] for s in samples])
@@ -358,7 +390,8 @@ class KernelModel:
         self.overhead = table["overhead"]
         agg = table.get("aggregate") or {}
         self.aggregate = {p: np.asarray(agg[p], dtype=float) for p in ("fp32", "int8")
-                          if p in agg and list(agg.get("edges_us", ())) == list(AGG_EDGES_US)}
+                          if p in agg and list(agg.get("edges_us", ())) == list(AGG_EDGES_US)
+                          and agg.get("cold_mb") == self.cold_mb and len(agg[p]) == 2 * len(AGG_EDGES_US) + 4}
         nets = table.get("nets", [])
         self.overhead_by_precision = {p: fit_overhead([r for r in nets if r.get("precision") == p])
                                       for p in ("fp32", "int8")
@@ -390,11 +423,12 @@ class KernelModel:
     def overhead_for(self, precision: Optional[str] = None) -> dict:
         return self.overhead_by_precision.get(precision or "", self.overhead)
 
-    def total_ms(self, kernel_us: np.ndarray, precision: Optional[str] = None) -> float:
-        """Model latency from predicted kernel times: the table's stacked, binned executor fit for the
-        graph's precision when it has one, else a + b * kernels + c * sum."""
+    def total_ms(self, kernel_us: np.ndarray, precision: Optional[str] = None, model_bytes: float = 0) -> float:
+        """Model latency from predicted kernel times (and the model's weight bytes): the table's stacked,
+        binned executor fit for the graph's precision when it has one, else a + b * kernels + c * sum."""
         if precision in self.aggregate:
-            ms = float(self.aggregate[precision] @ bin_features(kernel_us)) / 1e3
+            x = np.append(bin_features(kernel_us), cold_mb(model_bytes, self.cold_mb))
+            ms = float(self.aggregate[precision] @ x) / 1e3
             if ms > 0:
                 return ms
         o = self.overhead_for(precision)
@@ -421,8 +455,8 @@ def _net_spans(table: dict) -> Optional[List[range]]:
 
 def fit_aggregate(table: dict, folds: int = AGG_FOLDS) -> Optional[dict]:
     """The stacked executor fit (module docstring, point 3): per precision, least squares on relative error
-    of wall ~ a + sum over bins (b * kernels + c * µs), on out-of-fold kernel predictions. None when the
-    table cannot say which samples belong to which network or has too few networks."""
+    of wall ~ a + sum over bins (b * kernels + c * µs) + d * cold MB, on out-of-fold kernel predictions. None
+    when the table cannot say which samples belong to which network or has too few networks."""
     spans = _net_spans(table)
     nets = table.get("nets", [])
     precisions = [p for p in ("fp32", "int8") if sum(r.get("precision") == p for r in nets) >= MIN_NETS_PER_PRECISION]
@@ -437,8 +471,9 @@ def fit_aggregate(table: dict, folds: int = AGG_FOLDS) -> Optional[dict]:
         km = KernelModel(sub)
         for n in np.flatnonzero(fold == f):
             ks = [Kernel("", "", table["kernels"][j]["key"], table["kernels"][j]["desc"]) for j in spans[n]]
-            rows[n] = bin_features(km.predict_us(ks))
-    out = {"edges_us": list(AGG_EDGES_US), "folds": folds}
+            mbytes = ks[0].desc.get("model_weight_bytes", 0) if ks else 0
+            rows[n] = np.append(bin_features(km.predict_us(ks)), cold_mb(mbytes, km.cold_mb))
+    out = {"edges_us": list(AGG_EDGES_US), "folds": folds, "cold_mb": float(table.get("cold_mb", COLD_MB))}
     for p in precisions:
         ix = [n for n, r in enumerate(nets) if r.get("precision") == p]
         wall = np.array([nets[n]["wall_ms"] * 1e3 for n in ix])
@@ -515,7 +550,7 @@ def estimate_kernels(model_path, table_path: Path, threads: int) -> dict:
     us = km.predict_us(kernels)
     for k, t in zip(kernels, us):
         k.predicted_us = float(t)
-    total = km.total_ms(us, precision)
+    total = km.total_ms(us, precision, kernels[0].desc.get("model_weight_bytes", 0) if kernels else 0)
     by_key: Dict[str, dict] = {}
     for k in kernels:
         row = by_key.setdefault(k.key, {"kernels": 0, "ms": 0.0, "trained_on": km.counts.get(k.key, 0)})
@@ -590,7 +625,8 @@ def calibrate_kernels(device, threads: int, nets: int = 60, out: Optional[Path] 
     table = {"version": TABLE_VERSION, "threads": int(threads), "seed0": int(seed0), "host": cpu_name(),
              "machine": platform.machine(),
              "onnxruntime": _ort_version(), "date": _dt.date.today().isoformat(), "nets": records,
-             "measure_s": round(time.perf_counter() - t0, 1), "wall_passes": 1 + int(wall_passes), "kernels": samples}
+             "measure_s": round(time.perf_counter() - t0, 1), "wall_passes": 1 + int(wall_passes), "kernels": samples,
+             "cold_mb": _cache_threshold_mb()}
     table["overhead"] = fit_overhead(records)
     table["aggregate"] = fit_aggregate(table)
     if out:
