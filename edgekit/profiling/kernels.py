@@ -14,7 +14,11 @@ dense one). So for a *local* ONNX Runtime device the estimate is built the way n
    log of the kernel's time, and a random forest learns what the line misses from the same features.
    The line makes times scale as power laws of the sizes; a forest alone pulls every prediction
    towards the middle of what it saw (small networks came out too slow, large ones too fast: 62% of
-   held-out random networks within 15%, against 73% with the line under it). Rare types fall back to
+   held-out random networks within 15%, against 73% with the line under it). Convolution types get one
+   more feature: the log of an additive cost fit (``fit_cost_prior``: a call per group, MACs, weights,
+   activations, each at a non-negative rate), which extrapolates in the group count where the line and
+   the forest cannot. ORT's ``ms:FusedConv`` (its Conv with the activation in the same pass) shares the
+   ``Conv`` predictor (``predictor_key``). Rare types fall back to
    one gradient-boosted model over all kernels. They
    are trained on per-node times from ONNX Runtime's profiler, on *synthetic* random networks built
    from mobile-CNN blocks (``edgekit.profiling.synthetic``) with random widths, depths, kernel sizes,
@@ -27,8 +31,9 @@ dense one). So for a *local* ONNX Runtime device the estimate is built the way n
    executor's between kernels, and that cost weighs most on the smallest kernels (a 3 µs kernel is
    mostly profiler). So the kernels are binned by predicted time (< 3, 3-5, 5-10, 10-20, 20-50,
    >= 50 µs) and model latency = a + sum over bins of (b_bin * kernels + c_bin * their predicted µs)
-   + d * cold MB (``cold_mb()``: the weight MB beyond the cache, which are read from memory every run),
-   fitted (least squares on relative error, a light ridge) on the random networks' wall-clock p50
+   + d * cold MB (``cold_mb()``: the weight MB beyond the cache, which are read from memory every run;
+   d is measured by ``cold_probe`` at calibration, fitted where a table has no probe),
+   the rest fitted (least squares on relative error, a light ridge) on the random networks' wall-clock p50
    separately for fp32 and int8 graphs. The fit is *stacked*: it reads each network's kernel times as
    predicted by kernel models that never saw that network (4-fold by network), so it also absorbs what
    the kernel predictions get wrong. Held-out random networks within 15%: 76% with one a + b * kernels
@@ -349,6 +354,56 @@ def wall_p50_ms(path: Path, threads: int, runs: int = 100, warmup: int = 10) -> 
     return time_onnx(path, threads, warmup=warmup, runs=runs)
 
 
+def cold_rate(points: Sequence[Sequence[float]], threshold_mb: float) -> float:
+    """µs per ``cold_mb()`` MB from a weight-streaming probe's (weight MB, µs) points: the per-MB time of the
+    points under the threshold is the in-cache rate; the time past it beyond that rate, per cold MB (least
+    squares through 0), is the cold rate."""
+    pts = np.asarray(points, dtype=float)
+    mb, us = pts[:, 0], pts[:, 1]
+    warm = mb <= threshold_mb
+    rate = float(np.median(us[warm] / mb[warm])) if warm.any() else float(us[np.argmin(mb)] / mb.min())
+    cold = np.array([cold_mb(m * 1e6, threshold_mb) for m in mb])
+    if not (cold > 0).any():
+        return 0.0
+    return max(0.0, float(np.sum((us - rate * mb) * cold) / np.sum(cold * cold)))
+
+
+class _Chain:
+    """``depth`` 1x1 convolutions of ``channels`` at 2x2: each run reads every weight once with next to nothing to
+    compute around it (the 1x1 convs at 2x2 of EfficientNet's last stages)."""
+
+    @staticmethod
+    def build(channels: int, depth: int):
+        import torch
+
+        return torch.nn.Sequential(*[torch.nn.Conv2d(channels, channels, 1) for _ in range(depth)]).eval()
+
+
+def cold_probe(threads: int, threshold_mb: float, channels: int = 768, rounds: int = 3, runs: int = 200) -> dict:
+    """Measure what weights past the cache cost here: chains of 1x1 convs at 2x2 holding 1/4 to 5x the threshold
+    in weights, timed round-robin (``rounds`` p50s each, their median). The executor fit then uses this rate for
+    its cold-MB column instead of fitting it: the few calibration networks past the threshold keep their
+    weights in a few large kernels and under-state it (a fitted 5 µs per MB; the probe on a 2-vCPU AMD EPYC
+    says 15-17, and 24 -> 41 µs per MB read from 9 to 38 MB of weights)."""
+    import torch
+
+    from ..export.onnx import export_onnx
+
+    per_conv_mb = channels * channels * 4 / 1e6
+    depths = sorted({max(1, int(round(f * threshold_mb / per_conv_mb))) for f in (0.25, 0.5, 1, 2, 3, 4, 5)})
+    with tempfile.TemporaryDirectory(prefix="edgekit-cold-") as tmp:
+        paths = {}
+        for d in depths:
+            torch.manual_seed(d)
+            paths[d] = export_onnx(_Chain.build(channels, d), Path(tmp) / f"chain{d}.onnx", (1, channels, 2, 2))
+        times: Dict[int, List[float]] = {d: [] for d in depths}
+        for _ in range(rounds):
+            for d in depths:
+                times[d].append(wall_p50_ms(paths[d], threads, runs=runs, warmup=20) * 1e3)
+    points = [[round(d * per_conv_mb, 3), round(float(np.median(times[d])), 2)] for d in depths]
+    return {"cold_us_per_mb": round(cold_rate(points, threshold_mb), 3), "points": points}
+
+
 # ----------------------------------------------------------------------------- the regression
 
 
@@ -368,24 +423,31 @@ class KernelModel:
         warm = [s for s in samples if s["desc"].get("model_weight_bytes", 0) < self.cold_mb * 1e6]
         if len(warm) >= len(samples) // 2:  # the kernels as they run with their weights in cache
             samples = warm
-        self.keys = sorted({s["key"] for s in samples})
+        self.keys = sorted({predictor_key(s["key"]) for s in samples})
         self.families = sorted({_family(k) for k in self.keys})
-        keys = np.array([s["key"] for s in samples])
+        keys = np.array([predictor_key(s["key"]) for s in samples])
         feats = np.array([features(_canonical(_family(s["key"]), dict(s["desc"]))) for s in samples], dtype=float)
-        y = np.log(np.maximum(np.array([s["us"] for s in samples], dtype=float), 0.5))
+        us = np.array([s["us"] for s in samples], dtype=float)
+        y = np.log(np.maximum(us, 0.5))
         self.pooled = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, min_samples_leaf=10,
                                                     random_state=0).fit(self._design(keys, feats), y)
         self.forests = {}
         self.counts = {}
+        self.priors: Dict[str, np.ndarray] = {}
         for k in self.keys:
             m = keys == k
             self.counts[k] = int(m.sum())
             if m.sum() >= MIN_SAMPLES:
-                line = Ridge(alpha=1.0).fit(feats[m], y[m])
+                x = feats[m]
+                if _family(k) in CONV_LIKE:
+                    rows = [samples[i]["desc"] for i in np.flatnonzero(m)]
+                    self.priors[k] = fit_cost_prior(rows, us[m])
+                    x = np.hstack([x, _log_prior(rows, self.priors[k])])
+                line = Ridge(alpha=1.0).fit(x, y[m])
                 rf = None
                 if m.sum() >= 2 * MIN_SAMPLES:
                     rf = RandomForestRegressor(n_estimators=40, min_samples_leaf=2, random_state=0, n_jobs=1)
-                    rf.fit(feats[m], y[m] - line.predict(feats[m]))
+                    rf.fit(x, y[m] - line.predict(x))
                 self.forests[k] = (line, rf)
         self.overhead = table["overhead"]
         agg = table.get("aggregate") or {}
@@ -411,14 +473,21 @@ class KernelModel:
     def predict_us(self, kernels: Sequence[Kernel]) -> np.ndarray:
         if not kernels:
             return np.zeros(0)
-        keys = [k.key for k in kernels]
+        keys = [predictor_key(k.key) for k in kernels]
         feats = np.array([k.features for k in kernels], dtype=float)
         out = np.exp(self.pooled.predict(self._design(keys, feats)))
         for key, (line, rf) in self.forests.items():
             m = np.array([k == key for k in keys])
             if m.any():
-                out[m] = np.exp(line.predict(feats[m]) + (rf.predict(feats[m]) if rf is not None else 0.0))
+                x = feats[m]
+                if key in self.priors:
+                    x = np.hstack([x, _log_prior([kernels[i].desc for i in np.flatnonzero(m)], self.priors[key])])
+                out[m] = np.exp(line.predict(x) + (rf.predict(x) if rf is not None else 0.0))
         return out
+
+    def trained_on(self, key: str) -> int:
+        """Calibration samples behind the predictor of a kernel key."""
+        return self.counts.get(predictor_key(key), 0)
 
     def overhead_for(self, precision: Optional[str] = None) -> dict:
         return self.overhead_by_precision.get(precision or "", self.overhead)
@@ -433,6 +502,43 @@ class KernelModel:
                 return ms
         o = self.overhead_for(precision)
         return (o["a_us"] + o["b_us"] * len(kernel_us) + o["c"] * float(np.sum(kernel_us))) / 1e3
+
+
+def predictor_key(key: str) -> str:
+    """The predictor a kernel key is trained with. ORT's ``ms:FusedConv`` is the NCHW ``Conv`` kernel (MLAS) with
+    its activation applied in the same pass (the activation is a feature): one predictor serves both, so a
+    fused shape borrows the plain ones' samples (ShuffleNet v1's ReLU'd grouped 1x1 convs were 70% over
+    with the two apart, having few fused samples of their size)."""
+    return "Conv/" + key[len("ms:FusedConv/"):] if key.startswith("ms:FusedConv/") else key
+
+
+PRIOR_COLUMNS = ("groups", "macs", "weights", "out", "in0", "in_other")
+
+
+def _prior_design(descs: Sequence[Dict[str, int]]) -> np.ndarray:
+    return np.array([[1.0] + [float(d.get(c, 0)) for c in PRIOR_COLUMNS] for d in descs])
+
+
+def fit_cost_prior(descs: Sequence[Dict[str, int]], us) -> np.ndarray:
+    """An additive cost model of a convolution kernel type, µs = c0 + c1 * groups + c2 * MACs + c3 * weights +
+    c4 * outputs + c5 * inputs + c6 * other inputs, every c >= 0 (non-negative least squares on relative error).
+
+    Each term is a resource the kernel spends: a call per group (ORT runs a grouped convolution as one GEMM per
+    group), arithmetic, weight reads and activation traffic. A sum extrapolates where log-linear lines and forests
+    cannot: MicroNet's 1x1 convs in 384-576 groups of 2 channels at 2x2 cost 0.12 µs a group (66 µs), the
+    random networks' largest such kernels have 50-360 groups, and the line and forest alone said 26 µs. Its log
+    is one more feature of the key's ridge line and forest."""
+    from scipy.optimize import nnls
+
+    A = _prior_design(descs)
+    y = np.asarray(us, dtype=float)
+    scale = np.maximum(A.max(axis=0), 1e-9)
+    coef, _ = nnls((A / scale) / y[:, None], np.ones(len(y)))
+    return coef / scale
+
+
+def _log_prior(descs: Sequence[Dict[str, int]], coef: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(_prior_design(descs) @ coef, 0.5))[:, None]
 
 
 def bin_features(kernel_us) -> np.ndarray:
@@ -474,13 +580,21 @@ def fit_aggregate(table: dict, folds: int = AGG_FOLDS) -> Optional[dict]:
             mbytes = ks[0].desc.get("model_weight_bytes", 0) if ks else 0
             rows[n] = np.append(bin_features(km.predict_us(ks)), cold_mb(mbytes, km.cold_mb))
     out = {"edges_us": list(AGG_EDGES_US), "folds": folds, "cold_mb": float(table.get("cold_mb", COLD_MB))}
+    probe = table.get("cold_us_per_mb")  # measured by ``cold_probe``: the cold column's rate is not fitted
+    if probe is not None:
+        out["cold_us_per_mb"] = float(probe)
     for p in precisions:
         ix = [n for n, r in enumerate(nets) if r.get("precision") == p]
         wall = np.array([nets[n]["wall_ms"] * 1e3 for n in ix])
-        X = np.array([rows[n] for n in ix]) / wall[:, None]
+        R = np.array([rows[n] for n in ix])
+        target = np.ones(len(ix))
+        if probe is not None:
+            target = 1.0 - float(probe) * R[:, -1] / wall
+            R = R[:, :-1]
+        X = R / wall[:, None]
         X = np.vstack([X, AGG_RIDGE * np.eye(X.shape[1])])
-        coef, *_ = np.linalg.lstsq(X, np.concatenate([np.ones(len(ix)), np.zeros(X.shape[1])]), rcond=None)
-        out[p] = [float(c) for c in coef]
+        coef, *_ = np.linalg.lstsq(X, np.concatenate([target, np.zeros(X.shape[1])]), rcond=None)
+        out[p] = [float(c) for c in coef] + ([float(probe)] if probe is not None else [])
     return out
 
 
@@ -553,7 +667,7 @@ def estimate_kernels(model_path, table_path: Path, threads: int) -> dict:
     total = km.total_ms(us, precision, kernels[0].desc.get("model_weight_bytes", 0) if kernels else 0)
     by_key: Dict[str, dict] = {}
     for k in kernels:
-        row = by_key.setdefault(k.key, {"kernels": 0, "ms": 0.0, "trained_on": km.counts.get(k.key, 0)})
+        row = by_key.setdefault(k.key, {"kernels": 0, "ms": 0.0, "trained_on": km.trained_on(k.key)})
         row["kernels"] += 1
         row["ms"] += k.predicted_us / 1e3
     return {"ms": total, "kernels": kernels, "precision": precision, "by_kernel": by_key,
@@ -587,7 +701,10 @@ def calibrate_kernels(device, threads: int, nets: int = 60, out: Optional[Path] 
     Each graph's wall-clock p50 is the median of the one taken right after its kernels were profiled and
     ``wall_passes`` more, taken afterwards round-robin over all graphs in shuffled orders: a slow spell of a
     shared machine during one stretch of the calibration otherwise labels a run of networks slow that their
-    kernels do not explain (one such run left 15% of the random networks' own fits off by more than 15%)."""
+    kernels do not explain (one such run left 15% of the random networks' own fits off by more than 15%).
+
+    Then ``cold_probe`` measures what weights past the cache cost per MB; the executor fit's cold column
+    uses that rate."""
     import platform
     import datetime as _dt
 
@@ -627,6 +744,8 @@ def calibrate_kernels(device, threads: int, nets: int = 60, out: Optional[Path] 
              "onnxruntime": _ort_version(), "date": _dt.date.today().isoformat(), "nets": records,
              "measure_s": round(time.perf_counter() - t0, 1), "wall_passes": 1 + int(wall_passes), "kernels": samples,
              "cold_mb": _cache_threshold_mb()}
+    probe = cold_probe(threads, table["cold_mb"], rounds=3 if runs >= 30 else 1, runs=max(20, 3 * runs))
+    table["cold_us_per_mb"], table["cold_probe"] = probe["cold_us_per_mb"], probe["points"]
     table["overhead"] = fit_overhead(records)
     table["aggregate"] = fit_aggregate(table)
     if out:
