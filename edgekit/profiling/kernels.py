@@ -42,7 +42,7 @@ dense one). So for a *local* ONNX Runtime device the estimate is built the way n
    10 splits). The fit is done at calibration and stored in the table.
 
 The table of training samples (gzip JSON, 0.3-0.5 MB) is shipped per device and thread count
-(``latency_model.kernel_tables``); the models are refitted from it when first used (13 s for the 44,000
+(``latency_model.kernel_tables``); the models are refitted from it when first used (15-20 s for the 44,000
 in-cache samples of the 46,000 in the 1-thread desktop-cpu table, on a 2-core x86 host), so
 the estimate is reproducible from the table.
 """
