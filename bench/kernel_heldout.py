@@ -45,7 +45,7 @@ def heldout_errors(table: dict, folds: int = 5, seed: int = 1, progress=None) ->
         for n in np.flatnonzero(fold == f):
             ks = [K.Kernel("", "", table["kernels"][j]["key"], table["kernels"][j]["desc"]) for j in spans[n]]
             mbytes = ks[0].desc.get("model_weight_bytes", 0) if ks else 0
-            err[n] = km.total_ms(km.predict_us(ks), nets[n]["precision"], mbytes) / nets[n]["wall_ms"] - 1
+            err[n] = km.total_ms(km.predict_us(ks), nets[n]["precision"], mbytes, K.kernel_weights(ks)) / nets[n]["wall_ms"] - 1
         if progress:
             progress(f + 1, folds)
     return err
@@ -80,7 +80,9 @@ def main() -> None:
         out.add_row(p, str(r["graphs"]), f"{r['within_15']:.1%}", f"{r['median_abs_error']:.1%}", f"{r['worst']:+.0%}")
     console.print(out)
     console.print(f"cold rate: {'measured ' + str(table['cold_us_per_mb']) if 'cold_us_per_mb' in table else 'fitted'}"
-                  f" µs per MB past {table.get('cold_mb', K.COLD_MB)} MB; {time.perf_counter() - t0:.0f} s")
+                  f" µs per MB past {table.get('cold_mb', K.COLD_MB)} MB"
+                  + (f" (by kernel MB: {table['cold_curve']})" if table.get("cold_curve") else "")
+                  + f"; {time.perf_counter() - t0:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"table": str(args.table), "folds": args.folds, "seed": args.seed,
                                          "rows": rows}, indent=1))

@@ -155,12 +155,29 @@ def devices_calibrate(
     device: str = typer.Argument("desktop-cpu", help="A local device profile (local: true): name or YAML path."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Default: the profile's threads."),
     nets: int = typer.Option(260, "--nets", min=2, help="Random networks to time (each fp32 and int8)."),
+    cold_only: bool = typer.Option(False, "--cold-only", help="Re-measure only what weights past the cache cost "
+                                   "(about a minute) in the profile's existing table for these threads."),
 ):
     """Re-time this machine's per-kernel latency table (random networks, about 13 minutes for 260 at 1 thread) and point
     the profile at it, so estimates for this machine come from this machine."""
-    from .profiling.kernels import calibrate_device
+    from .profiling.kernels import calibrate_device, reprobe_cold
 
     progress.enable(sys.stderr.isatty())
+    if cold_only:
+        from .config import load_device
+        from .profiling.estimate import kernel_table_for
+
+        dev = load_device(device)
+        if not dev.local:
+            raise EdgekitError(f"Kernel calibration measures this machine; device {dev.name} is not local: true")
+        t = int(threads or dev.resolved_threads())
+        path = kernel_table_for(dev.latency_model, t)
+        if path is None:
+            raise EdgekitError(f"{dev.name} has no kernel table for {t} thread(s): run `edgekit devices calibrate` first")
+        r = reprobe_cold(path)
+        out.print("cold curve (weight MB per kernel: us per MB past the cache): "
+                  + ", ".join(f"{mb:g}: {us:.1f}" for mb, us in r["cold_curve"]) + f" -> {r['path']}", highlight=False)
+        return
     r = calibrate_device(device, threads=threads, nets=nets)
     o = r["overhead"]
     out.print(f"{r['kernels']} kernel timings from {r['nets']} random networks, fp32 and int8 "

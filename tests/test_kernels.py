@@ -16,8 +16,8 @@ from edgekit.errors import EdgekitError
 from edgekit.export.onnx import export_onnx
 from edgekit.profiling.calibrate import _quantize
 from edgekit.profiling.estimate import estimate_latency, kernel_table_for
-from edgekit.profiling.kernels import (FEATURES, Kernel, KernelModel, _canonical, _middle_mean, calibrate_kernels, cold_mb,
-                                       cold_probe, cold_rate, fit_aggregate, fit_overhead, graph_kernels, load_table, predictor_key,
+from edgekit.profiling.kernels import (AGG_EDGES_US, FEATURES, Kernel, KernelModel, _canonical, _middle_mean,
+                                       calibrate_kernels, cold_curve_rate, cold_mb, cold_probe, cold_rate, fit_aggregate, fit_overhead, graph_kernels, load_table, predictor_key,
                                        save_table)
 from edgekit.profiling.synthetic import RandomNet
 
@@ -330,11 +330,41 @@ def test_cold_rate_is_the_time_past_the_in_cache_rate_per_cold_mb():
     assert cold_rate([(m, 24.0 * m) for m in mbs], 64.0) == 0.0  # nothing past the threshold: no rate
 
 
-def test_cold_probe_times_weight_chains_from_below_to_past_the_threshold():
-    probe = cold_probe(1, threshold_mb=0.25, channels=128, rounds=1, runs=20)
-    mb = [m for m, _ in probe["points"]]
-    assert mb == sorted(mb) and mb[0] <= 0.25 < 4 * 0.25 <= mb[-1]
-    assert all(us > 0 for _, us in probe["points"]) and probe["cold_us_per_mb"] >= 0
+def test_cold_probe_times_each_kernel_size_from_below_to_past_the_threshold():
+    probe = cold_probe(1, threshold_mb=0.25, widths=(16, 32), rounds=1, runs=20)
+    for c in (16, 32):
+        mb = [m for m, _, w in probe["points"] if w == c]
+        assert mb == sorted(mb) and mb[0] <= 0.25 < 4 * 0.25 <= mb[-1]
+    assert all(us > 0 for _, us, _ in probe["points"])
+    sizes = [k for k, _ in probe["cold_curve"]]
+    assert sizes == sorted(sizes) and len(sizes) == 2 and all(r >= 0 for _, r in probe["cold_curve"])
+    assert probe["cold_us_per_mb"] == probe["cold_curve"][-1][1]  # the largest kernels' rate is the reference
+
+
+def _cold_model(curve=None) -> KernelModel:
+    """A kernel model whose executor fit is only its cold column (20 µs per cold MB at the reference)."""
+    table = {**_power_law_table(), "cold_mb": 8.0, "cold_us_per_mb": 20.0}
+    table["aggregate"] = {"edges_us": list(AGG_EDGES_US), "folds": 4, "cold_mb": 8.0,
+                          "fp32": [0.0] * (2 * len(AGG_EDGES_US) + 3) + [20.0]}
+    if curve:
+        table["cold_curve"] = curve
+    return KernelModel(table)
+
+
+def test_weights_in_small_kernels_cost_more_past_the_cache():
+    """The same 24 MB past the cache cost more in many small 1x1 convs than in a few large ones, by the probe's curve
+    (each kernel restarts the stream from memory); a table without a curve prices every MB alike."""
+    curve = [[0.1, 60.0], [0.4, 30.0], [1.6, 20.0]]
+    assert cold_curve_rate(curve, [0.05, 0.1, 0.2, 0.4, 1.6, 5.0]) == pytest.approx([60, 60, 45, 30, 20, 20])
+    km, flat = _cold_model(curve), _cold_model()
+    us = np.full(4, 10.0)
+    small, large = [1.0] * 240, [1.0] * 15  # weight counts: 24 MB in 0.1 MB kernels, 24 MB in 1.6 MB kernels
+    assert km.total_ms(us, "fp32", 24e6, small) == pytest.approx(24 * 60 / 1e3)
+    assert km.total_ms(us, "fp32", 24e6, large) == pytest.approx(24 * 20 / 1e3)
+    mixed = [1.0] * 8 + [8.0]  # half the weights in eight 1.5 MB kernels, half in one of 12 MB
+    assert km.total_ms(us, "fp32", 24e6, mixed) == pytest.approx(24 * (0.5 * cold_curve_rate(curve, 1.5) + 0.5 * 20) / 1e3)
+    assert flat.total_ms(us, "fp32", 24e6, small) == flat.total_ms(us, "fp32", 24e6, large) == pytest.approx(0.48)
+    assert km.cold_column(6e6, small) == 0.0  # weights in cache: no cold cost whatever their kernels
 
 
 def test_desktop_cpu_estimates_by_kernel_and_says_so(nets):
@@ -448,6 +478,17 @@ def test_cli_calibrate_writes_the_table_beside_a_user_profile(nets, tmp_path):
     r = estimate_latency(fp32, dev, threads=3)
     assert r["method"].startswith("per-kernel regression") and r["calibration"]["table"] == table.name
     assert "warnings" not in r
+    # --cold-only re-measures the cold curve of that table and keeps its samples (a small cache threshold: quick)
+    t = load_table(table)
+    save_table({**t, "cold_mb": 0.25, "cold_curve": [[1.0, -1.0]]}, table)
+    res = CliRunner().invoke(app, ["devices", "calibrate", str(prof), "--threads", "3", "--cold-only"])
+    assert res.exit_code == 0, res.output
+    back = load_table(table)
+    assert "cold curve" in res.output and len(back["kernels"]) == len(t["kernels"]) and back["nets"] == t["nets"]
+    assert len(back["cold_curve"]) == 3 and all(r >= 0 for _, r in back["cold_curve"])
+    assert back["cold_us_per_mb"] == back["cold_curve"][-1][1] and back["cold_probe_date"]
+    assert not list(tmp_path.glob(".tmp-*"))
     # a profile that is not this machine cannot be calibrated here: one clear message, exit 2
-    res = CliRunner().invoke(app, ["devices", "calibrate", "rpi4", "--nets", "2"])
-    assert res.exit_code == 2 and "not local" in res.output
+    for extra in ([], ["--cold-only"]):
+        res = CliRunner().invoke(app, ["devices", "calibrate", "rpi4", "--nets", "2", *extra])
+        assert res.exit_code == 2 and "not local" in res.output

@@ -32,7 +32,8 @@ dense one). So for a *local* ONNX Runtime device the estimate is built the way n
    mostly profiler). So the kernels are binned by predicted time (< 3, 3-5, 5-10, 10-20, 20-50,
    >= 50 µs) and model latency = a + sum over bins of (b_bin * kernels + c_bin * their predicted µs)
    + d * cold MB (``cold_mb()``: the weight MB beyond the cache, which are read from memory every run;
-   d is measured by ``cold_probe`` at calibration, fitted where a table has no probe),
+   d is measured by ``cold_probe`` at calibration, fitted where a table has no probe; where the table has the
+   probe's cold curve, each MB is weighted by the rate of the size of the kernel holding it, ``cold_column``),
    the rest fitted (least squares on relative error, a light ridge) on the random networks' wall-clock p50
    separately for fp32 and int8 graphs. The fit is *stacked*: it reads each network's kernel times as
    predicted by kernel models that never saw that network (4-fold by network), so it also absorbs what
@@ -95,6 +96,11 @@ class Kernel:
 
 LINEAR = ("stride", "rank", "activation", "sum_input")  # small integers, used as they are
 CONTEXT = ("model_weight_bytes",)  # recorded, not a feature: one value per network lets the forests memorize networks
+
+
+def kernel_weights(kernels: Sequence[Kernel]) -> List[float]:
+    """Each kernel's weight count (``desc["weights"]``), for ``KernelModel.cold_column``."""
+    return [float(k.desc.get("weights", 0)) for k in kernels]
 
 
 def cold_mb(model_bytes: float, threshold_mb: float) -> float:
@@ -364,7 +370,7 @@ def cold_rate(points: Sequence[Sequence[float]], threshold_mb: float) -> float:
     """µs per ``cold_mb()`` MB from a weight-streaming probe's (weight MB, µs) points: the per-MB time of the
     points under the threshold is the in-cache rate; the time past it beyond that rate, per cold MB (least
     squares through 0), is the cold rate."""
-    pts = np.asarray(points, dtype=float)
+    pts = np.asarray([p[:2] for p in points], dtype=float)
     mb, us = pts[:, 0], pts[:, 1]
     warm = mb <= threshold_mb
     rate = float(np.median(us[warm] / mb[warm])) if warm.any() else float(us[np.argmin(mb)] / mb.min())
@@ -374,40 +380,74 @@ def cold_rate(points: Sequence[Sequence[float]], threshold_mb: float) -> float:
     return max(0.0, float(np.sum((us - rate * mb) * cold) / np.sum(cold * cold)))
 
 
-class _Chain:
-    """``depth`` 1x1 convolutions of ``channels`` at 2x2: each run reads every weight once with next to nothing to
-    compute around it (the 1x1 convs at 2x2 of EfficientNet's last stages)."""
+def cold_curve_rate(curve: Sequence[Sequence[float]], kernel_mb) -> np.ndarray:
+    """The cold rate (µs per MB) of kernels holding ``kernel_mb`` MB of weights, interpolated in log size along a
+    probe's (kernel MB, rate) curve and held at its ends."""
+    c = np.asarray(sorted(curve), dtype=float)
+    x = np.log2(np.maximum(np.asarray(kernel_mb, dtype=float), 1e-9))
+    return np.interp(x, np.log2(c[:, 0]), c[:, 1])
+
+
+class _Block:
+    """``depth`` inverted residual bodies at 2x2 (1x1 conv c -> 6c, 3x3 depthwise, 1x1 conv 6c -> c, no skip): each
+    run reads every weight once with next to nothing to compute around it, in kernels of the sizes of a mobile
+    CNN's last stages (EfficientNetV2-B0's 192 -> 1152 1x1 convs hold 0.9 MB each)."""
 
     @staticmethod
     def build(channels: int, depth: int):
-        import torch
+        import torch.nn as nn
 
-        return torch.nn.Sequential(*[torch.nn.Conv2d(channels, channels, 1) for _ in range(depth)]).eval()
+        mid = 6 * channels
+        layers = []
+        for _ in range(depth):
+            layers += [nn.Conv2d(channels, mid, 1), nn.ReLU(), nn.Conv2d(mid, mid, 3, 1, 1, groups=mid), nn.ReLU(),
+                       nn.Conv2d(mid, channels, 1)]
+        return nn.Sequential(*layers).eval()
+
+    @staticmethod
+    def mb(channels: int) -> float:
+        """Weight MB of one body (fp32, biases included)."""
+        mid = 6 * channels
+        return 4 * (2 * channels * mid + 9 * mid + 2 * mid + channels) / 1e6
+
+    @staticmethod
+    def kernel_mb(channels: int) -> float:
+        """Weight MB of each of its 1x1 convs, the kernels that hold its weights."""
+        return 4 * 6 * channels * channels / 1e6
 
 
-def cold_probe(threads: int, threshold_mb: float, channels: int = 768, rounds: int = 3, runs: int = 200) -> dict:
-    """Measure what weights past the cache cost here: chains of 1x1 convs at 2x2 holding 1/4 to 5x the threshold
-    in weights, timed round-robin (``rounds`` p50s each, their median). The executor fit then uses this rate for
-    its cold-MB column instead of fitting it: the few calibration networks past the threshold keep their
-    weights in a few large kernels and under-state it (a fitted 5 µs per MB; the probe on a 2-vCPU AMD EPYC
-    says 15-17, and 24 -> 41 µs per MB read from 9 to 38 MB of weights)."""
+PROBE_WIDTHS = (64, 128, 256)  # 1x1 convs of 0.1, 0.4 and 1.6 MB
+
+
+def cold_probe(threads: int, threshold_mb: float, widths: Sequence[int] = PROBE_WIDTHS, rounds: int = 3,
+               runs: int = 200) -> dict:
+    """Measure what weights past the cache cost here, by the size of the kernels that hold them: for each width,
+    stacks of inverted residual bodies at 2x2 (``_Block``) holding 1/4 to 5x the threshold in weights, all timed
+    round-robin (``rounds`` p50s each, their median); ``cold_rate`` of each width is one point of the cold curve
+    (kernel MB, µs per cold MB). Smaller kernels pay more per MB, each restarting the stream from memory (on a
+    2-vCPU AMD EPYC: 62, 33 and 23 µs per cold MB with 0.1, 0.4 and 1.6 MB 1x1 convs). ``cold_us_per_mb`` is the
+    rate of the largest. The executor fit uses these instead of fitting them: the few calibration networks past
+    the threshold keep their weights in a few large kernels and under-state it (a fitted 5 µs per MB)."""
     import torch
 
     from ..export.onnx import export_onnx
 
-    per_conv_mb = channels * channels * 4 / 1e6
-    depths = sorted({max(1, int(round(f * threshold_mb / per_conv_mb))) for f in (0.25, 0.5, 1, 2, 3, 4, 5)})
     with tempfile.TemporaryDirectory(prefix="edgekit-cold-") as tmp:
-        paths = {}
-        for d in depths:
-            torch.manual_seed(d)
-            paths[d] = export_onnx(_Chain.build(channels, d), Path(tmp) / f"chain{d}.onnx", (1, channels, 2, 2))
-        times: Dict[int, List[float]] = {d: [] for d in depths}
+        graphs: Dict[Tuple[int, int], Tuple[Path, List[float]]] = {}
+        for c in widths:
+            for d in sorted({max(1, int(round(f * threshold_mb / _Block.mb(c)))) for f in (0.25, 0.5, 1, 2, 3, 4, 5)}):
+                torch.manual_seed(d)
+                graphs[(c, d)] = (export_onnx(_Block.build(c, d), Path(tmp) / f"block{c}x{d}.onnx", (1, c, 2, 2)), [])
+        order = list(graphs)
+        rng = np.random.default_rng(0)
         for _ in range(rounds):
-            for d in depths:
-                times[d].append(wall_p50_ms(paths[d], threads, runs=runs, warmup=20) * 1e3)
-    points = [[round(d * per_conv_mb, 3), round(float(np.median(times[d])), 2)] for d in depths]
-    return {"cold_us_per_mb": round(cold_rate(points, threshold_mb), 3), "points": points}
+            rng.shuffle(order)
+            for key in order:
+                graphs[key][1].append(wall_p50_ms(graphs[key][0], threads, runs=runs, warmup=20) * 1e3)
+    points = [[round(d * _Block.mb(c), 3), round(float(np.median(t)), 2), c] for (c, d), (_, t) in sorted(graphs.items())]
+    curve = [[round(_Block.kernel_mb(c), 4), round(cold_rate([p for p in points if p[2] == c], threshold_mb), 3)]
+             for c in widths]
+    return {"cold_us_per_mb": curve[-1][1] if curve else 0.0, "cold_curve": curve, "points": points}
 
 
 # ----------------------------------------------------------------------------- the regression
@@ -425,6 +465,7 @@ class KernelModel:
 
         self.table = table
         self.cold_mb = float(table.get("cold_mb", COLD_MB))
+        self.cold_curve = table.get("cold_curve") if table.get("cold_us_per_mb") else None
         samples = table["kernels"]
         warm = [s for s in samples if s["desc"].get("model_weight_bytes", 0) < self.cold_mb * 1e6]
         if len(warm) >= len(samples) // 2:  # the kernels as they run with their weights in cache
@@ -498,11 +539,25 @@ class KernelModel:
     def overhead_for(self, precision: Optional[str] = None) -> dict:
         return self.overhead_by_precision.get(precision or "", self.overhead)
 
-    def total_ms(self, kernel_us: np.ndarray, precision: Optional[str] = None, model_bytes: float = 0) -> float:
-        """Model latency from predicted kernel times (and the model's weight bytes): the table's stacked,
-        binned executor fit for the graph's precision when it has one, else a + b * kernels + c * sum."""
+    def cold_column(self, model_bytes: float, kernel_weights: Optional[Sequence[float]] = None) -> float:
+        """The executor fit's cache column: ``cold_mb()``, scaled where the table has a cold curve by how the
+        model's weights are spread over kernels (the weight-weighted cold rate of its kernels, relative to the
+        table's ``cold_us_per_mb``): 8 MB in 0.1 MB 1x1 convs cost more than 8 MB in 2 MB ones."""
+        cold = cold_mb(model_bytes, self.cold_mb)
+        w = np.asarray(kernel_weights if kernel_weights is not None else [], dtype=float)
+        if cold <= 0 or not self.cold_curve or w.sum() <= 0:
+            return cold
+        kernel_mb = w[w > 0] * (float(model_bytes) / 1e6) / w.sum()
+        rate = float(np.sum(kernel_mb * cold_curve_rate(self.cold_curve, kernel_mb)) / kernel_mb.sum())
+        return cold * rate / float(self.table["cold_us_per_mb"])
+
+    def total_ms(self, kernel_us: np.ndarray, precision: Optional[str] = None, model_bytes: float = 0,
+                 kernel_weights: Optional[Sequence[float]] = None) -> float:
+        """Model latency from predicted kernel times (and the model's weight bytes and each kernel's weight count,
+        ``desc["weights"]``): the table's stacked, binned executor fit for the graph's precision when it has one,
+        else a + b * kernels + c * sum."""
         if precision in self.aggregate:
-            x = np.append(bin_features(kernel_us), cold_mb(model_bytes, self.cold_mb))
+            x = np.append(bin_features(kernel_us), self.cold_column(model_bytes, kernel_weights))
             ms = float(self.aggregate[precision] @ x) / 1e3
             if ms > 0:
                 return ms
@@ -584,7 +639,7 @@ def fit_aggregate(table: dict, folds: int = AGG_FOLDS) -> Optional[dict]:
         for n in np.flatnonzero(fold == f):
             ks = [Kernel("", "", table["kernels"][j]["key"], table["kernels"][j]["desc"]) for j in spans[n]]
             mbytes = ks[0].desc.get("model_weight_bytes", 0) if ks else 0
-            rows[n] = np.append(bin_features(km.predict_us(ks)), cold_mb(mbytes, km.cold_mb))
+            rows[n] = np.append(bin_features(km.predict_us(ks)), km.cold_column(mbytes, kernel_weights(ks)))
     out = {"edges_us": list(AGG_EDGES_US), "folds": folds, "cold_mb": float(table.get("cold_mb", COLD_MB))}
     probe = table.get("cold_us_per_mb")  # measured by ``cold_probe``: the cold column's rate is not fitted
     if probe is not None:
@@ -670,7 +725,8 @@ def estimate_kernels(model_path, table_path: Path, threads: int) -> dict:
     us = km.predict_us(kernels)
     for k, t in zip(kernels, us):
         k.predicted_us = float(t)
-    total = km.total_ms(us, precision, kernels[0].desc.get("model_weight_bytes", 0) if kernels else 0)
+    total = km.total_ms(us, precision, kernels[0].desc.get("model_weight_bytes", 0) if kernels else 0,
+                        kernel_weights(kernels))
     by_key: Dict[str, dict] = {}
     for k in kernels:
         row = by_key.setdefault(k.key, {"kernels": 0, "ms": 0.0, "trained_on": km.trained_on(k.key)})
@@ -750,13 +806,32 @@ def calibrate_kernels(device, threads: int, nets: int = 60, out: Optional[Path] 
              "onnxruntime": _ort_version(), "date": _dt.date.today().isoformat(), "nets": records,
              "measure_s": round(time.perf_counter() - t0, 1), "wall_passes": 1 + int(wall_passes), "kernels": samples,
              "cold_mb": _cache_threshold_mb()}
-    probe = cold_probe(threads, table["cold_mb"], rounds=3 if runs >= 30 else 1, runs=max(20, 3 * runs))
-    table["cold_us_per_mb"], table["cold_probe"] = probe["cold_us_per_mb"], probe["points"]
+    _set_cold_probe(table, cold_probe(threads, table["cold_mb"], rounds=3 if runs >= 30 else 1, runs=max(20, 3 * runs)))
     table["overhead"] = fit_overhead(records)
     table["aggregate"] = fit_aggregate(table)
     if out:
         save_table(table, Path(out))
     return table
+
+
+def _set_cold_probe(table: dict, probe: dict) -> None:
+    table["cold_us_per_mb"], table["cold_curve"], table["cold_probe"] = (probe["cold_us_per_mb"], probe["cold_curve"],
+                                                                        probe["points"])
+    table["cold_probe_date"] = __import__("datetime").date.today().isoformat()
+
+
+def reprobe_cold(path: Path, rounds: int = 5) -> dict:
+    """Re-measure only the cold curve of a kernel table here (``cold_probe``, about a minute) and refit its
+    executor fit (15-20 s), keeping every kernel sample: for a machine whose cache, not its kernels, changed."""
+    path = Path(path)
+    table = load_table(path)
+    _set_cold_probe(table, cold_probe(int(table["threads"]), float(table.get("cold_mb", COLD_MB)), rounds=rounds))
+    table["aggregate"] = fit_aggregate(table)
+    tmp = path.with_name(".tmp-" + path.name)
+    save_table(table, tmp)
+    tmp.replace(path)
+    _model_for.cache_clear()
+    return {"path": str(path), "cold_us_per_mb": table["cold_us_per_mb"], "cold_curve": table["cold_curve"]}
 
 
 def calibrate_device(device: str = "desktop-cpu", threads: Optional[int] = None, nets: int = 260,
