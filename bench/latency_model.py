@@ -3,6 +3,8 @@
     python bench/latency_model.py [--device desktop-cpu] [--threads N] [--calibrate] [--models a,b]
                                   [--variants fp32,int8,prune50] [--rounds 12] [--runs-per-round 20]
                                   [--json out.json] [--markdown]
+    python bench/latency_model.py --rescore run1.json run2.json ... [--workdir DIR]
+
 
 For each zoo model (untrained weights, seed 0, 64x64 input, batch 1): ONNX fp32 export, edgekit's
 int8 (ONNX Runtime static QDQ with the device's settings, calibrated on the MNIST calibration split)
@@ -19,6 +21,11 @@ the profile's kernel table for these threads, so fit and check see the same mach
 model is timed to train the estimator.
 
 The table prints the error of the estimate relative to the measurement and the share within +-15%.
+
+``--rescore`` times nothing: it estimates the artifacts of earlier runs' ``--json`` files again with the current
+latency model (and kernel table) and scores every run's measurements, and their median, against the same
+estimates, so two versions of the estimator are compared on the same measurements rather than on two states of a
+noisy machine.
 """
 
 from __future__ import annotations
@@ -119,6 +126,38 @@ def measure_round_robin(paths, threads: int, rounds: int, runs: int, warmup: int
     return out
 
 
+def rescore(files, device, threads: int, workdir: Path, num_calib: int, console: Console) -> dict:
+    """Per saved run: how many of its measurements the current estimates are within +-15% of (see ``--rescore``)."""
+    runs = {str(f): {(r["model"], r["precision"]): r["measured_p50_ms"] for r in json.loads(Path(f).read_text())["rows"]}
+            for f in files}
+    keys = sorted(set().union(*runs.values()))
+    names = list(dict.fromkeys(m for m, _ in keys))
+    arts = {(n, v): p for n, v, p in build_artifacts(names, device, workdir, num_calib, console,
+                                                     variants=sorted({v for _, v in keys}))}
+    est = {k: estimate_latency(arts[k], device, threads=threads)["p50"]
+           for k in track(keys, "estimating", total=len(keys)) if k in arts}
+    table = Table(title=f"Current estimates vs saved measurements: {device.name}, {threads} thread(s)")
+    for col in ("run", "rows", "within +-15%", "median |error|", "median measured / median of runs"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    med = {k: float(np.median([r[k] for r in runs.values() if k in r])) for k in est}
+    out = {"runs": {}, "estimates_ms": {f"{m}.{v}": e for (m, v), e in est.items()}}
+    for name, meas in [*runs.items(), ("median of the runs", med)]:
+        e = np.array([est[k] / meas[k] - 1 for k in est if k in meas])
+        speed = float(np.median([meas[k] / med[k] for k in est if k in meas]))
+        row = {"rows": int(len(e)), "within": int((np.abs(e) <= TOLERANCE).sum()), "median_abs_error": float(np.median(np.abs(e))),
+               "slower_than_median": speed}
+        out["runs"][name] = row
+        table.add_row(Path(name).name if name in runs else name, str(row["rows"]), f"{row['within']} ({row['within'] / len(e):.0%})",
+                      f"{row['median_abs_error']:.1%}", f"{speed:.2f}")
+    console.print(table)
+    per = [r["within"] / r["rows"] for k, r in out["runs"].items() if k in runs]
+    console.print(f"{sum(p >= 0.9 for p in per)} of {len(per)} runs with at least 90% within +-15% (mean "
+                  f"{np.mean(per):.1%}); worst against the median: " + ", ".join(
+                      f"{m} {v} {est[(m, v)] / med[(m, v)] - 1:+.0%}" for m, v in
+                      sorted(est, key=lambda k: -abs(est[k] / med[k] - 1))[:6]))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="desktop-cpu")
@@ -135,6 +174,8 @@ def main() -> int:
     ap.add_argument("--workdir", default=None, help="keep the exported models here (default: a temp folder)")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table too")
+    ap.add_argument("--rescore", nargs="+", default=None, metavar="RUN_JSON",
+                    help="time nothing: score these earlier runs' measurements against the current estimates")
     args = ap.parse_args()
 
     console = Console(width=160)
@@ -152,6 +193,12 @@ def main() -> int:
         console.print(f"calibrated {device.name} at {threads} thread(s): {cal['kernels']} kernel timings from "
                       f"{cal['nets']} random networks in {cal['measure_s']:.0f} s -> {cal['path']}")
         device = load_device(args.device)
+    if args.rescore:
+        with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
+            out = rescore(args.rescore, device, threads, Path(args.workdir or tmp), args.num_calib, console)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+        return 0
     lm = device.latency_model
     roofline = lm.model_copy(update={"kernel_tables": {}})
 
