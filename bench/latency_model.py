@@ -22,6 +22,11 @@ model is timed to train the estimator.
 
 The table prints the error of the estimate relative to the measurement and the share within +-15%.
 
+``--reference N`` (default 12) of the kernel table's own calibration networks whose weights fit in cache, and four
+whose weights do not, rebuilt from their seeds, are timed in the same round-robin: their time against the table's says how fast the machine ran during this run compared
+with when the table was timed (``edgekit devices check``). The score is printed again against the estimates scaled
+by that speed, to tell an estimator's miss from a slow spell; the first score is the estimator's.
+
 ``--rescore`` times nothing: it estimates the artifacts of earlier runs' ``--json`` files again with the current
 latency model (and kernel table) and scores every run's measurements, and their median, against the same
 estimates, so two versions of the estimator are compared on the same measurements rather than on two states of a
@@ -48,7 +53,8 @@ from edgekit.config import load_device
 from edgekit.data import load_task
 from edgekit.export.onnx import export_onnx
 from edgekit.progress import track
-from edgekit.profiling.estimate import estimate_latency
+from edgekit.profiling.estimate import estimate_latency, kernel_table_for
+from edgekit.profiling.kernels import graph_kernels, load_table, speed_ratios
 
 TOLERANCE = 0.15
 
@@ -126,6 +132,29 @@ def measure_round_robin(paths, threads: int, rounds: int, runs: int, warmup: int
     return out
 
 
+def reference_graphs(device, threads: int, workdir: Path, count: int) -> list:
+    """(calibration record, ONNX path) of ``count`` of the device's kernel-table networks, rebuilt from their seeds
+    (``edgekit.profiling.kernels.reference_records``), for timing beside the zoo: how fast the machine runs now
+    against when the table was timed. Empty for a profile without a kernel table for these threads."""
+    from edgekit.profiling.kernels import build_reference, reference_records
+
+    path = kernel_table_for(device.latency_model, threads) if count else None
+    if path is None:
+        return []
+    table = load_table(path)
+    folder = workdir / "reference"
+    folder.mkdir(parents=True, exist_ok=True)
+    return build_reference(table, reference_records(table, count), device, folder)
+
+
+def at_speed(row: dict, speed: dict) -> float:
+    """A row's error against its estimate scaled by the run's machine speed: that of the reference networks whose
+    weights pass the cache for a model whose weights do, else that of its precision (prune50: fp32's)."""
+    key = "past_cache" if row.get("weights_mb", 0) > speed.get("cold_mb", np.inf) and "past_cache" in speed else \
+        "int8" if row["precision"] == "int8" else "fp32"
+    return row["estimated_ms"] * speed.get(key, speed["ratio"]) / row["measured_p50_ms"] - 1
+
+
 def rescore(files, device, threads: int, workdir: Path, num_calib: int, console: Console) -> dict:
     """Per saved run: how many of its measurements the current estimates are within +-15% of (see ``--rescore``)."""
     runs = {str(f): {(r["model"], r["precision"]): r["measured_p50_ms"] for r in json.loads(Path(f).read_text())["rows"]}
@@ -174,6 +203,8 @@ def main() -> int:
     ap.add_argument("--workdir", default=None, help="keep the exported models here (default: a temp folder)")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table too")
+    ap.add_argument("--reference", type=int, default=12, help="kernel-table calibration networks timed in the same "
+                    "round-robin to measure the machine's speed against the table's (0: none)")
     ap.add_argument("--rescore", nargs="+", default=None, metavar="RUN_JSON",
                     help="time nothing: score these earlier runs' measurements against the current estimates")
     args = ap.parse_args()
@@ -207,14 +238,21 @@ def main() -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         arts = build_artifacts(names, device, workdir, args.num_calib, console,
                                variants=[v for v in args.variants.split(",") if v])
-        p50s = measure_round_robin([p for _, _, p in arts], threads, args.rounds, args.runs_per_round)
+        refs = reference_graphs(device, threads, workdir, args.reference)
+        p50s = measure_round_robin([p for _, _, p in arts] + [p for _, p in refs], threads, args.rounds,
+                                   args.runs_per_round)
+        speed = speed_ratios([(r, float(np.median(p50s[str(p)]))) for r, p in refs]) if refs else None
+        if speed:
+            speed["cold_mb"] = float(load_table(kernel_table_for(device.latency_model, threads)).get("cold_mb", 8.0))
         rows = []
         for name, prec, path in arts:
             est = estimate_latency(path, device, threads=threads)
             roof = estimate_latency(path, device, threads=threads, lm=roofline)
             chunks = p50s[str(path)]
             measured = float(np.median(chunks))
+            ks = graph_kernels(path, threads)[0]
             rows.append({"model": name, "precision": prec, "ops": est["ops"], "gmacs": est["gmacs"],
+                         "weights_mb": ks[0].desc.get("model_weight_bytes", 0) / 1e6 if ks else 0.0,
                          "measured_p50_ms": measured,
                          "measured_spread": float(np.subtract(*np.percentile(chunks, [90, 10])) / measured),
                          "measured_rounds": [float(c) for c in chunks],
@@ -245,6 +283,15 @@ def main() -> int:
     roof_share = float(np.mean([abs(r["roofline_error"]) <= TOLERANCE for r in rows]))
     console.print(f"method: {rows[0]['method'] if rows else '-'}; the roofline alone: {roof_share:.0%} within +-15%")
     console.print("worst: " + ", ".join(f"{r['model']} {r['precision']} {r['error']:+.0%}" for r in worst))
+    if speed:
+        speed["within_15pct_at_this_speed"] = float(np.mean([abs(at_speed(r, speed)) <= TOLERANCE for r in rows]))
+        console.print(f"machine speed: {len(refs)} of the kernel table's own calibration networks, timed in the same "
+                      f"round-robin, took {speed['ratio']:.2f}x their calibrated time (fp32 {speed.get('fp32', np.nan):.2f}x, "
+                      f"int8 {speed.get('int8', np.nan):.2f}x; weights past the cache "
+                      f"{speed.get('past_cache', np.nan):.2f}x); against estimates x those factors "
+                      f"{speed['within_15pct_at_this_speed']:.0%} within +-15%. The share above is the estimator's "
+                      f"score; this one says how much of its miss is the machine running at another speed than "
+                      f"when the table was timed.", highlight=False)
     if args.markdown:
         print("\n| model | precision | measured p50 ms | estimated ms | error | roofline error |\n"
               "|---|---|---:|---:|---:|---:|")
@@ -253,7 +300,13 @@ def main() -> int:
                   f"{r['error']:+.0%} | {r['roofline_error']:+.0%} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device.name, "threads": threads, "rows": rows,
-                                               "within_15pct": share, "load": [load_before, load_after]}, indent=1))
+                                               "within_15pct": share, "load": [load_before, load_after],
+                                               "reference": speed and {**speed, "nets": [
+                                                   {"name": r["name"], "precision": r["precision"],
+                                                    "weights_mb": r["weights_mb"], "past_cache": r["past_cache"],
+                                                    "calibrated_ms": r["wall_ms"],
+                                                    "measured_rounds": p50s[str(p)]} for r, p in refs]}},
+                                              indent=1))
     return 0
 
 

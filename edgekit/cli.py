@@ -186,6 +186,54 @@ def devices_calibrate(
               f"per kernel", highlight=False)
 
 
+@devices_app.command("check")
+@handle_errors
+def devices_check(
+    device: str = typer.Argument("desktop-cpu", help="A local device profile (local: true): name or YAML path."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Default: the profile's threads."),
+    nets: int = typer.Option(12, "--nets", min=2, help="Calibration networks with weights in cache to re-time "
+                             "(half fp32, half int8); four more whose weights pass the cache are re-timed too."),
+):
+    """Is this machine as fast as when its kernel table was timed? Re-times a few of the table's own random networks
+    (about 10 s) and compares: a shared host runs slower for a while, and estimates cannot know it."""
+    from .config import load_device
+    from .profiling.estimate import kernel_table_for
+    from .profiling.kernels import speed_check
+
+    progress.enable(sys.stderr.isatty())
+    dev = load_device(device)
+    if not dev.local:
+        raise EdgekitError(f"A speed check times this machine; device {dev.name} is not local: true")
+    t = int(threads or dev.resolved_threads())
+    path = kernel_table_for(dev.latency_model, t)
+    if path is None:
+        raise EdgekitError(f"{dev.name} has no kernel table for {t} thread(s): run `edgekit devices calibrate` first")
+    r = speed_check(path, dev, count=nets)
+    table = Table(header_style="bold", title=f"{dev.name}, {t} thread(s): now vs {r['table']} ({r['table_date']})")
+    for c in ("network", "precision", "kernels", "weights MB", "calibrated ms", "now ms", "now / then"):
+        table.add_column(c, justify="left" if c in ("network", "precision") else "right")
+    for n in r["nets"]:
+        table.add_row(n["name"], n["precision"], str(n["kernels"]),
+                      f"{n['weights_mb']:.1f}" + (" (past the cache)" if n["past_cache"] else ""),
+                      f"{n['calibrated_ms']:.3f}", f"{n['now_ms']:.3f}", f"{n['now_ms'] / n['calibrated_ms']:.2f}")
+    out.print(table)
+    ratio = r["ratio"]
+    by = ", ".join(f"{label} {r[p]:.2f}x" for p, label in (("fp32", "fp32"), ("int8", "int8"),
+                                                            ("past_cache", "weights past the cache")) if p in r)
+    if r.get("table_host") and r["table_host"] != r["host"]:
+        out.print(f"The table was timed on {r['table_host']}; this is {r['host']}.", highlight=False)
+    if abs(ratio - 1) <= 0.10 and abs(r.get("past_cache", 1.0) - 1) <= 0.10:
+        out.print(f"This host runs at {ratio:.2f}x the table's times ({by}): its estimates hold.", highlight=False)
+    elif abs(ratio - 1) <= 0.10:
+        out.print(f"This host runs at {ratio:.2f}x the table's times ({by}): its estimates hold for models whose "
+                  f"weights fit in {r['cold_mb']:g} MB; larger ones run {r['past_cache']:.2f}x, slowed or sped by how "
+                  f"busy the memory is now.", highlight=False)
+    else:
+        out.print(f"This host runs at {ratio:.2f}x the table's times ({by}): estimates {'under' if ratio > 1 else 'over'}"
+                  f"-state its latency now by about that much. Measure (`edgekit profile`), check again later, or "
+                  f"recalibrate (`edgekit devices calibrate {device}`) if it stays so.", highlight=False)
+
+
 @app.command()
 @handle_errors
 def benchmark(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from edgekit.profiling.calibrate import _quantize
 from edgekit.profiling.estimate import estimate_latency, kernel_table_for
 from edgekit.profiling.kernels import (AGG_EDGES_US, FEATURES, Kernel, KernelModel, _canonical, _middle_mean,
                                        calibrate_kernels, cold_curve_rate, cold_mb, cold_probe, cold_rate, fit_aggregate, fit_overhead, graph_kernels, load_table, predictor_key,
-                                       save_table)
+                                       reference_records, save_table, speed_ratios)
 from edgekit.profiling.synthetic import RandomNet
 
 
@@ -455,7 +456,32 @@ def test_an_estimate_from_a_table_timed_on_another_cpu_says_so(nets, tmp_path):
             assert "edgekit devices calibrate" in r["warnings"][0]
 
 
-def test_cli_calibrate_writes_the_table_beside_a_user_profile(nets, tmp_path):
+def test_speed_check_picks_networks_across_the_range_and_takes_median_ratios():
+    """The reference networks span each group's wall times inside the quick range (ends included): fp32 and int8 with
+    weights in cache, fp32 with weights past it. Speeds are medians of now / then per group."""
+    walls = (0.1, 0.5, 1.0, 2.0, 2.5, 5.0)
+    nets = [{"name": f"net{i}.{p}", "precision": p, "wall_ms": w, "kernels": 10, "samples": 1}
+            for i, w in enumerate(walls) for p in ("fp32", "int8")]
+    big = [{"name": f"net{10 + i}.fp32", "precision": "fp32", "wall_ms": w, "kernels": 10, "samples": 1}
+           for i, w in enumerate(walls)]
+    table = {"cold_mb": 8.0, "nets": nets + big,
+             "kernels": [{"key": "Conv", "desc": {"model_weight_bytes": 1e6}} for _ in nets] +
+                        [{"key": "Conv", "desc": {"model_weight_bytes": 9e6}} for _ in big]}
+    picked = reference_records(table, count=4, past_cache=2)
+    assert [(r["name"], r["past_cache"]) for r in picked] == [("net1.fp32", False), ("net4.fp32", False),
+                                                               ("net1.int8", False), ("net4.int8", False),
+                                                               ("net11.fp32", True), ("net14.fp32", True)]
+    assert picked[-1]["weights_mb"] == 9.0 and "weights_mb" not in table["nets"][0]  # copies, not the table's
+    assert len(reference_records(table, count=12, past_cache=0)) == 8  # no more than there are in range
+    only_slow = {"nets": [n for n in nets if n["wall_ms"] > 3]}
+    assert len(reference_records(only_slow, count=4, past_cache=0)) == 2  # none in range: the ones there are
+    r = {n["name"]: n for n in reference_records(table, count=12, past_cache=4)}
+    s = speed_ratios([(r["net1.fp32"], 1.5), (r["net2.fp32"], 3.0), (r["net3.fp32"], 3.0), (r["net1.int8"], 0.5),
+                      (r["net11.fp32"], 0.5), (r["net13.fp32"], 2.5)])
+    assert s == {"ratio": 2.25, "fp32": 3.0, "int8": 1.0, "past_cache": 1.125}
+
+
+def test_cli_calibrate_writes_the_table_beside_a_user_profile(nets, tmp_path, monkeypatch):
     """`edgekit devices calibrate my.yaml` times random networks here and points the user's profile at the table."""
     import shutil
 
@@ -463,7 +489,11 @@ def test_cli_calibrate_writes_the_table_beside_a_user_profile(nets, tmp_path):
 
     from edgekit.cli import app
     from edgekit.config import _resolve
+    from edgekit.profiling import kernels
 
+    # a small cache threshold keeps the calibration's cold probe to graphs of a few MB instead of 2-40 MB (30-50 s
+    # here); the probe itself is test_cold_probe_times_each_kernel_size_from_below_to_past_the_threshold's
+    monkeypatch.setattr(kernels, "_cache_threshold_mb", lambda: 0.25)
     _, (fp32, _), _ = nets
     prof = tmp_path / "my-pc.yaml"
     shutil.copy(_resolve("devices", "desktop-cpu"), prof)
@@ -488,7 +518,19 @@ def test_cli_calibrate_writes_the_table_beside_a_user_profile(nets, tmp_path):
     assert len(back["cold_curve"]) == 3 and all(r >= 0 for _, r in back["cold_curve"])
     assert back["cold_us_per_mb"] == back["cold_curve"][-1][1] and back["cold_probe_date"]
     assert not list(tmp_path.glob(".tmp-*"))
-    # a profile that is not this machine cannot be calibrated here: one clear message, exit 2
+    # `devices check` rebuilds the table's own networks from their seeds and re-times them: a table timed minutes ago
+    # runs at about its times; networks that no longer rebuild into the graphs timed are refused, not compared
+    res = CliRunner().invoke(app, ["devices", "check", str(prof), "--threads", "3", "--nets", "2"])
+    assert res.exit_code == 0, res.output
+    ratio = float(re.search(r"runs at ([0-9.]+)x the table's times", res.output).group(1))
+    assert 1 / 3 < ratio < 3, res.output  # 3 threads on this 2-core machine: timings swing, not by 3x
+    assert len(re.findall(r"net[01]\.(?:fp32|int8)", res.output)) >= 2, res.output
+    save_table({**load_table(table), "seed0": 7}, table)
+    res = CliRunner().invoke(app, ["devices", "check", str(prof), "--threads", "3", "--nets", "2"])
+    assert res.exit_code == 2 and "rebuilds into the graph" in res.output
+    # a profile that is not this machine cannot be calibrated or checked here: one clear message, exit 2
+    res = CliRunner().invoke(app, ["devices", "check", "rpi4"])
+    assert res.exit_code == 2 and "not local" in res.output
     for extra in ([], ["--cold-only"]):
         res = CliRunner().invoke(app, ["devices", "calibrate", "rpi4", "--nets", "2", *extra])
         assert res.exit_code == 2 and "not local" in res.output
