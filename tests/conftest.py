@@ -11,6 +11,24 @@ import torch
 torch.set_num_threads(1)
 
 
+# ----------------------------------------------------------------------------- longest first
+
+# pytest-xdist (``--dist loadgroup``) hands out the module groups first, largest first, then single tests in collection
+# order as workers free up. The zoo cells that train for 1.5-2.5 minutes on a CI core (the two EfficientNets at their
+# default 64 px, the two VGG16s, CondenseNet, IGCV3) were collected last and often ran alone at the end while the other
+# worker idled; started first, the many short tests fill in behind them. (Costs: ``--durations`` of a 2-core run.)
+LONG_FIRST = tuple(f"test_zoo_pipeline.py::test_trains_exports_and_quantizes[{n}]" for n in (
+    "efficientnetv2-b0", "efficientnet-b0", "vgg16-dualconv-g4", "vgg16-hetconv-p4", "condensenet-g4c4", "igcv3"))
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        nodeid = item.nodeid.rsplit("/", 1)[-1]
+        return next((i for i, p in enumerate(LONG_FIRST) if nodeid == p), len(LONG_FIRST))
+
+    items.sort(key=rank)  # stable: everything else keeps its order
+
+
 # ----------------------------------------------------------------------------- the zoo matrix
 
 _MATRIX_ROWS: list = []
