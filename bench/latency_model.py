@@ -157,8 +157,9 @@ def at_speed(row: dict, speed: dict) -> float:
 
 def rescore(files, device, threads: int, workdir: Path, num_calib: int, console: Console) -> dict:
     """Per saved run: how many of its measurements the current estimates are within +-15% of (see ``--rescore``)."""
-    runs = {str(f): {(r["model"], r["precision"]): r["measured_p50_ms"] for r in json.loads(Path(f).read_text())["rows"]}
-            for f in files}
+    saved = {str(f): json.loads(Path(f).read_text()) for f in files}
+    runs = {f: {(r["model"], r["precision"]): r["measured_p50_ms"] for r in d["rows"]} for f, d in saved.items()}
+    speeds = {f: d.get("reference") or {} for f, d in saved.items()}
     keys = sorted(set().union(*runs.values()))
     names = list(dict.fromkeys(m for m, _ in keys))
     arts = {(n, v): p for n, v, p in build_artifacts(names, device, workdir, num_calib, console,
@@ -166,7 +167,8 @@ def rescore(files, device, threads: int, workdir: Path, num_calib: int, console:
     est = {k: estimate_latency(arts[k], device, threads=threads)["p50"]
            for k in track(keys, "estimating", total=len(keys)) if k in arts}
     table = Table(title=f"Current estimates vs saved measurements: {device.name}, {threads} thread(s)")
-    for col in ("run", "rows", "within +-15%", "median |error|", "median measured / median of runs"):
+    for col in ("run", "rows", "within +-15%", "median |error|", "median measured / median of runs",
+                "reference networks now / table (past the cache)"):
         table.add_column(col, justify="left" if col == "run" else "right")
     med = {k: float(np.median([r[k] for r in runs.values() if k in r])) for k in est}
     out = {"runs": {}, "estimates_ms": {f"{m}.{v}": e for (m, v), e in est.items()}}
@@ -176,8 +178,10 @@ def rescore(files, device, threads: int, workdir: Path, num_calib: int, console:
         row = {"rows": int(len(e)), "within": int((np.abs(e) <= TOLERANCE).sum()), "median_abs_error": float(np.median(np.abs(e))),
                "slower_than_median": speed}
         out["runs"][name] = row
+        ref = speeds.get(name, {})
         table.add_row(Path(name).name if name in runs else name, str(row["rows"]), f"{row['within']} ({row['within'] / len(e):.0%})",
-                      f"{row['median_abs_error']:.1%}", f"{speed:.2f}")
+                      f"{row['median_abs_error']:.1%}", f"{speed:.2f}",
+                      (f"{ref['ratio']:.2f}" + (f" ({ref['past_cache']:.2f})" if "past_cache" in ref else "")) if ref else "-")
     console.print(table)
     per = [r["within"] / r["rows"] for k, r in out["runs"].items() if k in runs]
     console.print(f"{sum(p >= 0.9 for p in per)} of {len(per)} runs with at least 90% within +-15% (mean "
