@@ -287,6 +287,9 @@ def main() -> int:
     roof_share = float(np.mean([abs(r["roofline_error"]) <= TOLERANCE for r in rows]))
     console.print(f"method: {rows[0]['method'] if rows else '-'}; the roofline alone: {roof_share:.0%} within +-15%")
     console.print("worst: " + ", ".join(f"{r['model']} {r['precision']} {r['error']:+.0%}" for r in worst))
+    if args.reference and not speed:
+        console.print("machine speed: not measured (no kernel table for these threads, or its calibration networks no "
+                      "longer rebuild into the graphs it timed: `edgekit devices check` says which)", highlight=False)
     if speed:
         speed["within_15pct_at_this_speed"] = float(np.mean([abs(at_speed(r, speed)) <= TOLERANCE for r in rows]))
         console.print(f"machine speed: {len(refs)} of the kernel table's own calibration networks, timed in the same "
