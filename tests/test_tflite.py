@@ -156,6 +156,27 @@ def test_unconvertible_op_is_a_clear_error(mnist_task, tmp_path):
         export("tflite", Bucketize().eval(), "fp32", {}, ctx)
 
 
+def test_int8_conversion_runs_convert_pt2e_without_the_qat_fold():
+    """``convert_int8`` switches off torchao's QAT conv-BN fold, which finds nothing in a post-training graph but
+    costs 20-35 s for any model with a BatchNorm left after ``prepare_pt2e`` (the CondenseNet conversion below:
+    45 s -> 14 s, byte-identical file; ``bench/tflite_int8_convert.py``). If torchao renames the pass or stops
+    calling it by that name, this fails rather than the time quietly coming back."""
+    import inspect
+
+    from torchao.quantization.pt2e import quantize_pt2e as qp
+
+    from edgekit.export.tflite import _without_qat_conv_bn_fold
+
+    assert "_fold_conv_bn_qat(model)" in inspect.getsource(qp.convert_pt2e)
+    original, graph = qp._fold_conv_bn_qat, object()
+    with _without_qat_conv_bn_fold():
+        assert qp._fold_conv_bn_qat is not original and qp._fold_conv_bn_qat(graph) is graph
+    assert qp._fold_conv_bn_qat is original
+    with pytest.raises(ZeroDivisionError), _without_qat_conv_bn_fold():
+        1 / 0
+    assert qp._fold_conv_bn_qat is original  # restored on an error too
+
+
 def _small(name):
     from edgekit.zoo.own.channelnet import ChannelNetV1
     from edgekit.zoo.own.condensenet import CondenseNet

@@ -163,6 +163,32 @@ def unshare_dequantize(gm) -> int:
     return added
 
 
+@contextlib.contextmanager
+def _without_qat_conv_bn_fold():
+    """``convert_pt2e`` without torchao's QAT conv-BN folding pass, for graphs made by ``prepare_pt2e``.
+
+    That pass looks for the conv-BN patterns ``prepare_qat_pt2e`` inserts, which a post-training graph cannot
+    contain (``prepare_pt2e`` has already folded every conv-BN pair). It still runs whenever any BatchNorm is
+    left (pre-activation nets: CondenseNet, DenseNet-style BN-ReLU-conv), and then torch-exports 216 pattern
+    graphs: 20-35 s per conversion whatever the model's size, for a graph it leaves as it was.
+    ``test_tflite.py`` checks the converted model is the same with and without it.
+    """
+    try:
+        from torchao.quantization.pt2e import quantize_pt2e as qp
+    except ImportError:  # pragma: no cover - torchao comes with litert-torch
+        yield
+        return
+    saved = getattr(qp, "_fold_conv_bn_qat", None)
+    if saved is None or os.environ.get("EDGEKIT_TFLITE_QAT_FOLD") == "1":
+        yield
+        return
+    qp._fold_conv_bn_qat = lambda m: m
+    try:
+        yield
+    finally:
+        qp._fold_conv_bn_qat = saved
+
+
 def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], calib: np.ndarray, nhwc: bool = False,
                  per_channel: bool = True) -> int:
     """Full-integer int8 by PT2E: export, insert observers, calibrate, convert, lower to TFLite.
@@ -193,7 +219,8 @@ def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], cal
             for i in range(0, len(calib) - n + 1, n):
                 x = torch.from_numpy(np.ascontiguousarray(calib[i:i + n]))
                 prepared(x.permute(0, 2, 3, 1).contiguous() if nhwc else x)
-        quantized = convert_pt2e(prepared, fold_quantize=False)
+        with _without_qat_conv_bn_fold():
+            quantized = convert_pt2e(prepared, fold_quantize=False)
         move_exported_model_to_eval(quantized)  # eval-mode ops; the flag below is what litert-torch reads
         for sub in quantized.modules():
             sub.training = False
