@@ -15,6 +15,9 @@ from edgekit.cli import app
 runner = CliRunner()
 FAST = "description: fast test recipe\ntrain: {epochs: 3}\nvariants:\n  - {format: onnx, precision: fp32}\n" \
        "  - {format: onnx, precision: int8, options: {num_calib: 64}}\naccuracy_budget_pp: 1.0\n"
+# The same int8 without the latency search (about 12 more quantizations, timed here): for tests about something
+# else. The first run of test_compress_end_to_end_and_report_schema keeps it, as users get it.
+NO_SEARCH = FAST.replace("num_calib: 64}", "num_calib: 64, search: none}")
 
 
 @pytest.fixture()
@@ -24,11 +27,18 @@ def fast_recipe(tmp_path):
     return p
 
 
+@pytest.fixture()
+def no_search_recipe(tmp_path):
+    p = tmp_path / "fast-no-search.yaml"
+    p.write_text(NO_SEARCH)
+    return p
+
+
 def compress(*args):
     return runner.invoke(app, ["compress", *map(str, args)])
 
 
-def test_compress_end_to_end_and_report_schema(tmp_path, fast_recipe):
+def test_compress_end_to_end_and_report_schema(tmp_path, fast_recipe, no_search_recipe):
     out = tmp_path / "run"
     res = compress("shufflenetv2-x0.5", "--recipe", fast_recipe, "--input-size", 32, "--out", out, "--runs", 20)
     assert res.exit_code == 0, res.output
@@ -54,26 +64,29 @@ def test_compress_end_to_end_and_report_schema(tmp_path, fast_recipe):
     assert set(r["target"]) >= {"latency_ms", "met"}
     assert "<svg" in (out / "report.html").read_text()
     assert "| int8 | onnx | int8 |" in (out / "report.md").read_text()
+    assert len(r["variants"][1]["details"]["quantization"]["search"]) >= 2  # the int8 layouts timed here
 
     # An existing folder is not overwritten without --force ...
     res = compress("shufflenetv2-x0.5", "--recipe", fast_recipe, "--input-size", 32, "--out", out)
     assert res.exit_code == 2 and "--force" in res.output
     # ... and is replaced whole with it (the cached baseline makes this quick)
     (out / "stale.txt").write_text("old run")
-    res = compress("shufflenetv2-x0.5", "--recipe", fast_recipe, "--input-size", 32, "--out", out, "--force",
+    res = compress("shufflenetv2-x0.5", "--recipe", no_search_recipe, "--input-size", 32, "--out", out, "--force",
                    "--runs", 10)
     assert res.exit_code == 0, res.output
     assert not (out / "stale.txt").exists()
-    assert json.loads((out / "report.json").read_text())["model_info"]["baseline"]["cached"] is True
+    r = json.loads((out / "report.json").read_text())
+    assert r["model_info"]["baseline"]["cached"] is True
+    assert "search" not in r["variants"][1]["details"]["quantization"]  # search: none
 
 
-def test_user_weights_flow(tmp_path, fast_recipe):
+def test_user_weights_flow(tmp_path, no_search_recipe):
     torch.manual_seed(0)
     w = tmp_path / "w.pth"
     torch.save(zoo.create("shufflenetv2-x0.5", num_classes=10).state_dict(), w)
     out = tmp_path / "run"
-    res = compress("shufflenetv2-x0.5", "--recipe", fast_recipe, "--input-size", 32, "--weights", w, "--out", out,
-                   "--runs", 10)
+    res = compress("shufflenetv2-x0.5", "--recipe", no_search_recipe, "--input-size", 32, "--weights", w, "--out",
+                   out, "--runs", 10)
     assert res.exit_code == 0, res.output
     r = json.loads((out / "report.json").read_text())
     assert r["model_info"]["baseline"]["source"] == "file"
