@@ -148,3 +148,31 @@ def test_search_eligibility_rule(sqnr, agree, ok):
     from edgekit.compress.quantize import search_eligible
 
     assert search_eligible(sqnr, agree, 30.0, 0.99) is ok
+
+
+def test_remembered_weight_parameters_give_byte_identical_models(trained, monkeypatch, tmp_path):
+    """``memoised_weight_params``: with ORT's weight parameters remembered from earlier calls, each layout
+    quantizes to the same bytes as with ORT computing them afresh (and the memo is really used)."""
+    from dataclasses import replace
+
+    from onnxruntime.quantization import qdq_quantizer
+
+    from edgekit.compress import quantize as q
+
+    fp32, task, _ = trained
+    calib, _ = task.arrays("calib", limit=8)
+    base = OrtQuantConfig(preprocess=False)
+    configs = [base, replace(base, activation_type="int8", calibration="percentile"),
+               replace(base, per_channel_grouped_only=True), replace(base, per_channel=False, reduce_range=True)]
+    q._WEIGHT_PARAMS.clear()
+    for i, cfg in enumerate(configs):
+        for _ in range(2):  # the second call finds every channel remembered
+            remembered = quantize_onnx(fp32, tmp_path / f"m{i}.onnx", calib, cfg).read_bytes()
+        monkeypatch.setenv("EDGEKIT_ORT_PARAMS_MEMO", "0")
+        assert quantize_onnx(fp32, tmp_path / f"o{i}.onnx", calib, cfg).read_bytes() == remembered, cfg.label()
+        monkeypatch.delenv("EDGEKIT_ORT_PARAMS_MEMO")
+    assert len(q._WEIGHT_PARAMS) > 100  # per-channel entries of this ShuffleNetV2's convs
+    original = qdq_quantizer.compute_data_quant_params
+    with q.memoised_weight_params():
+        assert qdq_quantizer.compute_data_quant_params is not original
+    assert qdq_quantizer.compute_data_quant_params is original

@@ -159,7 +159,7 @@ def test_unconvertible_op_is_a_clear_error(mnist_task, tmp_path):
 def test_int8_conversion_runs_convert_pt2e_without_the_qat_fold():
     """``convert_int8`` switches off torchao's QAT conv-BN fold, which finds nothing in a post-training graph but
     costs 20-35 s for any model with a BatchNorm left after ``prepare_pt2e`` (the CondenseNet conversion below:
-    45 s -> 14 s, byte-identical file; ``bench/tflite_int8_convert.py``). If torchao renames the pass or stops
+    45 s -> 14 s, byte-identical file; ``bench/convert_speed.py``). If torchao renames the pass or stops
     calling it by that name, this fails rather than the time quietly coming back."""
     import inspect
 

@@ -278,6 +278,8 @@ def _quantize_trt(fp32_path: str | Path, out_path: Path, calib: np.ndarray, cali
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from ..compress.quantize import memoised_weight_params
+
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     src = onnx.load(str(fp32_path))
@@ -290,7 +292,7 @@ def _quantize_trt(fp32_path: str | Path, out_path: Path, calib: np.ndarray, cali
         tmp_out = Path(tmp) / "q.onnx"
         logging.disable(logging.WARNING)  # ORT's quantizer warns per tensor on the root logger
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # ORT's histogram calibrators print
+            with contextlib.redirect_stdout(io.StringIO()), memoised_weight_params():  # calibrators print
                 quantize_static(str(fp32_path), str(tmp_out), _Reader(src.graph.input[0].name, calib),
                                 quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                                 weight_type=QuantType.QInt8, per_channel=True, reduce_range=False,

@@ -171,7 +171,7 @@ def _without_qat_conv_bn_fold():
     contain (``prepare_pt2e`` has already folded every conv-BN pair). It still runs whenever any BatchNorm is
     left (pre-activation nets: CondenseNet, DenseNet-style BN-ReLU-conv), and then torch-exports 216 pattern
     graphs: 20-35 s per conversion whatever the model's size, for a graph it leaves as it was.
-    ``test_tflite.py`` checks the converted model is the same with and without it.
+    ``bench/convert_speed.py`` shows the converted file is byte-identical with and without it.
     """
     try:
         from torchao.quantization.pt2e import quantize_pt2e as qp
