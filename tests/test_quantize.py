@@ -176,3 +176,27 @@ def test_remembered_weight_parameters_give_byte_identical_models(trained, monkey
     with q.memoised_weight_params():
         assert qdq_quantizer.compute_data_quant_params is not original
     assert qdq_quantizer.compute_data_quant_params is original
+
+
+def test_auto_calibration_survives_a_failing_candidate(trained, monkeypatch):
+    """A calibration method ORT fails on (seen: percentile's 2,048-bin histogram of an untrained MobileNetV3's
+    near-constant tensor) is reported and skipped; if every candidate fails, one clear EdgekitError."""
+    from edgekit.compress import quantize as q
+
+    fp32, task, d = trained
+    calib, _ = task.arrays("calib", limit=16)
+    real = q.quantize_onnx
+
+    def percentile_fails(src, out, data, cfg):
+        if cfg.calibration == "percentile":
+            raise ValueError("Too many bins for data range. Cannot create 2048 finite-sized bins.")
+        return real(src, out, data, cfg)
+
+    monkeypatch.setattr(q, "quantize_onnx", percentile_fails)
+    path, cfg, details = q.quantize_onnx_auto(fp32, d / "survives.onnx", calib, OrtQuantConfig())
+    assert cfg.calibration == "minmax" and path.is_file()
+    assert set(details["failed"]) == {"percentile", "percentile conv-only"}
+    assert "Too many bins" in details["failed"]["percentile"]
+    with pytest.raises(EdgekitError, match="any calibration candidate: percentile: Too many bins"):
+        q.quantize_onnx_auto(fp32, d / "never.onnx", calib, OrtQuantConfig(), candidates=("percentile",))
+    assert not (d / "never.onnx").exists()

@@ -13,6 +13,7 @@ import subprocess
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import helper, numpy_helper
 
 from edgekit.compress.quantize import ORT_DEFAULT, OrtQuantConfig, quantize_onnx
@@ -274,3 +275,28 @@ def test_engine_builds_and_matches_onnx(quantized, mnist_task, tmp_path, precisi
     got = predict_arrays(runner.run, x, batch_size=1)
     assert agreement(r["logits"]["fp32"], got) >= 0.97
     assert top1(got, y) >= top1(r["logits"]["fp32"], y) - 0.01
+
+
+def test_auto_calibration_skips_a_failing_calibrator(tmp_path, monkeypatch):
+    """As for ONNX int8: a calibration ORT fails on is listed and skipped; all failing is one EdgekitError."""
+    import edgekit.export.tensorrt as t
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", (1, 3, 16, 16))
+    calib = np.random.RandomState(0).rand(8, 3, 16, 16).astype(np.float32)
+    real = t._quantize_trt
+
+    def percentile_fails(src, out, data, calibration, *ops):
+        if calibration == "percentile":
+            raise ValueError("Too many bins for data range. Cannot create 2048 finite-sized bins.")
+        return real(src, out, data, calibration, *ops)
+
+    monkeypatch.setattr(t, "_quantize_trt", percentile_fails)
+    path, chosen = quantize_for_tensorrt(fp32, tmp_path / "trt.onnx", calib)
+    assert chosen["calibration"] == "minmax" and check_trt_qdq(path) == []
+    assert set(chosen["failed"]) == {"percentile", "percentile no-pool"}
+    monkeypatch.setattr(t, "AUTO_CANDIDATES", ("percentile",))
+    with pytest.raises(EdgekitError, match="with any calibration: percentile: Too many bins"):
+        quantize_for_tensorrt(fp32, tmp_path / "never.onnx", calib)

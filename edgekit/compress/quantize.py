@@ -247,16 +247,25 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
 
     ref = logits(Path(fp32_path))
     scopes = (cfg.op_types,) if cfg.op_types else scopes
-    scores, tried = {}, []  # tried: (cfg, path, sqnr, agreement)
+    scores, tried, failed = {}, [], {}  # tried: (cfg, path, sqnr, agreement)
     with tempfile.TemporaryDirectory(prefix="edgekit-qa-") as tmp:
         for i, (method, ops) in enumerate((m, o) for m in candidates for o in scopes):
             c = replace(cfg, calibration=method, op_types=list(ops) if ops else None)
-            p = quantize_onnx(fp32_path, Path(tmp) / f"cand{i}.onnx", calib, c)
+            try:
+                p = quantize_onnx(fp32_path, Path(tmp) / f"cand{i}.onnx", calib, c)
+            except (ValueError, RuntimeError, AssertionError) as exc:
+                # ORT's calibrators can fail on one method and not another (the percentile histogram of a
+                # tensor whose range is a few float steps: "Too many bins for data range"): the others still count.
+                failed[method + scope_label(ops)] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                continue
             out = logits(p)
             scores[method + scope_label(ops)] = round(sqnr_db(ref, out), 2)
             tried.append((c, p, scores[method + scope_label(ops)], agreement(ref, out)))
+        if not tried:
+            raise EdgekitError("ONNX Runtime could not quantize this model with any calibration candidate: "
+                               + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         best = max(tried, key=lambda t: t[2])
-        details: dict = {"calibration_sqnr_db": scores}
+        details: dict = {"calibration_sqnr_db": scores, **({"failed": failed} if failed else {})}
         if latency_threads:
             same_calibration = [t for t in tried if t is not best and t[0].calibration == best[0].calibration]
             chosen, details["search"] = _fastest_layout(fp32_path, Path(tmp), calib, [best, *same_calibration],

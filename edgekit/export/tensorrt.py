@@ -260,17 +260,26 @@ def quantize_for_tensorrt(fp32_path: str | Path, out_path: str | Path, calib: np
 
     ref = logits(Path(fp32_path))
     scores: Dict[str, float] = {}
+    failed: Dict[str, str] = {}
     best: Optional[Tuple[str, str, str, Path]] = None
     with tempfile.TemporaryDirectory(prefix="edgekit-trta-") as tmp:
         for method in AUTO_CANDIDATES:
             for scope, ops in TRT_SCOPES.items():
                 key = method if scope == "all" else f"{method} {scope}"
-                p = _quantize_trt(fp32_path, Path(tmp) / f"{method}-{scope}.onnx", calib, method, ops)
+                try:
+                    p = _quantize_trt(fp32_path, Path(tmp) / f"{method}-{scope}.onnx", calib, method, ops)
+                except (ValueError, AssertionError) as exc:  # a calibrator failing on this model (see quantize.py)
+                    failed[key] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                    continue
                 scores[key] = round(sqnr_db(ref, logits(p)), 2)
                 if best is None or scores[key] > scores[best[0]]:
                     best = (key, method, scope, p)
+        if best is None:
+            raise EdgekitError("ONNX Runtime could not quantize this model for TensorRT with any calibration: "
+                               + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         shutil.move(str(best[3]), out_path)
-    return out_path, {"calibration": best[1], "op_types": list(TRT_SCOPES[best[2]]), "calibration_sqnr_db": scores}
+    return out_path, {"calibration": best[1], "op_types": list(TRT_SCOPES[best[2]]), "calibration_sqnr_db": scores,
+                      **({"failed": failed} if failed else {})}
 
 
 def _quantize_trt(fp32_path: str | Path, out_path: Path, calib: np.ndarray, calibration: str,
