@@ -67,4 +67,6 @@ def test_quantization_search_is_shown_in_markdown_and_html():
     assert "| QDQ U8S8 per-channel minmax | 30.0 | 100.0% | 0.500 | 0.450 | chosen |" in md
     assert "| QDQ S8S8 per-tensor minmax | 20.0 | 98.0% | 0.400 |  | not accurate enough |" in md
     assert "<h2>Quantization</h2>" in to_html(r)
+    v.info["quantization"]["failed"] = {"percentile conv-only": "Too many bins for data range."}
+    assert "skipped (ONNX Runtime failed): percentile conv-only (Too many bins for data range.)" in to_markdown(r)
     assert "## Quantization" not in to_markdown(_report([_variant("fp32", 0.97, 1.0, 1.0)]))
