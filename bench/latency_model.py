@@ -3,7 +3,7 @@
     python bench/latency_model.py [--device desktop-cpu] [--threads N] [--calibrate] [--models a,b]
                                   [--variants fp32,int8,prune50] [--rounds 12] [--runs-per-round 20]
                                   [--json out.json] [--markdown]
-    python bench/latency_model.py --rescore run1.json run2.json ... [--workdir DIR]
+    python bench/latency_model.py --rescore run1.json run2.json ... [--workdir DIR] [--model-seeds N]
 
 
 For each zoo model (untrained weights, seed 0, 64x64 input, batch 1): ONNX fp32 export, edgekit's
@@ -31,6 +31,11 @@ by that speed, to tell an estimator's miss from a slow spell; the first score is
 latency model (and kernel table) and scores every run's measurements, and their median, against the same
 estimates, so two versions of the estimator are compared on the same measurements rather than on two states of a
 noisy machine.
+
+``--model-seeds N`` (with ``--rescore``) also refits the estimator with the random states 1 .. N-1 of its forests and
+boosted model (kernel models and the stacked executor fit, about 90 s each) and scores each the same way: the shipped
+estimator is seed 0, one draw of a noisy fit, and the spread across seeds is how much of a score (or of a difference
+between two versions) that draw alone can make.
 """
 
 from __future__ import annotations
@@ -155,7 +160,44 @@ def at_speed(row: dict, speed: dict) -> float:
     return row["estimated_ms"] * speed.get(key, speed["ratio"]) / row["measured_p50_ms"] - 1
 
 
-def rescore(files, device, threads: int, workdir: Path, num_calib: int, console: Console) -> dict:
+def run_scores(est: dict, runs: dict) -> dict:
+    """How many rows of each saved run (and of the runs' median) the estimates ``{(model, variant): ms}`` are within
+    +-15% of, the runs at >= 90%, and the mean share."""
+    med = {k: float(np.median([r[k] for r in runs.values() if k in r])) for k in est}
+    within = {name: int(sum(abs(est[k] / meas[k] - 1) <= TOLERANCE for k in est if k in meas))
+              for name, meas in runs.items()}
+    rows = {name: sum(k in meas for k in est) for name, meas in runs.items()}
+    share = [within[n] / rows[n] for n in runs if rows[n]]
+    return {"within": within, "runs_at_90": int(sum(v >= 0.9 for v in share)), "runs": len(share),
+            "mean_share": float(np.mean(share)) if share else float("nan"),
+            "median_run_within": int(sum(abs(est[k] / med[k] - 1) <= TOLERANCE for k in est))}
+
+
+def seed_spread(runs: dict, arts: dict, device, threads: int, seeds: int, console: Console) -> list:
+    """``--model-seeds``: the estimator refitted from its kernel table with random states 0 .. seeds-1 (0 is the
+    shipped one, with the table's stored executor fit), each scored against the saved runs."""
+    from edgekit.profiling.kernels import KernelModel, fit_aggregate
+
+    table = load_table(kernel_table_for(device.latency_model, threads))
+    graphs = {k: graph_kernels(p, threads) for k, p in arts.items()}
+    out = []
+    for s in track(range(seeds), "refitting the estimator per random state", total=seeds):
+        km = KernelModel(table if s == 0 else {**table, "aggregate": fit_aggregate(table, seed=s)}, seed=s)
+        out.append({"seed": s, **run_scores({k: km.estimate_ms(ks, prec) for k, (ks, prec) in graphs.items()}, runs)})
+    t = Table(title="The same estimator refitted with other random states (seed 0 ships)")
+    for col in ("seed", "runs at >= 90%", "mean share within +-15%", "median of the runs: within"):
+        t.add_column(col, justify="right")
+    for r in out:
+        t.add_row(str(r["seed"]), f"{r['runs_at_90']} of {r['runs']}", f"{r['mean_share']:.1%}",
+                  f"{r['median_run_within']} of {len(graphs)}")
+    console.print(t)
+    m = [r["mean_share"] for r in out]
+    console.print(f"mean share over {seeds} seeds {np.mean(m):.1%} (min {min(m):.1%}, max {max(m):.1%}); runs at >= 90%: "
+                  + ", ".join(str(r["runs_at_90"]) for r in out), highlight=False)
+    return out
+
+
+def rescore(files, device, threads: int, workdir: Path, num_calib: int, console: Console, model_seeds: int = 1) -> dict:
     """Per saved run: how many of its measurements the current estimates are within +-15% of (see ``--rescore``)."""
     saved = {str(f): json.loads(Path(f).read_text()) for f in files}
     runs = {f: {(r["model"], r["precision"]): r["measured_p50_ms"] for r in d["rows"]} for f, d in saved.items()}
@@ -183,11 +225,12 @@ def rescore(files, device, threads: int, workdir: Path, num_calib: int, console:
                       f"{row['median_abs_error']:.1%}", f"{speed:.2f}",
                       (f"{ref['ratio']:.2f}" + (f" ({ref['past_cache']:.2f})" if "past_cache" in ref else "")) if ref else "-")
     console.print(table)
-    per = [r["within"] / r["rows"] for k, r in out["runs"].items() if k in runs]
-    console.print(f"{sum(p >= 0.9 for p in per)} of {len(per)} runs with at least 90% within +-15% (mean "
-                  f"{np.mean(per):.1%}); worst against the median: " + ", ".join(
+    sc = run_scores(est, runs)
+    console.print(f"{sc['runs_at_90']} of {sc['runs']} runs with at least 90% within +-15% (mean "
+                  f"{sc['mean_share']:.1%}); worst against the median: " + ", ".join(
                       f"{m} {v} {est[(m, v)] / med[(m, v)] - 1:+.0%}" for m, v in
                       sorted(est, key=lambda k: -abs(est[k] / med[k] - 1))[:6]))
+    out["model_seeds"] = seed_spread(runs, arts, device, threads, model_seeds, console) if model_seeds > 1 else None
     return out
 
 
@@ -209,6 +252,8 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table too")
     ap.add_argument("--reference", type=int, default=12, help="kernel-table calibration networks timed in the same "
                     "round-robin to measure the machine's speed against the table's (0: none)")
+    ap.add_argument("--model-seeds", type=int, default=1, help="with --rescore: also refit the estimator with this "
+                    "many random states (seed 0 ships) and score each, to see how much of a score is the fit's draw")
     ap.add_argument("--rescore", nargs="+", default=None, metavar="RUN_JSON",
                     help="time nothing: score these earlier runs' measurements against the current estimates")
     args = ap.parse_args()
@@ -230,7 +275,8 @@ def main() -> int:
         device = load_device(args.device)
     if args.rescore:
         with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
-            out = rescore(args.rescore, device, threads, Path(args.workdir or tmp), args.num_calib, console)
+            out = rescore(args.rescore, device, threads, Path(args.workdir or tmp), args.num_calib, console,
+                          args.model_seeds)
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
         return 0

@@ -116,6 +116,21 @@ def _power_law_table(n: int = 60) -> dict:
             "overhead": {"a_us": 0.0, "b_us": 0.0, "c": 1.0}}
 
 
+def test_model_seed_is_the_forests_random_state():
+    """``KernelModel(table, seed)``: one table and seed fit one model; another seed is another draw of the forests
+    (``bench/latency_model.py --rescore --model-seeds`` scores each, to tell a draw from an improvement)."""
+    rng = np.random.default_rng(5)
+    table = _power_law_table()
+    table["kernels"] = [{**k, "us": k["us"] * float(np.exp(rng.normal(0, 0.2)))} for k in table["kernels"]]
+    ks = [Kernel("k", "nchwc:Conv", k["key"], k["desc"]) for k in _power_law_table(80)["kernels"][60:]]
+    shipped, again, other = (KernelModel(table).predict_us(ks), KernelModel(table, seed=0).predict_us(ks),
+                             KernelModel(table, seed=1).predict_us(ks))
+    assert np.array_equal(shipped, again) and not np.allclose(shipped, other, rtol=1e-3)
+    assert np.allclose(shipped, other, rtol=0.3)
+    km = KernelModel(table, seed=1)
+    assert km.estimate_ms(ks, "fp32") == km.total_ms(km.predict_us(ks), "fp32")
+
+
 def test_kernel_predictions_scale_past_the_calibration_range():
     """The ridge line under each forest carries a power law past the largest calibrated kernel; a forest alone
     would predict at most the largest time it saw."""

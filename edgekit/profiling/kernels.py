@@ -459,11 +459,12 @@ class KernelModel:
     kernels (features + kernel type + op family one-hot, so a rare type borrows from its family); then
     the executor-overhead fit for the graph's precision."""
 
-    def __init__(self, table: dict):
+    def __init__(self, table: dict, seed: int = 0):
         from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
         from sklearn.linear_model import Ridge
 
         self.table = table
+        self.seed = int(seed)  # the forests' and the boosted model's random state (``model_seeds`` in the bench)
         self.cold_mb = float(table.get("cold_mb", COLD_MB))
         self.cold_curve = table.get("cold_curve") if table.get("cold_us_per_mb") else None
         samples = table["kernels"]
@@ -477,7 +478,7 @@ class KernelModel:
         us = np.array([s["us"] for s in samples], dtype=float)
         y = np.log(np.maximum(us, 0.5))
         self.pooled = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, min_samples_leaf=10,
-                                                    random_state=0).fit(self._design(keys, feats), y)
+                                                    random_state=self.seed).fit(self._design(keys, feats), y)
         self.forests = {}
         self.counts = {}
         self.priors: Dict[str, np.ndarray] = {}
@@ -493,7 +494,7 @@ class KernelModel:
                 line = Ridge(alpha=1.0).fit(x, y[m])
                 rf = None
                 if m.sum() >= 2 * MIN_SAMPLES:
-                    rf = RandomForestRegressor(n_estimators=40, min_samples_leaf=2, random_state=0, n_jobs=1)
+                    rf = RandomForestRegressor(n_estimators=40, min_samples_leaf=2, random_state=self.seed, n_jobs=1)
                     rf.fit(x, y[m] - line.predict(x))
                 self.forests[k] = (line, rf)
         self.overhead = table["overhead"]
@@ -531,6 +532,13 @@ class KernelModel:
                     x = np.hstack([x, _log_prior([kernels[i].desc for i in np.flatnonzero(m)], self.priors[key])])
                 out[m] = np.exp(line.predict(x) + (rf.predict(x) if rf is not None else 0.0))
         return out
+
+    def estimate_ms(self, kernels: Sequence[Kernel], precision: Optional[str] = None, kernel_us=None) -> float:
+        """Model latency (ms) of a graph's kernels (``graph_kernels``): their predicted times (``kernel_us``, else
+        ``predict_us``), then the executor fit."""
+        us = self.predict_us(kernels) if kernel_us is None else kernel_us
+        return self.total_ms(us, precision, kernels[0].desc.get("model_weight_bytes", 0) if kernels else 0,
+                             kernel_weights(kernels))
 
     def trained_on(self, key: str) -> int:
         """Calibration samples behind the predictor of a kernel key."""
@@ -620,10 +628,11 @@ def _net_spans(table: dict) -> Optional[List[range]]:
     return spans if spans and i == len(table["kernels"]) else None
 
 
-def fit_aggregate(table: dict, folds: int = AGG_FOLDS) -> Optional[dict]:
+def fit_aggregate(table: dict, folds: int = AGG_FOLDS, seed: int = 0) -> Optional[dict]:
     """The stacked executor fit (module docstring, point 3): per precision, least squares on relative error
-    of wall ~ a + sum over bins (b * kernels + c * µs) + d * cold MB, on out-of-fold kernel predictions. None
-    when the table cannot say which samples belong to which network or has too few networks."""
+    of wall ~ a + sum over bins (b * kernels + c * µs) + d * cold MB, on out-of-fold kernel predictions (kernel
+    models with random state ``seed``). None when the table cannot say which samples belong to which network or
+    has too few networks."""
     spans = _net_spans(table)
     nets = table.get("nets", [])
     precisions = [p for p in ("fp32", "int8") if sum(r.get("precision") == p for r in nets) >= MIN_NETS_PER_PRECISION]
@@ -635,7 +644,7 @@ def fit_aggregate(table: dict, folds: int = AGG_FOLDS) -> Optional[dict]:
         train = [r for n, r in enumerate(nets) if fold[n] != f]
         sub = {**table, "nets": train, "aggregate": None,
                "kernels": [table["kernels"][j] for n in range(len(nets)) if fold[n] != f for j in spans[n]]}
-        km = KernelModel(sub)
+        km = KernelModel(sub, seed=seed)
         for n in np.flatnonzero(fold == f):
             ks = [Kernel("", "", table["kernels"][j]["key"], table["kernels"][j]["desc"]) for j in spans[n]]
             mbytes = ks[0].desc.get("model_weight_bytes", 0) if ks else 0
@@ -725,8 +734,7 @@ def estimate_kernels(model_path, table_path: Path, threads: int) -> dict:
     us = km.predict_us(kernels)
     for k, t in zip(kernels, us):
         k.predicted_us = float(t)
-    total = km.total_ms(us, precision, kernels[0].desc.get("model_weight_bytes", 0) if kernels else 0,
-                        kernel_weights(kernels))
+    total = km.estimate_ms(kernels, precision, us)
     by_key: Dict[str, dict] = {}
     for k in kernels:
         row = by_key.setdefault(k.key, {"kernels": 0, "ms": 0.0, "trained_on": km.trained_on(k.key)})
