@@ -8,7 +8,8 @@
 
 For each zoo model (untrained weights, seed 0, 64x64 input, batch 1): ONNX fp32 export, edgekit's
 int8 (ONNX Runtime static QDQ with the device's settings, calibrated on the MNIST calibration split)
-and the prune50 recipe's prune step (one shot, no fine-tune: latency depends on the structure).
+and the prune50 recipe's prune step (one shot, no fine-tune: latency depends on the structure; no prune50 row
+where the pruner removed nothing, as on CondenseNet and the VGG16 variants, whose "pruned" graph is the fp32 one).
 Each artifact is measured with ONNX Runtime at the given threads: all artifacts are loaded and timed
 round-robin, ``--rounds`` rounds in a new shuffled order each, ``--runs-per-round`` timed runs after a
 short warm-up per artifact and round (one artifact runs at a time, as on a device); the measurement is
@@ -58,10 +59,12 @@ from edgekit.config import load_device
 from edgekit.data import load_task
 from edgekit.export.onnx import export_onnx
 from edgekit.progress import track
+from edgekit.zoo.stats import count_macs
 from edgekit.profiling.estimate import estimate_latency, kernel_table_for
 from edgekit.profiling.kernels import graph_kernels, load_table, speed_ratios
 
 TOLERANCE = 0.15
+PRUNED_MAX_MACS = 0.99  # a prune50 left with more of the fp32 MACs is the fp32 graph again: no row (counted twice)
 
 
 def _prune50(model, name: str, device):
@@ -88,17 +91,28 @@ def build_artifacts(names, device, workdir: Path, num_calib: int, console: Conso
     arts = []
     for name in names:
         paths = {v: workdir / f"{name}.{v}.onnx" for v in variants}
-        if not all(p.exists() for p in paths.values()):
+        none = workdir / f"{name}.prune50.none"  # the pruner left nothing to time here before: do not redo it all
+        if not all(p.exists() or (v == "prune50" and none.exists()) for v, p in paths.items()):
             torch.manual_seed(0)
             model = zoo.create(name, num_classes=10).eval()
             fp32 = export_onnx(model, workdir / f"{name}.fp32.onnx", (1, 3, 64, 64))
             if "int8" in paths:
                 quantize_onnx(fp32, paths["int8"], calib, cfg)
             if "prune50" in paths:
+                paths["prune50"].unlink(missing_ok=True)
+                none.unlink(missing_ok=True)
                 try:
-                    export_onnx(_prune50(copy.deepcopy(model), name, device), paths["prune50"], (1, 3, 64, 64))
+                    pruned = _prune50(copy.deepcopy(model), name, device)
+                    ratio = count_macs(pruned, (1, 3, 64, 64)) / count_macs(model, (1, 3, 64, 64))
+                    if ratio < PRUNED_MAX_MACS:
+                        export_onnx(pruned, paths["prune50"], (1, 3, 64, 64))
+                    else:
+                        why = f"the pruner removed nothing: {ratio:.2f}x the MACs, the fp32 graph again"
                 except Exception as exc:  # noqa: BLE001 - a model the pruner cannot take: no prune50 row
-                    console.log(f"{name}: no prune50 ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+                    why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                if not paths["prune50"].exists():
+                    console.log(f"{name}: no prune50 ({why})")
+                    none.write_text(why + "\n")
             console.log(f"exported {name}")
         arts += [(name, v, p) for v, p in paths.items() if p.exists()]
     return arts
