@@ -44,8 +44,7 @@ def heldout_errors(table: dict, folds: int = 5, seed: int = 1, progress=None) ->
         km = K.KernelModel(sub)
         for n in np.flatnonzero(fold == f):
             ks = [K.Kernel("", "", table["kernels"][j]["key"], table["kernels"][j]["desc"]) for j in spans[n]]
-            mbytes = ks[0].desc.get("model_weight_bytes", 0) if ks else 0
-            err[n] = km.total_ms(km.predict_us(ks), nets[n]["precision"], mbytes, K.kernel_weights(ks)) / nets[n]["wall_ms"] - 1
+            err[n] = km.estimate_ms(ks, nets[n]["precision"]) / nets[n]["wall_ms"] - 1
         if progress:
             progress(f + 1, folds)
     return err
