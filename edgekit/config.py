@@ -1,13 +1,22 @@
-"""Recipes and device profiles: pydantic models, loaded from YAML with errors that name the field and line."""
+"""Recipes and device profiles: pydantic models, loaded from YAML with errors that name the field and line.
+
+Every number in a recipe, step or device profile is finite and bounded (``.inf`` epochs or a 1e11 batch would
+otherwise reach training or the latency model and hang or run out of memory there); a value outside its range is
+refused at load time with the file, the field and the allowed range.
+"""
 
 from __future__ import annotations
 
+import math
+import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
+import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import EdgekitError, did_you_mean
 
@@ -15,7 +24,21 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Bounds shared by several schemas: wide enough for any real use, narrow enough that a typo cannot hang a run.
+MAX_THREADS = 1024
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536
+MAX_LR = 10.0
+MAX_IMAGES = 100_000  # calibration images a variant may ask for
+MAX_ROUND_TO = 1024
+
+# Per-key bounds of the numeric variant options the exporters read (edgekit/export/*.py); other keys are the
+# exporters' to check.
+VARIANT_OPTION_BOUNDS: Dict[str, Tuple[int, int]] = {"num_calib": (1, MAX_IMAGES), "opset": (7, 30),
+                                                     "workspace_mb": (1, 1 << 20)}
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -44,11 +67,25 @@ class VariantSpec(Strict):
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     options: Dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("options")
+    @classmethod
+    def _bounded_options(cls, v: Dict[str, Any]) -> Dict[str, Any]:
+        """options is free-form, so its numeric keys get their range here rather than from a schema."""
+        for key, (lo, hi) in VARIANT_OPTION_BOUNDS.items():
+            x = v.get(key)
+            if x is None:
+                continue
+            ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x == int(x)
+            if not ok or not lo <= x <= hi:
+                raise PydanticCustomError("option_range", "{key} must be an integer from {lo} to {hi}, got {got}",
+                                          {"key": key, "lo": lo, "hi": hi, "got": _show(x)})
+        return v
+
 
 class TrainSpec(Strict):
-    epochs: float = Field(4, gt=0)
-    lr: Optional[float] = Field(None, gt=0)
-    batch_size: int = Field(64, gt=0)
+    epochs: float = Field(4, gt=0, le=MAX_EPOCHS)
+    lr: Optional[float] = Field(None, gt=0, le=MAX_LR)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     # Drop-path rate while training the baseline (None: the architecture's own, e.g. 0.2 in torchvision's
     # EfficientNet-B0). The modules are the identity at inference, so this changes no exported graph.
     stochastic_depth: Optional[float] = Field(None, ge=0, lt=1)
@@ -60,7 +97,7 @@ class Recipe(Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     steps: List[StepSpec] = Field(default_factory=list)
     variants: List[VariantSpec] = Field(default_factory=lambda: [VariantSpec()])
-    accuracy_budget_pp: float = Field(0.5, ge=0, description="allowed top-1 drop in percentage points")
+    accuracy_budget_pp: float = Field(0.5, ge=0, le=100, description="allowed top-1 drop in percentage points")
 
     @field_validator("variants")
     @classmethod
@@ -84,8 +121,8 @@ class SSHSpec(Strict):
     python: str = Field("python3", min_length=1, description="the device's python (with numpy and a runtime)")
     workdir: str = Field("~/.cache/edgekit-remote", min_length=1,
                          description="per-run temporary folders are made (and removed) under it")
-    connect_timeout: int = Field(10, gt=0, description="seconds")
-    command_timeout: float = Field(900, gt=0, description="seconds for one remote benchmark")
+    connect_timeout: int = Field(10, ge=1, le=3600, description="seconds")
+    command_timeout: float = Field(900, gt=0, le=86_400, description="seconds for one remote benchmark")
 
 
 class QuantSpec(Strict):
@@ -94,6 +131,11 @@ class QuantSpec(Strict):
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["uint8", "int8"] = "int8"
     per_channel: bool = True
+
+
+# Values of the latency model's per-category tables (bounded per value, so a YAML .inf or 1e30 is refused).
+Overhead = Annotated[float, Field(ge=0, le=1e6)]  # microseconds
+Positive = Annotated[float, Field(gt=0, le=1e6)]
 
 
 class LatencyModel(Strict):
@@ -106,29 +148,33 @@ class LatencyModel(Strict):
     element-wise categories elements/s relative to it (which may exceed 1).
     """
 
-    threads: Optional[int] = Field(None, gt=0, description="threads the coefficients hold for; None: the profile's")
-    session_overhead_us: float = Field(20.0, ge=0, description="fixed cost of one inference call")
-    default_overhead_us: float = Field(5.0, ge=0, description="per operator, when overhead_us has no entry")
-    overhead_us: Dict[str, float] = Field(default_factory=dict)
-    efficiency: Dict[str, float] = Field(default_factory=lambda: {
+    threads: Optional[int] = Field(None, ge=1, le=MAX_THREADS,
+                                   description="threads the coefficients hold for; None: the profile's")
+    session_overhead_us: float = Field(20.0, ge=0, le=1e6, description="fixed cost of one inference call")
+    default_overhead_us: float = Field(5.0, ge=0, le=1e6, description="per operator, when overhead_us has no entry")
+    overhead_us: Dict[str, Overhead] = Field(default_factory=dict)
+    efficiency: Dict[str, Annotated[float, Field(gt=0, le=1000)]] = Field(default_factory=lambda: {
         "conv": 0.5, "pwconv": 0.5, "dwconv": 0.1, "gemm": 0.4, "elementwise": 0.1, "activation": 0.05,
         "pool": 0.1, "quant": 0.1})
-    depth_half: Dict[str, float] = Field(default_factory=dict, description="per category: the reduction length "
+    depth_half: Dict[str, Positive] = Field(default_factory=dict, description="per category: the reduction length "
                                          "(Cin/group*kh*kw) at which efficiency is half its value")
-    width_half: Dict[str, float] = Field(default_factory=dict, description="per category: the output channel "
+    width_half: Dict[str, Positive] = Field(default_factory=dict, description="per category: the output channel "
                                          "count at which efficiency is half its value")
-    cache_kb: float = Field(1024, gt=0, description="working sets up to this size stream at cache bandwidth")
-    cache_bandwidth_gbs: float = Field(50, gt=0)
-    memory_bandwidth_gbs: Optional[float] = Field(None, gt=0, description="measured streaming bandwidth beyond "
+    cache_kb: float = Field(1024, gt=0, le=1e8, description="working sets up to this size stream at cache bandwidth")
+    cache_bandwidth_gbs: float = Field(50, gt=0, le=1e5)
+    memory_bandwidth_gbs: Optional[float] = Field(None, gt=0, le=1e5, description="measured streaming bandwidth beyond "
                                                   "the cache; None: the profile's memory_bandwidth_gbs")
     parallel_efficiency: float = Field(0.7, ge=0, le=1, description="speed-up per extra thread, 0..1")
-    channel_block: int = Field(0, ge=0, description="channels padded to this block in fp32 convs (ORT NCHWc)")
+    channel_block: int = Field(0, ge=0, le=MAX_ROUND_TO,
+                               description="channels padded to this block in fp32 convs (ORT NCHWc)")
     fuse_conv_add: bool = Field(True, description="residual Add fused into the preceding conv")
     int8_layout: Literal["nchw", "nhwc"] = Field("nhwc", description="layout int8 convs run in (ORT CPU: nhwc)")
-    int8_channel_align: int = Field(0, ge=0, description="int8 convs whose channels are not a multiple of this "
+    int8_channel_align: int = Field(0, ge=0, le=MAX_ROUND_TO,
+                                    description="int8 convs whose channels are not a multiple of this "
                                     "use the *_tail coefficients (0: no distinction)")
     calibration: Dict[str, Any] = Field(default_factory=dict, description="where the coefficients came from")
-    kernel_tables: Dict[int, str] = Field(default_factory=dict, description="threads -> kernel-timing table "
+    kernel_tables: Dict[Annotated[int, Field(ge=1, le=MAX_THREADS)], str] = Field(
+        default_factory=dict, description="threads -> kernel-timing table "
                                           "(edgekit.profiling.kernels; a path, or a file beside the built-in "
                                           "profiles); where one exists for the threads asked, ONNX Runtime "
                                           "estimates use per-kernel regression instead of the roofline")
@@ -156,19 +202,20 @@ class DeviceProfile(Strict):
     kind: Literal["cpu", "gpu"] = "cpu"
     arch: Literal["x86_64", "aarch64", "armv7l"] = "x86_64"
     local: bool = Field(False, description="this machine itself: latency is measured here")
-    cores: int = Field(1, gt=0)
-    clock_ghz: Optional[float] = Field(None, gt=0)
+    cores: int = Field(1, ge=1, le=MAX_THREADS)
+    clock_ghz: Optional[float] = Field(None, gt=0, le=100)
     isa: List[str] = Field(default_factory=list)
     gpu: Optional[str] = None
-    peak_gops: Dict[str, float] = Field(default_factory=dict, description="per precision, giga-MACs/s")
-    memory_bandwidth_gbs: Optional[float] = Field(None, gt=0)
+    peak_gops: Dict[str, Annotated[float, Field(gt=0, le=1e8)]] = Field(default_factory=dict,
+                                                                      description="per precision, giga-MACs/s")
+    memory_bandwidth_gbs: Optional[float] = Field(None, gt=0, le=1e5)
     precisions: List[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32", "int8"])
     formats: List[str] = Field(default_factory=lambda: ["onnx"], description="preferred formats, in order")
     runtimes: List[str] = Field(default_factory=lambda: ["onnxruntime"])
-    threads: Optional[int] = Field(None, gt=0, description="None: all cores")
+    threads: Optional[int] = Field(None, ge=1, le=MAX_THREADS, description="None: all cores")
     quantization: QuantSpec = Field(default_factory=QuantSpec)
-    prune_round_to: int = Field(8, gt=0)
-    latency_target_ms: Optional[float] = Field(None, gt=0)
+    prune_round_to: int = Field(8, ge=1, le=MAX_ROUND_TO)
+    latency_target_ms: Optional[float] = Field(None, gt=0, le=1e6)
     ssh: Optional[SSHSpec] = None
     latency_model: LatencyModel = Field(default_factory=LatencyModel)
 
@@ -209,7 +256,101 @@ def _field_line(text: str, loc: tuple) -> str:
     return "" if line is None else f" (line {line + 1})"
 
 
-def parse_yaml_model(cls, path: Path, defaults: Optional[dict] = None):
+# pydantic error types that mean "not a number in range": their message is replaced by the field's allowed range
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
+                 "int_parsing", "int_from_float", "int_type", "float_parsing", "float_type"}
+
+
+def _show(x: Any) -> str:
+    """The offending value as the user wrote it: inf, nan, 1e+11, '1e11' (a YAML string)."""
+    if isinstance(x, float) and (not math.isfinite(x) or abs(x) >= 1e6):
+        return f"{x:.6g}"
+    return repr(x) if isinstance(x, str) else str(x)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if abs(x) >= 1e6 or x != int(x) else str(int(x))
+
+
+def _unwrap(ann: Any) -> Tuple[Any, list]:
+    """Strip Optional and Annotated from a type, collecting the constraints Annotated carried."""
+    meta: list = []
+    while True:
+        origin = typing.get_origin(ann)
+        if origin is Annotated:
+            ann, *extra = typing.get_args(ann)
+            for m in extra:
+                meta += list(getattr(m, "metadata", [m]))
+        elif origin is typing.Union or type(ann).__name__ == "UnionType":
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            if len(args) != 1:
+                return ann, meta
+            ann = args[0]
+        else:
+            return ann, meta
+
+
+def _field_type(cls: type, loc: tuple) -> Tuple[Any, list]:
+    """(type, constraints) of the value at a pydantic error location, walking nested models, dicts and lists."""
+    if len(loc) >= 2 and loc[-1] == "[key]":  # pydantic names a bad dict key as (..., key, "[key]")
+        loc = (*loc[:-2], "[key]")
+    ann, meta = cls, []
+    for part in loc:
+        ann, extra = _unwrap(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            info = ann.model_fields.get(part) if isinstance(part, str) else None
+            if info is None:
+                return None, []
+            ann, meta = info.annotation, list(info.metadata)
+            continue
+        origin = typing.get_origin(ann)
+        if origin is dict:
+            key, value = typing.get_args(ann)
+            ann = key if part == "[key]" else value
+        elif origin is list:
+            ann = typing.get_args(ann)[0]
+        else:
+            return None, []
+        meta = []
+    ann, extra = _unwrap(ann)
+    return ann, meta + extra
+
+
+def allowed_range(cls: type, loc: tuple) -> Optional[str]:
+    """'an integer from 1 to 1024', 'a finite number > 0 and <= 10000': the range a numeric field accepts."""
+    ann, meta = _field_type(cls, loc)
+    if ann not in (int, float):
+        return None
+    lo = hi = None
+    for m in meta:
+        if isinstance(m, annotated_types.Gt):
+            lo = f"> {_num(m.gt)}"
+        elif isinstance(m, annotated_types.Ge):
+            lo = f">= {_num(m.ge)}"
+        elif isinstance(m, annotated_types.Lt):
+            hi = f"< {_num(m.lt)}"
+        elif isinstance(m, annotated_types.Le):
+            hi = f"<= {_num(m.le)}"
+    kind = "an integer" if ann is int else "a finite number"
+    if lo and hi and lo.startswith(">=") and hi.startswith("<="):
+        return f"{kind} from {lo[3:]} to {hi[3:]}"
+    return " ".join([kind] + [" and ".join(b for b in (lo, hi) if b)]).strip()
+
+
+def error_message(cls: type, err: dict) -> str:
+    """One pydantic error in words: for a number out of range, the range the field allows and the value given."""
+    if err["type"] in _RANGE_ERRORS:
+        rng = allowed_range(cls, tuple(err["loc"]))
+        if rng:
+            return f"{err['msg']}; allowed: {rng}, got {_show(err.get('input'))}"
+    return err["msg"]
+
+
+def _kind_name(cls: type) -> str:
+    return {"DeviceProfile": "device profile"}.get(cls.__name__, cls.__name__.lower())
+
+
+def _read_yaml(path: Path) -> Tuple[str, dict]:
     try:
         text = path.read_text()
     except OSError as exc:
@@ -220,14 +361,39 @@ def parse_yaml_model(cls, path: Path, defaults: Optional[dict] = None):
         raise _yaml_error(path, exc) from None
     if not isinstance(data, dict):
         raise EdgekitError(f"{path} must hold a YAML mapping, not {type(data).__name__}")
+    return text, data
+
+
+def parse_yaml_model(cls, path: Path, defaults: Optional[dict] = None):
+    text, data = _read_yaml(path)
     data = {**(defaults or {}), **data}
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise EdgekitError(f"Invalid {cls.__name__.lower()} {path}: field '{field}'{_field_line(text, err['loc'])}: "
-                           f"{err['msg']}") from None
+        raise EdgekitError(f"Invalid {_kind_name(cls)} {path}: field '{field}'{_field_line(text, err['loc'])}: "
+                           f"{error_message(cls, err)}") from None
+
+
+def _check_step_params(recipe: Recipe, path: Path) -> None:
+    """Step params checked with the file's line and the allowed range, which the steps' registry does not know."""
+    from .compress.steps import STEPS
+
+    text, data = _read_yaml(path)
+    raw_steps = data.get("steps") or []
+    for i, spec in enumerate(recipe.steps):
+        params_model = STEPS.get(spec.kind).Params
+        try:
+            params_model.model_validate(spec.params)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raw = raw_steps[i] if i < len(raw_steps) else {}
+            key = "params" if isinstance(raw, dict) and "kind" in raw else spec.kind
+            field = ".".join(map(str, err["loc"])) or spec.kind
+            raise EdgekitError(f"Invalid {spec.kind} step in {path}: '{field}'"
+                               f"{_field_line(text, ('steps', i, key, *err['loc']))}: "
+                               f"{error_message(params_model, err)}") from None
 
 
 def _builtin_dir(kind: str) -> Path:
@@ -258,6 +424,7 @@ def load_recipe(name_or_path: str) -> Recipe:
     from .compress.steps import validate_steps
     from .formats import FORMATS
 
+    _check_step_params(recipe, path)
     validate_steps(recipe.steps, where=str(path))
     for i, v in enumerate(recipe.variants):
         fmt = FORMATS.get(v.format)

@@ -1,11 +1,16 @@
-"""report.json, report.md and report.html (with an accuracy-vs-latency plot) from one report dict."""
+"""report.json, report.md and report.html (with an accuracy-vs-latency plot) from one report dict.
+
+report.html is rendered from ``templates/report.html.j2`` by Jinja2 with autoescaping on: model, device and
+variant names, notes and error messages come from the user's files and folders, so none of them is pasted into
+markup by hand.
+"""
 
 from __future__ import annotations
 
-import html
+import functools
 import json
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 COLUMNS = ["variant", "format", "precision", "size MB", "params", "MMACs", "accuracy", "agreement",
            "p50 ms", "p90 ms", "speedup", "status"]
@@ -26,8 +31,78 @@ def status_mark(v: dict) -> str:
     return {"ok": "✅", "unavailable": "❎", "failed": "❌"}.get(v.get("status", "ok"), "❌")
 
 
-def variant_rows(report: dict) -> List[List[str]]:
-    """The results table as strings, shared by the terminal, Markdown and HTML."""
+def status_text(v: dict) -> str:
+    """The mark with its word ("✅ ok"): an emoji alone is lost on screen readers, grep and some fonts."""
+    status = v.get("status", "ok")
+    return f"{status_mark(v)} {status if status in ('ok', 'unavailable') else 'failed'}"
+
+
+def latency_basis(lat: Optional[dict]) -> str:
+    """How a latency figure was obtained, in words: measured, or estimated and whether its coefficients were
+    calibrated. report.json's ``coefficients`` names the host and date a fit was timed on; the shipped starting
+    values of a profile carry none (or ``status: uncalibrated ...``), and a reader must not take them for timings."""
+    if not lat:
+        return "not available"
+    if lat.get("source") == "measured":
+        return "measured"
+    coef = lat.get("coefficients") or {}
+    if "uncalibrated" in str(coef.get("status", "")).lower() or not (coef.get("host") or coef.get("date")):
+        return "estimated, uncalibrated coefficients"
+    where = " on " + str(coef["host"]) if coef.get("host") else ""
+    when = f" ({coef['date']})" if coef.get("date") else ""
+    return f"estimated, coefficients calibrated{where}{when}"
+
+
+def _estimated(report: dict) -> List[dict]:
+    return [v["latency_ms"] for v in report["variants"]
+            if v.get("latency_ms") and v["latency_ms"].get("source") not in (None, "measured")]
+
+
+def _threads(report: dict) -> str:
+    """Threads the latency figures were taken (or estimated) at; the profile's setting when there are none."""
+    seen = sorted({str(v["latency_ms"]["threads"]) for v in report["variants"]
+                   if v.get("latency_ms") and v["latency_ms"].get("threads") is not None})
+    if seen:
+        return ", ".join(seen)
+    t = (report.get("device_profile") or {}).get("threads")
+    return str(t) if t else "all cores"
+
+
+def machine_line(report: dict) -> str:
+    """The machine this run happened on and the latency thread count: a measured figure means little without them."""
+    m = report.get("machine") or {}
+    where = ", ".join(str(x) for x in (m.get("system"), m.get("machine")) if x)
+    py = f", Python {m['python']}" if m.get("python") else ""
+    how = "estimated for " if _estimated(report) else "measured on "
+    return (f"Machine: {m.get('cpu', 'unknown CPU')}, {m.get('cores', '?')} cores"
+            f"{f' ({where}{py})' if where or py else ''}. Latency threads: {_threads(report)} "
+            f"({how}{report['device']}).")
+
+
+def latency_sentence(report: dict) -> str:
+    """What the p50/p90 columns are: timed runs, or the latency model's estimate (never called "timed")."""
+    lats = [v["latency_ms"] for v in report["variants"] if v.get("latency_ms")]
+    measured = [lat for lat in lats if lat.get("source") == "measured"]
+    estimated = _estimated(report)
+    parts = []
+    if measured:
+        runs = sorted({str(lat["runs"]) for lat in measured if lat.get("runs")})
+        parts.append(f"Latency: batch 1, p50/p90 over {'/'.join(runs) or 'the'} timed runs after warm-up, all "
+                     f"variants interleaved in one run")
+    if estimated:
+        methods = sorted({str(lat.get("method") or "latency model").split(":")[0] for lat in estimated})
+        bases = sorted({latency_basis(lat) for lat in estimated})
+        parts.append(f"Latency{' marked (est.)' if measured else ''}: batch 1, p50 {'; '.join(bases)} "
+                     f"({', '.join(methods)}) for {report['device']}, not timed on it; no p90")
+    if not parts:
+        return "Latency: none measured or estimated. Accuracy: top-1 on the eval split."
+    return ("; ".join(parts) + ". Speedup is the fp32 p50 over the variant's p50. Accuracy: top-1 on the eval "
+            "split, in percent; agreement: share of eval images with the same top-1 class as fp32.")
+
+
+def variant_rows(report: dict, words: bool = False) -> List[List[str]]:
+    """The results table as strings, shared by the terminal, Markdown and HTML; ``words`` puts the status word
+    beside its mark (the files; the terminal keeps the narrow column)."""
     rows = []
     for v in report["variants"]:
         rows.append([
@@ -35,16 +110,19 @@ def variant_rows(report: dict) -> List[List[str]]:
             f"{v['params'] / 1e6:.2f}M", f"{v['macs'] / 1e6:.1f}", _pct(v.get("accuracy")), _pct(v.get("agreement")),
             _ms(v.get("latency_ms"), "p50"), _ms(v.get("latency_ms"), "p90"),
             "—" if v.get("speedup") is None else f"{v['speedup']:.2f}x",
-            status_mark(v) + (f" {v['error']}" if v.get("error") else ""),
+            (status_text(v) if words else status_mark(v)) + (f" {v['error']}" if v.get("error") else ""),
         ])
     return rows
 
 
 def summary_lines(report: dict) -> List[str]:
     lines = []
+    by_name = {(v["name"], v["format"]): v.get("latency_ms") for v in report["variants"]}
     rec = report.get("recommended")
     if rec:
-        how = " by ESTIMATED latency" if rec.get("latency_source") == "estimated" else ""
+        how = ""
+        if rec.get("latency_source") not in (None, "measured"):
+            how = f" by ESTIMATED latency ({latency_basis(by_name.get((rec['name'], rec['format'])))})"
         lines.append(f"Recommended for {report['device']}: **{rec['name']}** ({rec['format']}) — the fastest variant "
                      f"within the recipe's accuracy budget{how}.")
     t = report.get("target") or {}
@@ -55,6 +133,10 @@ def summary_lines(report: dict) -> List[str]:
             verdict = "met ✅" if t["met"] else "NOT met ❌"
             lines.append(f"Latency target {t['latency_ms']} ms on {report['device']}: {verdict} by {t['variant']} "
                          f"(p50 {t['p50_ms']:.3f} ms, {t['source']}).")
+    estimated = _estimated(report)
+    if estimated:
+        bases = "; ".join(sorted({latency_basis(lat) for lat in estimated}))
+        lines.append(f"Latency marked (est.) is {bases}: a model's prediction for {report['device']}, not a timed run.")
     lines += report.get("notes", [])
     return lines
 
@@ -89,10 +171,8 @@ def to_markdown(report: dict) -> str:
            f"Task: {task['name']} ({task['num_eval']} eval images, input {'x'.join(map(str, task['input_shape']))}); "
            f"baseline: {base['source']}; seed {report['seed']}.", "",
            "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    out += ["| " + " | ".join(r) + " |" for r in variant_rows(report)]
-    out += ["", "Latency: batch 1, p50/p90 over timed runs after warm-up, all variants interleaved in one run; "
-            "speedup is the fp32 p50 over the variant's p50. Accuracy: top-1 on the eval split; agreement: "
-            "share of eval images with the same top-1 class as fp32.", ""]
+    out += ["| " + " | ".join(r) + " |" for r in variant_rows(report, words=True)]
+    out += ["", latency_sentence(report), ""]
     out += [f"- {line}" for line in summary_lines(report)]
     quant = quantization_sections(report)
     if quant:
@@ -107,80 +187,76 @@ def to_markdown(report: dict) -> str:
         out += ["", "## Steps", ""] + [f"- `{s['kind']}` {json.dumps(s['params'])} ({s['seconds']} s)"
                                        for s in report["steps"]]
     out += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-            "", f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores."]
+            "", machine_line(report)]
     return "\n".join(out) + "\n"
 
 
-def svg_plot(report: dict, width: int = 520, height: int = 320) -> str:
-    """Accuracy vs p50 latency, one labelled point per measured variant."""
+def plot_geometry(report: dict, width: int = 520, height: int = 320) -> Optional[Dict[str, Any]]:
+    """Accuracy vs p50 latency, one labelled point per variant with both: coordinates only, the template draws
+    (and escapes) it."""
     pts = [(v["latency_ms"]["p50"], v["accuracy"], f"{v['name']} {v['format']}") for v in report["variants"]
            if v.get("latency_ms") and v["latency_ms"].get("p50") is not None and v.get("accuracy") is not None]
     if not pts:
-        return ""
+        return None
     pad = 56
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    x0, x1 = 0.0, max(xs) * 1.15
+    x0, x1 = 0.0, max(max(xs) * 1.15, 1e-9)
     y0, y1 = min(ys) - 0.01, min(1.0, max(ys) + 0.005)
     if y1 <= y0:
         y1 = y0 + 0.01
 
     def sx(x):
-        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+        return round(pad + (x - x0) / (x1 - x0) * (width - 2 * pad), 1)
 
     def sy(y):
-        return height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
+        return round(height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad), 1)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             f'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
-             f'<text x="{width / 2}" y="{height - 16}" text-anchor="middle">p50 latency (ms, {report["device"]})</text>',
-             f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">'
-             f'top-1 accuracy</text>']
-    for i in range(5):
-        xv = x0 + (x1 - x0) * i / 4
-        yv = y0 + (y1 - y0) * i / 4
-        parts.append(f'<text x="{sx(xv)}" y="{height - pad + 14}" text-anchor="middle">{xv:.2f}</text>')
-        parts.append(f'<text x="{pad - 4}" y="{sy(yv) + 4}" text-anchor="end">{100 * yv:.1f}%</text>')
+    ticks = [{"x": sx(x0 + (x1 - x0) * i / 4), "y": sy(y0 + (y1 - y0) * i / 4),
+              "xlabel": f"{x0 + (x1 - x0) * i / 4:.2f}", "ylabel": f"{100 * (y0 + (y1 - y0) * i / 4):.1f}%"}
+             for i in range(5)]
     target = (report.get("target") or {}).get("latency_ms")
-    if target is not None and x0 <= target <= x1:
-        parts.append(f'<line x1="{sx(target)}" y1="{pad}" x2="{sx(target)}" y2="{height - pad}" stroke="red" '
-                     f'stroke-dasharray="4 3"/><text x="{sx(target) + 3}" y="{pad + 10}" fill="red">target</text>')
-    for x, y, label in pts:
-        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="#1f77b4"/>'
-                     f'<text x="{sx(x) + 7:.1f}" y="{sy(y) - 6:.1f}">{html.escape(label)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+    basis = "estimated" if _estimated(report) else "measured"
+    return {"width": width, "height": height, "pad": pad, "ticks": ticks,
+            "xlabel": f"p50 latency (ms, {report['device']}, {basis})", "ylabel": "top-1 accuracy",
+            "target": sx(target) if target is not None and x0 <= target <= x1 else None,
+            "points": [{"x": sx(x), "y": sy(y), "label": label} for x, y, label in pts]}
+
+
+@functools.lru_cache(maxsize=1)
+def _env():
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))),
+                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              lstrip_blocks=True, keep_trailing_newline=True)
+
+
+def svg_plot(report: dict) -> str:
+    """The plot as a standalone SVG document ('' when no variant has both accuracy and latency)."""
+    plot = plot_geometry(report)
+    return _env().get_template("plot.svg.j2").render(plot=plot) if plot else ""
+
+
+def _segments(line: str) -> List[Tuple[str, bool]]:
+    """'a **b** c' -> [('a ', False), ('b', True), (' c', False)]: Markdown bold kept as bold, as text."""
+    return [(part, i % 2 == 1) for i, part in enumerate(line.split("**")) if part]
 
 
 def to_html(report: dict) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in variant_rows(report))
-    notes = "".join(f"<li>{html.escape(line).replace('**', '')}</li>" for line in summary_lines(report))
-    title = f"{report['model']} · {report['recipe']} · {report['device']}"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
-            "</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p>Task {html.escape(report['task']['name'])}, "
-            f"{report['task']['num_eval']} eval images. Latency batch 1, interleaved runs; speedup vs fp32.</p>"
-            f"<table><tr>{head}</tr>{body}</table><ul>{notes}</ul>{svg_plot(report)}{_quant_html(report)}"
-            f"<p>Versions: {html.escape(', '.join(f'{k} {v}' for k, v in report['versions'].items()))}</p>"
-            "</body></html>\n")
-
-
-def _quant_html(report: dict) -> str:
-    parts = []
-    for title, cols, rows in quantization_sections(report):
-        parts.append(f"<p>{html.escape(title)}</p>")
-        if rows:
-            parts.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>" + "".join(
-                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
-    return ("<h2>Quantization</h2>" + "".join(parts)) if parts else ""
+    task = report["task"]
+    return _env().get_template("report.html.j2").render(
+        title=f"{report['model']} · {report['recipe']} · {report['device']}",
+        task=task, input_shape="x".join(map(str, task.get("input_shape", []))),
+        baseline=(report.get("model_info") or {}).get("baseline", {}).get("source"), seed=report.get("seed"),
+        columns=COLUMNS, rows=variant_rows(report, words=True), latency=latency_sentence(report),
+        notes=[_segments(line) for line in summary_lines(report)], plot=plot_geometry(report),
+        quantization=quantization_sections(report),
+        steps=[(s["kind"], json.dumps(s["params"]), s["seconds"]) for s in report.get("steps") or []],
+        versions=", ".join(f"{k} {v}" for k, v in report["versions"].items()), machine=machine_line(report))
 
 
 def write_reports(report: dict, folder: Path) -> None:
     folder = Path(folder)
-    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (folder / "report.md").write_text(to_markdown(report))
-    (folder / "report.html").write_text(to_html(report))
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    (folder / "report.md").write_text(to_markdown(report), encoding="utf-8")
+    (folder / "report.html").write_text(to_html(report), encoding="utf-8")

@@ -77,3 +77,117 @@ def test_device_profile_validation(tmp_path):
     p.write_text("kind: cpu\narch: aarch64\ncores: 4\nprecisions: [fp32, int8]\n")
     d = load_device(str(p))
     assert d.name == "dev" and d.cores == 4 and not d.local
+
+
+# ----------------------------------------------------------------------------- numbers are finite and bounded
+
+# (YAML, where the error points: "field 'F' (line N)" or a step's "'F' (line N)", the allowed range and value)
+BAD_RECIPES = [
+    ("train: {epochs: .inf}\n", "field 'train.epochs' (line 1)", "a finite number > 0 and <= 10000, got inf"),
+    ("train: {epochs: 10001}\n", "field 'train.epochs' (line 1)", "a finite number > 0 and <= 10000, got 10001"),
+    ("train:\n  batch_size: 1e11\n", "field 'train.batch_size' (line 2)", "an integer from 1 to 65536, got '1e11'"),
+    ("train: {batch_size: 1.0e+11}\n", "field 'train.batch_size' (line 1)", "an integer from 1 to 65536, got 1e+11"),
+    ("train: {batch_size: 0}\n", "field 'train.batch_size' (line 1)", "an integer from 1 to 65536, got 0"),
+    ("train: {lr: .nan}\n", "field 'train.lr' (line 1)", "a finite number > 0 and <= 10, got nan"),
+    ("train: {lr: 100}\n", "field 'train.lr' (line 1)", "a finite number > 0 and <= 10, got 100"),
+    ("accuracy_budget_pp: .inf\n", "field 'accuracy_budget_pp' (line 1)", "a finite number from 0 to 100, got inf"),
+    ("accuracy_budget_pp: 101\n", "field 'accuracy_budget_pp' (line 1)", "a finite number from 0 to 100, got 101"),
+    ("steps:\n  - prune: {macs: .nan}\n", "prune step in {p}: 'macs' (line 2)", "a finite number > 0 and < 1, got nan"),
+    ("steps:\n  - prune:\n      finetune_epochs: .inf\n", "prune step in {p}: 'finetune_epochs' (line 3)",
+     "a finite number from 0 to 10000, got inf"),
+    ("steps:\n  - kind: distill\n    params:\n      lr: .nan\n", "distill step in {p}: 'lr' (line 4)",
+     "a finite number > 0 and <= 10, got nan"),
+    ("steps:\n  - distill: {batch_size: 1.0e+9}\n", "distill step in {p}: 'batch_size' (line 2)",
+     "an integer from 1 to 65536, got 1e+09"),
+    ("steps:\n  - svd: {round_to: 1.0e+9}\n", "svd step in {p}: 'round_to' (line 2)",
+     "an integer from 1 to 1024, got 1e+09"),
+]
+
+BAD_DEVICES = [
+    ("threads: 1.0e+9\n", "threads", 1, "an integer from 1 to 1024, got 1e+09"),
+    ("threads: .inf\n", "threads", 1, "an integer from 1 to 1024, got inf"),
+    ("cores: 0\n", "cores", 1, "an integer from 1 to 1024, got 0"),
+    ("latency_target_ms: .nan\n", "latency_target_ms", 1, "a finite number > 0 and <= 1e+06, got nan"),
+    ("latency_target_ms: -5\n", "latency_target_ms", 1, "a finite number > 0 and <= 1e+06, got -5"),
+    ("peak_gops: {fp32: .inf}\n", "peak_gops.fp32", 1, "a finite number > 0 and <= 1e+08, got inf"),
+    ("memory_bandwidth_gbs: .inf\n", "memory_bandwidth_gbs", 1, "a finite number > 0 and <= 100000, got inf"),
+    ("latency_model:\n  efficiency: {conv: .nan}\n", "latency_model.efficiency.conv", 2,
+     "a finite number > 0 and <= 1000, got nan"),
+    ("latency_model:\n  session_overhead_us: .inf\n", "latency_model.session_overhead_us", 2,
+     "a finite number from 0 to 1e+06, got inf"),
+    ("latency_model:\n  threads: 5000\n", "latency_model.threads", 2, "an integer from 1 to 1024, got 5000"),
+    ("latency_model:\n  kernel_tables: {0: t.json.gz}\n", "latency_model.kernel_tables.0.[key]", 2,
+     "an integer from 1 to 1024, got 0"),
+    ("ssh: {host: pi, command_timeout: .inf}\n", "ssh.command_timeout", 1,
+     "a finite number > 0 and <= 86400, got inf"),
+]
+
+
+@pytest.mark.parametrize("text, where, allowed", BAD_RECIPES,
+                         ids=[f"{i}-{b[1][:24]}" for i, b in enumerate(BAD_RECIPES)])
+def test_bad_recipe_numbers_name_file_field_and_range(tmp_path, text, where, allowed):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(EdgekitError) as info:
+        load_recipe(str(p))
+    msg = str(info.value)
+    head = f"Invalid {where.format(p=p)}: " if "{p}" in where else f"Invalid recipe {p}: {where}: "
+    assert msg.startswith(head) and msg.endswith(f"; allowed: {allowed}"), msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("text, field, line, allowed", BAD_DEVICES,
+                         ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD_DEVICES)])
+def test_bad_device_numbers_name_file_field_and_range(tmp_path, text, field, line, allowed):
+    p = tmp_path / "dev.yaml"
+    p.write_text(text)
+    with pytest.raises(EdgekitError) as info:
+        load_device(str(p))
+    msg = str(info.value)
+    assert msg.startswith(f"Invalid device profile {p}: field '{field}' (line {line}): "), msg
+    assert msg.endswith(f"; allowed: {allowed}"), msg
+
+
+@pytest.mark.parametrize("options, got", [("{num_calib: 1.0e+11}", "1e+11"), ("{num_calib: .nan}", "nan"),
+                                          ("{num_calib: 0}", "0"), ("{opset: 99}", "99")])
+def test_bad_numeric_variant_options(tmp_path, options, got):
+    p = tmp_path / "r.yaml"
+    p.write_text(f"variants:\n  - format: onnx\n    precision: int8\n    options: {options}\n")
+    key = options[1:options.index(":")]
+    with pytest.raises(EdgekitError) as info:
+        load_recipe(str(p))
+    assert str(info.value) == (f"Invalid recipe {p}: field 'variants.0.options' (line 4): {key} must be an integer "
+                               f"from {1 if key == 'num_calib' else 7} to {100000 if key == 'num_calib' else 30}, "
+                               f"got {got}")
+
+
+def test_numbers_at_the_bounds_are_accepted(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train: {epochs: 10000, batch_size: 65536, lr: 10}\naccuracy_budget_pp: 100\n"
+                 "steps:\n  - prune: {finetune_epochs: 0, round_to: 1024}\n"
+                 "variants:\n  - {format: onnx, precision: int8, options: {num_calib: 100000}}\n")
+    r = load_recipe(str(p))
+    assert r.train.batch_size == 65536 and r.accuracy_budget_pp == 100
+    d = tmp_path / "dev.yaml"
+    d.write_text("threads: 1024\ncores: 1024\nlatency_model: {threads: 1, kernel_tables: {1024: t.json.gz}}\n")
+    assert load_device(str(d)).threads == 1024
+
+
+@pytest.mark.parametrize("flag, name, text, field", [
+    ("--recipe", "r.yaml", "train: {epochs: .inf}\n", "train.epochs"),
+    ("--device", "dev.yaml", "threads: 1.0e+9\n", "threads"),
+])
+def test_cli_bad_number_exits_2_with_one_stderr_line(tmp_path, flag, name, text, field):
+    from typer.testing import CliRunner
+
+    from edgekit.cli import app
+
+    p = tmp_path / name
+    p.write_text(text)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["compress", "shufflenetv2-x0.5", flag, str(p), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: Invalid ") and f"field '{field}'" in lines[0] and "allowed: " in lines[0]
+    assert "Traceback" not in res.output and not out.exists()

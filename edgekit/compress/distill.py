@@ -30,14 +30,19 @@ from .steps import Step, StepContext, StepParams, register_step
 class DistillParams(StepParams):
     teacher: Optional[str] = Field(None, description="zoo model to learn from (default: the fp32 baseline)")
     teacher_weights: Optional[str] = Field(None, description="state dict for the named teacher (skips its training)")
-    teacher_epochs: float = Field(4, gt=0, description="training of a named teacher on the task")
-    teacher_lr: Optional[float] = Field(None, gt=0, description="default: the teacher's zoo training lr, else 1e-2")
-    epochs: float = Field(2, gt=0)
-    lr: Optional[float] = Field(None, gt=0, description="default: the student's training lr, at most 3e-3")
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft-target loss (1 - alpha: labels)")
-    feature_weight: float = Field(0.0, ge=0, description="weight of the pooled last-stage feature MSE (0: off)")
-    batch_size: int = Field(64, gt=0)
+    teacher_epochs: float = Field(4, gt=0, le=10_000, allow_inf_nan=False,
+                                  description="training of a named teacher on the task")
+    teacher_lr: Optional[float] = Field(None, gt=0, le=10, allow_inf_nan=False,
+                                        description="default: the teacher's zoo training lr, else 1e-2")
+    epochs: float = Field(2, gt=0, le=10_000, allow_inf_nan=False)
+    lr: Optional[float] = Field(None, gt=0, le=10, allow_inf_nan=False,
+                                description="default: the student's training lr, at most 3e-3")
+    temperature: float = Field(4.0, gt=0, le=1000, allow_inf_nan=False)
+    alpha: float = Field(0.7, ge=0, le=1, allow_inf_nan=False,
+                         description="weight of the soft-target loss (1 - alpha: labels)")
+    feature_weight: float = Field(0.0, ge=0, le=1000, allow_inf_nan=False,
+                                  description="weight of the pooled last-stage feature MSE (0: off)")
+    batch_size: int = Field(64, ge=1, le=65_536)
     evaluate: bool = Field(True, description="record accuracy and teacher agreement before and after")
 
     @field_validator("teacher")

@@ -33,13 +33,17 @@ KINDS = ("pointwise", "spatial", "linear")
 
 
 class SVDParams(StepParams):
-    energy: Optional[float] = Field(None, gt=0, lt=1, description="share of squared singular values kept per layer")
-    macs: Optional[float] = Field(None, gt=0, lt=1, description="fraction of the model's MACs to keep")
-    round_to: Optional[int] = Field(None, ge=1, description="ranks are multiples of this (default: device prune_round_to)")
+    energy: Optional[float] = Field(None, gt=0, lt=1, allow_inf_nan=False,
+                                    description="share of squared singular values kept per layer")
+    macs: Optional[float] = Field(None, gt=0, lt=1, allow_inf_nan=False,
+                                  description="fraction of the model's MACs to keep")
+    round_to: Optional[int] = Field(None, ge=1, le=1024,
+                                    description="ranks are multiples of this (default: device prune_round_to)")
     layers: List[Literal["pointwise", "spatial", "linear"]] = Field(
         default_factory=lambda: list(KINDS), description="which layers may be factorized")
     ignore: List[str] = Field(default_factory=list, description="layer names or patterns left alone")
-    min_saving: float = Field(0.1, ge=0, lt=1, description="factorize a layer only if it saves this share of its MACs")
+    min_saving: float = Field(0.1, ge=0, lt=1, allow_inf_nan=False,
+                              description="factorize a layer only if it saves this share of its MACs")
 
     @model_validator(mode="after")
     def _one_target(self) -> "SVDParams":
