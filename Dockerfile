@@ -23,7 +23,7 @@ ARG L4T_BASE=nvcr.io/nvidia/l4t-jetpack:r35.4.1
 # ---- bundle: the deployment bundle (an extracted `edgekit deploy --bundle` folder) ------------------------------
 # Replaced with `--build-context bundle=DIR`; without one the runtime images carry the runner only.
 FROM scratch AS bundle
-COPY edgekit/deploy/runner.py /runner.py
+COPY edgekit/device/runner.py /runner.py
 
 # ---- toolkit: the full x86_64 toolkit (compress, export, benchmark, deploy) ------------------------------------
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_SUITE} AS toolkit
@@ -47,7 +47,7 @@ RUN pip install --no-cache-dir "numpy==${NUMPY_VERSION}" "onnxruntime==${ONNXRUN
         "ai-edge-litert==${LITERT_VERSION}"
 WORKDIR /opt/edgekit/app
 COPY --from=bundle / /opt/edgekit/app/
-COPY edgekit/deploy/runner.py /opt/edgekit/runner.py
+COPY edgekit/device/runner.py /opt/edgekit/runner.py
 ENV EDGEKIT_APP=/opt/edgekit/app
 ENTRYPOINT ["python3", "/opt/edgekit/runner.py"]
 CMD ["info"]
@@ -64,6 +64,6 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/edgekit/app
 COPY --from=bundle / /opt/edgekit/app/
-COPY edgekit/deploy/runner.py /opt/edgekit/runner.py
+COPY edgekit/device/runner.py /opt/edgekit/runner.py
 ENV EDGEKIT_APP=/opt/edgekit/app
 CMD ["sh", "-c", "if [ -f build_engine.py ]; then ENGINE=$(python3 build_engine.py --print-path) && exec python3 /opt/edgekit/runner.py bench \"$ENGINE\"; else exec python3 /opt/edgekit/runner.py info; fi"]

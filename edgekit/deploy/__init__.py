@@ -1,6 +1,5 @@
 """Deployment: the standalone device runner, bundles for a device, SSH deploys and Docker runtime images.
 
-- :mod:`edgekit.deploy.runner`   the standalone runner copied to devices
 - :mod:`edgekit.deploy.bundle`   ``build_bundle`` / ``extract_bundle``: an offline-installable .tar.gz
 - :mod:`edgekit.deploy.remote`   ``deploy``: releases on a device over SSH, ``current`` switched atomically
 - :mod:`edgekit.deploy.versions` runtime versions shared by bundles and the Dockerfile
@@ -12,7 +11,7 @@ import shlex
 from pathlib import Path
 from typing import List, Optional
 
-RUNNER_PATH = Path(__file__).with_name("runner.py")
+RUNNER_PATH = Path(__file__).resolve().parents[1] / "device" / "runner.py"
 """The standalone runner script (stdlib + numpy + a runtime; no edgekit import) that is copied to devices."""
 
 SYSROOT_SCRIPT = Path(__file__).with_name("arm64_sysroot.sh")
@@ -112,6 +111,8 @@ def docker_command(device: str, bundle: Optional[str | Path] = None, tag: Option
                   "ONNXRUNTIME_VERSION": versions.ONNXRUNTIME_VERSION, "LITERT_VERSION": versions.LITERT_VERSION}
     argv = ["docker", "buildx", "build", "--platform", versions.ARCHES[dev.arch][0], "--target", docker_target(dev)]
     if bundle is not None:
+        from .bundle import safe_version
+
         bdir = _bundle_context(Path(bundle))
         import json
 
@@ -122,8 +123,8 @@ def docker_command(device: str, bundle: Optional[str | Path] = None, tag: Option
         mv = manifest.get("versions") or {}
         for key, name in (("ONNXRUNTIME_VERSION", "onnxruntime"), ("LITERT_VERSION", "ai-edge-litert"),
                           ("NUMPY_VERSION", "numpy")):
-            if mv.get(name):
-                build_args[key] = mv[name]
+            if mv.get(name):  # build args reach RUN lines of the Dockerfile: plain versions only
+                build_args[key] = safe_version(mv[name], f"versions.{name} in {bundle}'s manifest.json")
         argv += ["--build-context", f"bundle={bdir}"]
     for k, v in build_args.items():
         argv += ["--build-arg", f"{k}={v}"]
@@ -136,8 +137,12 @@ def _bundle_context(bundle: Path) -> Path:
     from .bundle import extract_bundle as _extract
 
     if bundle.is_dir():
-        if not (bundle / "manifest.json").is_file():
-            raise EdgekitError(f"{bundle} is not an extracted bundle (no manifest.json)")
+        from ..device.bundlecheck import BundleError, verify_tree
+
+        try:  # a folder is checked like a tarball: every hash, nothing unlisted, no links
+            verify_tree(str(bundle))
+        except BundleError as exc:
+            raise EdgekitError(f"Refusing bundle folder {bundle}: {exc}") from None
         return bundle.resolve()
     if not bundle.is_file():
         raise EdgekitError(f"Bundle not found: {bundle}")

@@ -30,6 +30,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,146 +52,9 @@ NUM_SAMPLES = 4
 FORMAT_REQUIREMENTS = {"onnx": "onnxruntime", "tflite": "ai-edge-litert"}
 
 
-# ----------------------------------------------------------------------------- checks (standard library only)
-# These functions are sent to the device by edgekit.deploy.remote (inspect.getsource): they may use only the
-# modules imported in remote.AGENT_HEADER (hashlib, json, os, shutil, tarfile, tempfile) and BundleError.
-
-
-class BundleError(Exception):
-    """A bundle that must not be installed: unsafe entry, wrong hash, missing or unlisted file."""
-
-
-def _bad_name(name):
-    """Why an archive member name is unsafe, or None."""
-    if not name or name.startswith("/") or name.startswith("\\") or (len(name) > 1 and name[1] == ":"):
-        return "absolute path"
-    parts = name.replace("\\", "/").split("/")
-    if ".." in parts:
-        return "'..' in path"
-    if any(ord(c) < 32 for c in name):
-        return "control character in name"
-    return None
-
-
-def check_members(members):
-    """Refuse the whole archive if any member is unsafe; called before anything is written."""
-    seen = set()
-    for m in members:
-        name = m.name
-        while name.startswith("./"):
-            name = name[2:]
-        if name in ("", ".") and m.isdir():
-            continue
-        why = _bad_name(name)
-        if why is None and not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
-            why = "not a regular file, folder or link (device, fifo ...)"
-        if why is None and (m.issym() or m.islnk()):
-            target = m.linkname.replace("\\", "/")
-            if target.startswith("/") or (len(target) > 1 and target[1] == ":"):
-                why = "link to an absolute path ({})".format(m.linkname)
-            else:
-                base = os.path.dirname(name) if m.issym() else ""
-                resolved = os.path.normpath(os.path.join(base, target)).replace("\\", "/")
-                if resolved == ".." or resolved.startswith("../"):
-                    why = "link pointing outside the bundle ({} -> {})".format(name, m.linkname)
-        norm = os.path.normpath(name).rstrip("/")
-        if why is None and norm in seen and not m.isdir():
-            why = "duplicate entry"
-        if why is not None:
-            raise BundleError("unsafe bundle entry {!r}: {}; nothing was extracted".format(m.name, why))
-        seen.add(norm)
-
-
-def _inside(root, path):
-    root = os.path.realpath(root)
-    real = os.path.realpath(path)
-    return real == root or real.startswith(root + os.sep)
-
-
-def extract_members(tar_path, into):
-    """Extract a checked archive into the empty folder ``into`` (regular files, folders, links inside only)."""
-    with tarfile.open(tar_path, "r:*") as tar:
-        members = tar.getmembers()
-        check_members(members)
-        for m in members:
-            name = m.name
-            while name.startswith("./"):
-                name = name[2:]
-            if name in ("", "."):
-                continue
-            path = os.path.join(into, name)
-            parent = os.path.dirname(path)
-            os.makedirs(parent, exist_ok=True)
-            if not _inside(into, parent):
-                raise BundleError("unsafe bundle entry {!r}: its folder leaves the bundle".format(m.name))
-            if m.isdir():
-                os.makedirs(path, exist_ok=True)
-            elif m.issym():
-                os.symlink(m.linkname, path)
-                if not _inside(into, path):
-                    raise BundleError("unsafe bundle entry {!r}: link leaves the bundle".format(m.name))
-            else:  # a regular file, or a hard link to a member already extracted (tarfile reads its data)
-                src = tar.extractfile(m)
-                if src is None:
-                    raise BundleError("bundle entry {!r} has no data".format(m.name))
-                with src, open(path, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                os.chmod(path, 0o755 if m.mode & 0o100 else 0o644)
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_tree(root, strict=True):
-    """Check an extracted bundle against its manifest: every hash and size, no missing (and, when ``strict``,
-    no unlisted) file. An installed release holds more (its venv), so it is checked with ``strict=False``.
-
-    Returns the manifest (a dict).
-    """
-    mpath = os.path.join(root, "manifest.json")
-    if not os.path.isfile(mpath) or os.path.islink(mpath):
-        raise BundleError("not an edgekit bundle: manifest.json is missing")
-    try:
-        with open(mpath, "rb") as f:
-            manifest = json.loads(f.read().decode("utf-8"))
-    except ValueError as exc:
-        raise BundleError("manifest.json is not valid JSON: {}".format(exc))
-    if not isinstance(manifest, dict) or manifest.get("format") != "edgekit-bundle" \
-            or not isinstance(manifest.get("files"), dict):
-        raise BundleError("manifest.json is not an edgekit bundle manifest")
-    listed = set()
-    for rel, meta in sorted(manifest["files"].items()):
-        why = _bad_name(rel)
-        if why is not None:
-            raise BundleError("manifest lists an unsafe path {!r}: {}".format(rel, why))
-        path = os.path.join(root, rel)
-        if os.path.islink(path) or not os.path.isfile(path):
-            raise BundleError("bundle file {} is missing (or not a regular file)".format(rel))
-        size = os.path.getsize(path)
-        if size != meta.get("size"):
-            raise BundleError("bundle file {} has {} bytes, the manifest says {}: the bundle was altered or "
-                              "truncated".format(rel, size, meta.get("size")))
-        digest = sha256_file(path)
-        if digest != meta.get("sha256"):
-            raise BundleError("sha256 mismatch for {}: the manifest says {}..., the file has {}...; the bundle was "
-                              "altered or corrupted".format(rel, str(meta.get("sha256"))[:12], digest[:12]))
-        listed.add(os.path.normpath(rel))
-    for dirpath, dirnames, filenames in os.walk(root) if strict else ():
-        for fn in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            rel = os.path.normpath(os.path.relpath(os.path.join(dirpath, fn), root))
-            if rel != "manifest.json" and rel not in listed:
-                raise BundleError("bundle holds a file its manifest does not list: {}".format(rel))
-    return manifest
-
-
-def manifest_id(manifest_bytes):
-    """The bundle id: the first 16 hex digits of manifest.json's sha256 (it covers every file's hash)."""
-    return hashlib.sha256(manifest_bytes).hexdigest()[:16]
+# The checks (standard library only) live in edgekit/device/bundlecheck.py, which the device agent runs too.
+from ..device.bundlecheck import (BundleError, bad_name, check_members, extract_members,  # noqa: E402,F401
+                                  manifest_id, sha256_file, verify_tree)
 
 
 # ----------------------------------------------------------------------------- reading and extracting
@@ -235,14 +99,12 @@ def extract_bundle(tar: str | Path, dest: str | Path, force: bool = False) -> Pa
     :class:`EdgekitError` before anything is moved into place. An existing ``dest`` is replaced only with
     ``force``.
     """
+    from ..fsutil import check_replaceable, make_temp_dir, publish
+
     tar, dest = Path(tar), Path(dest)
-    if dest.exists() and not force:
-        raise EdgekitError(f"{dest} already exists; pass force=True (--force) to replace it")
-    if dest.exists() and not dest.is_dir():
-        raise EdgekitError(f"{dest} exists and is not a folder")
+    check_replaceable(dest, force, "Folder")
     _open_tar(tar).close()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = make_temp_dir(dest)
     try:
         try:
             extract_members(str(tar), str(tmp))
@@ -252,13 +114,7 @@ def extract_bundle(tar: str | Path, dest: str | Path, force: bool = False) -> Pa
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise EdgekitError(f"Refusing bundle {tar}: cannot read it ({exc})") from None
         tmp.chmod(0o755)
-        if dest.exists():
-            trash = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, trash)
-            os.replace(tmp, dest)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        publish(tmp, dest, kind="bundle")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -298,7 +154,10 @@ def _available(run_dir: Path, report: dict) -> List[dict]:
     out = []
     for v in report["variants"]:
         p = v.get("path")
-        if v.get("status", "ok") == "ok" and p and (run_dir / p).is_file() and "/" not in p and "\\" not in p:
+        if v.get("status", "ok") != "ok" or not p:
+            continue
+        safe_file_name(p, "variant file name in report.json")  # a shared run folder may be hostile
+        if (run_dir / p).is_file() and not (run_dir / p).is_symlink():
             out.append(v)
     return out
 
@@ -359,7 +218,8 @@ def _engine_source(run_dir: Path, report: dict, dev, chosen: dict) -> Optional[d
         if v.get("format") != "tensorrt" or v.get("precision") not in dev.precisions:
             continue
         files = (v.get("details") or {}).get("files") or []
-        src = next((f for f in files if f.endswith(".onnx") and (run_dir / f).is_file() and "/" not in f), None)
+        src = next((f for f in files if isinstance(f, str) and f.endswith(".onnx") and _FILE_RE.match(f)
+                    and (run_dir / f).is_file() and not (run_dir / f).is_symlink()), None)
         if src:
             return {"name": v["name"], "onnx": src, "precision": v["precision"], "from": "the run's tensorrt variant"}
     precision = "fp16" if "fp16" in dev.precisions else "fp32"
@@ -370,14 +230,47 @@ def _engine_source(run_dir: Path, report: dict, dev, chosen: dict) -> Optional[d
 # ----------------------------------------------------------------------------- wheels
 
 
+# What may reach a generated file or a pip command: a plain PEP 440 release (no markers, no spaces, no shell),
+# a plain file name, a CPython "3.N". Anything else in a run folder or on the command line is refused.
+_VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){0,3}((a|b|rc)[0-9]+)?(\.post[0-9]+)?(\.dev[0-9]+)?$")
+_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,200}$")
+_PYTHON_RE = re.compile(r"^3\.[0-9]{1,2}$")
+
+
+def safe_version(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _VERSION_RE.match(value):
+        raise EdgekitError(f"Refusing {what} {value!r}: not a plain version number (like 1.22.1)")
+    return value
+
+
+def safe_file_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _FILE_RE.match(value) or value in (".", ".."):
+        raise EdgekitError(f"Refusing {what} {value!r}: not a plain file name (letters, digits, . _ + -)")
+    return value
+
+
+def safe_python_version(value: Any) -> str:
+    if not isinstance(value, str) or not _PYTHON_RE.match(value):
+        raise EdgekitError(f"python_version must look like 3.11, not {value!r}")
+    return value
+
+
 def requirements_for(formats: List[str], report: dict, python_version: str) -> List[str]:
-    """pip requirements the shipped formats need on the device (ONNX Runtime pinned to the run's version)."""
+    """pip requirements the shipped formats need on the device (ONNX Runtime pinned to the run's version).
+
+    The versions come from the run folder's report.json, which may come from someone else: each must be a
+    plain release number, or the bundle is refused before anything is written.
+    """
     vers = report.get("versions") or {}
-    reqs = [versions.numpy_requirement(python_version)]
+    if not isinstance(vers, dict):
+        raise EdgekitError("Refusing report.json: 'versions' is not a mapping")
+    reqs = [versions.numpy_requirement(safe_python_version(python_version))]
     if "onnx" in formats:
-        reqs.append(f"onnxruntime=={vers.get('onnxruntime') or versions.ONNXRUNTIME_VERSION}")
+        v = vers.get("onnxruntime") or versions.ONNXRUNTIME_VERSION
+        reqs.append(f"onnxruntime=={safe_version(v, 'versions.onnxruntime in report.json')}")
     if "tflite" in formats:
-        reqs.append(f"ai-edge-litert=={vers.get('ai-edge-litert') or versions.LITERT_VERSION}")
+        v = vers.get("ai-edge-litert") or versions.LITERT_VERSION
+        reqs.append(f"ai-edge-litert=={safe_version(v, 'versions.ai-edge-litert in report.json')}")
     return reqs
 
 
@@ -406,8 +299,7 @@ def fetch_wheels(requirements: List[str], arch: str, python_version: str, dest: 
         raise EdgekitError(f"No wheels can be fetched for {arch} devices (known: {', '.join(versions.ARCHES)}); "
                            f"build the bundle with fetch_wheels=False (--no-wheels) and install the runtime on "
                            f"the device yourself")
-    if not python_version.replace(".", "").isdigit() or python_version.count(".") != 1:
-        raise EdgekitError(f"python_version must look like 3.11, not {python_version!r}")
+    safe_python_version(python_version)
     key = f"cp{python_version.replace('.', '')}-{arch}"
     cache = Path(cache) if cache is not None else wheel_cache_dir()
     cache = cache / key
@@ -487,193 +379,6 @@ def _input_shape(path: Path, fmt: str) -> List[int]:
 
 # ----------------------------------------------------------------------------- scripts shipped in the bundle
 
-INSTALL_SH = r"""#!/bin/sh
-# Install this edgekit bundle on the device: a venv in ./venv, the runtime from ./wheels, offline.
-#   sh install.sh                     PYTHON=python3.11 sh install.sh
-# EDGEKIT_LAUNCHER prefixes every python call, e.g. "qemu-aarch64-static -L SYSROOT" to install into an
-# emulated arm64 userland on an x86_64 machine.
-set -eu
-HERE=$(cd "$(dirname "$0")" && pwd)
-cd "$HERE"
-PYTHON="${PYTHON:-python3}"
-LAUNCH="${EDGEKIT_LAUNCHER:-}"
-WANT="@PYTHON_VERSION@"
-REQS="@REQUIREMENTS@"
-HAVE=$($LAUNCH $PYTHON -c 'import sys; print("%d.%d" % sys.version_info[:2])') || {
-    echo "install.sh: cannot run $PYTHON on this device (set PYTHON=/path/to/python3)" >&2; exit 3; }
-if [ -d wheels ] && [ "$HAVE" != "$WANT" ]; then
-    echo "install.sh: this bundle's wheels are for Python $WANT, but $PYTHON is Python $HAVE; rebuild the" \
-         "bundle with python_version=$HAVE (edgekit deploy --python $HAVE) or set PYTHON" >&2
-    exit 3
-fi
-rm -rf venv.partial
-$LAUNCH $PYTHON -m venv --without-pip @VENV_FLAGS@ venv.partial || {
-    echo "install.sh: '$PYTHON -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 3; }
-VPY="$HERE/venv.partial/bin/python"
-if [ -d wheels ]; then
-    PIPWHL=$(ls wheels/pip-*.whl 2>/dev/null | head -n 1)
-    [ -n "$PIPWHL" ] || { echo "install.sh: wheels/ has no pip wheel" >&2; exit 3; }
-    # only the bundle's wheels: no index, and no pip configuration of this machine (extra indexes, constraints)
-    PIP_CONFIG_FILE=/dev/null $LAUNCH "$VPY" "$HERE/$PIPWHL/pip" install --quiet --disable-pip-version-check \
-        --no-warn-script-location --no-index --find-links "$HERE/wheels" $REQS
-else
-    $LAUNCH "$VPY" -m ensurepip --upgrade >/dev/null
-    $LAUNCH "$VPY" -m pip install --quiet --disable-pip-version-check $REQS
-fi
-$LAUNCH "$VPY" "$HERE/runner.py" info > runner-info.json
-rm -rf venv
-mv venv.partial venv
-# the venv was made as venv.partial: point its scripts (activate, entry points' shebangs) at its final place
-for f in venv/bin/* venv/pyvenv.cfg; do
-    if [ -f "$f" ] && [ ! -L "$f" ] && grep -q "venv[.]partial" "$f" 2>/dev/null; then
-        sed "s#venv[.]partial#venv#g" "$f" > "$f.tmp" && chmod --reference="$f" "$f.tmp" 2>/dev/null
-        mv "$f.tmp" "$f"
-    fi
-done
-echo "install.sh: installed into $HERE/venv (Python $HAVE): $REQS"
-"""
-
-RUN_SH = r"""#!/bin/sh
-# Run this bundle's model with its venv (after install.sh):
-#   ./run.sh predict INPUT.npy OUTPUT.npy     ./run.sh bench [--runs 100] [--threads 4]     ./run.sh info
-set -eu
-HERE=$(cd "$(dirname "$0")" && pwd)
-LAUNCH="${EDGEKIT_LAUNCHER:-}"
-PY="$HERE/venv/bin/python"
-[ -x "$PY" ] || { echo "run.sh: run install.sh first" >&2; exit 3; }
-MODEL="$HERE/@MODEL@"
-if [ -f "$HERE/build_engine.py" ]; then  # TensorRT: the engine is built on first start, ONNX if that fails
-    ENGINE=$($LAUNCH "$PY" "$HERE/build_engine.py" --print-path) && MODEL="$ENGINE" || \
-        echo "run.sh: no TensorRT engine (see above); running the ONNX fallback with ONNX Runtime" >&2
-fi
-[ $# -ge 1 ] || { echo "usage: run.sh predict IN.npy OUT.npy | bench [...] | info" >&2; exit 2; }
-CMD=$1; shift
-case "$CMD" in
-    predict|bench) exec $LAUNCH "$PY" "$HERE/runner.py" "$CMD" "$MODEL" "$@" ;;
-    *) exec $LAUNCH "$PY" "$HERE/runner.py" "$CMD" "$@" ;;
-esac
-"""
-
-BUILD_ENGINE_PY = r'''#!/usr/bin/env python3
-"""First start on a TensorRT device: build this bundle's engine from its ONNX, on the device.
-
-Engines only load with the GPU and TensorRT version they were built with, so bundles ship the ONNX and
-this script. It uses TensorRT's Python API when ``import tensorrt`` works (JetPack ships it), else
-``trtexec`` (/usr/src/tensorrt/bin/trtexec on JetPack). The engine goes to engines/ under a name with the
-TensorRT version and GPU; an existing one is reused. Prints one JSON object (or, with --print-path, the
-engine's path). Exit codes: 0 ok, 3 no TensorRT here, 4 the build failed. Standard library + tensorrt only.
-"""
-import json
-import os
-import re
-import shutil
-import subprocess
-import sys
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def gpu_name():
-    for path in ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model"):
-        try:
-            with open(path, "rb") as f:
-                return f.read().decode("utf-8", "replace").strip("\x00 \n")
-        except OSError:
-            pass
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=30)
-        return out.stdout.decode().strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.SubprocessError):
-        return "gpu"
-
-
-def slug(text):
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_") or "gpu"
-
-
-def build_with_api(trt, onnx_path, precision, engine_file, workspace_mb=1024):
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    major = int(trt.__version__.split(".")[0])
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if major < 10 else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    with open(onnx_path, "rb") as f:
-        if not parser.parse(f.read()):
-            raise RuntimeError("; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))[:500])
-    config = builder.create_builder_config()
-    if hasattr(config, "set_memory_pool_limit"):
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    if hasattr(trt.BuilderFlag, "FP16") and precision in ("fp16", "int8"):  # TensorRT < 11
-        config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise RuntimeError("TensorRT could not build an engine (see its log above)")
-    with open(engine_file, "wb") as f:
-        f.write(plan)
-
-
-def build_with_trtexec(trtexec, onnx_path, precision, engine_file):
-    cmd = [trtexec, "--onnx=" + onnx_path, "--saveEngine=" + engine_file]
-    if precision == "fp16":
-        cmd.append("--fp16")
-    elif precision == "int8":
-        cmd += ["--int8", "--fp16"]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stdout.decode("utf-8", "replace")[-500:])
-
-
-def main(argv):
-    with open(os.path.join(HERE, "manifest.json")) as f:
-        spec = json.load(f)["engine"]
-    onnx_path = os.path.join(HERE, spec["onnx"])
-    try:
-        import tensorrt as trt
-        version, how = trt.__version__, "tensorrt API"
-    except ImportError:
-        trt = None
-        trtexec = shutil.which("trtexec") or ("/usr/src/tensorrt/bin/trtexec"
-                                              if os.path.exists("/usr/src/tensorrt/bin/trtexec") else None)
-        if trtexec is None:
-            print(json.dumps({"error": "TensorRT is not installed here (neither `import tensorrt` nor trtexec): "
-                                       "install JetPack's TensorRT", "exit_code": 3}))
-            return 3
-        version, how = "exec", "trtexec"
-    name = "model.{}.trt{}.{}.engine".format(spec["name"], version, slug(gpu_name()))
-    engine = os.path.join(HERE, "engines", name)
-    built = False
-    if not os.path.isfile(engine):
-        os.makedirs(os.path.dirname(engine), exist_ok=True)
-        tmp = engine + ".partial"
-        try:
-            if trt is not None:
-                build_with_api(trt, onnx_path, spec["precision"], tmp)
-            else:
-                build_with_trtexec(trtexec, onnx_path, spec["precision"], tmp)
-        except Exception as exc:  # noqa: BLE001
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            print(json.dumps({"error": "engine build failed ({}): {}".format(how, exc), "exit_code": 4}))
-            return 4
-        os.replace(tmp, engine)
-        built = True
-    if "--print-path" in argv:
-        print(engine)
-    else:
-        print(json.dumps({"engine": engine, "built": built, "how": how, "precision": spec["precision"],
-                          "onnx": spec["onnx"]}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
-'''
-
-
 # ----------------------------------------------------------------------------- building
 
 
@@ -692,6 +397,14 @@ def _write_tar(src: Path, out: Path) -> None:
             info.uname = info.gname = ""
             with open(p, "rb") as f:
                 tar.addfile(info, f)
+
+
+def _runner_version() -> int:
+    """The runner's version, read from its file (it is a device-side script, not an edgekit module)."""
+    from . import RUNNER_PATH
+
+    m = re.search(r"^RUNNER_VERSION = (\d+)$", RUNNER_PATH.read_text(), re.M)
+    return int(m.group(1)) if m else 0
 
 
 def _save_npy(path: Path, x) -> None:
@@ -713,6 +426,7 @@ def build_bundle(run_dir: str | Path, device, out_tar: str | Path, python_versio
     """
     from .. import __version__
     from ..config import DeviceProfile, load_device
+    from ..device import DEVICE_DIR
     from . import RUNNER_PATH
 
     dev = device if isinstance(device, DeviceProfile) else load_device(str(device))
@@ -722,8 +436,12 @@ def build_bundle(run_dir: str | Path, device, out_tar: str | Path, python_versio
         raise EdgekitError(f"{out_tar} already exists; pass --force to replace it")
     if fetch_wheels and dev.arch not in versions.ARCHES:
         raise EdgekitError(f"No wheels can be fetched for {dev.name} ({dev.arch}); build with --no-wheels")
+    safe_python_version(python_version)
     chosen, fallback, why = select_variants(run_dir, report, dev)
     engine = _engine_source(run_dir, report, dev, chosen)
+    if engine is not None:
+        safe_file_name(engine["name"], "engine name")
+        safe_file_name(engine["onnx"], "engine source file name")
     shipped = [v for v in (chosen, fallback) if v is not None]
     files = [v["path"] for v in shipped] + ([engine["onnx"]] if engine and engine["onnx"] not in
                                              [v["path"] for v in shipped] else [])
@@ -759,19 +477,16 @@ def build_bundle(run_dir: str | Path, device, out_tar: str | Path, python_versio
             wheels = fetch_wheels_into(reqs, dev.arch, python_version, stage / "wheels", wheel_cache)
         else:
             notes.append("no wheels: install.sh installs the requirements from the package index (online)")
-        venv_flags = ""
+        # the device-side files are copied as they are: nothing from the run folder is pasted into a script
+        for f in ("install.sh", "run.sh") + (("build_engine.py",) if engine is not None else ()):
+            shutil.copyfile(DEVICE_DIR / f, stage / f)
         if engine is not None:
-            (stage / "build_engine.py").write_text(BUILD_ENGINE_PY)
-            venv_flags = "--system-site-packages"  # JetPack's tensorrt (and torch) live in the system Python
             notes.append("the TensorRT engine is built on the device on first start (build_engine.py); run.sh "
                          "falls back to the ONNX with ONNX Runtime when TensorRT is absent")
-        (stage / "install.sh").write_text(INSTALL_SH.replace("@PYTHON_VERSION@", python_version)
-                                          .replace("@REQUIREMENTS@", " ".join(reqs))
-                                          .replace("@VENV_FLAGS@", venv_flags))
-        (stage / "run.sh").write_text(RUN_SH.replace("@MODEL@", chosen["path"]))
+        (stage / "requirements.txt").write_text("".join(r + "\n" for r in reqs))
 
         vers = report.get("versions") or {}
-        from .runner import RUNNER_VERSION
+        RUNNER_VERSION = _runner_version()
 
         manifest = {
             "format": BUNDLE_FORMAT,

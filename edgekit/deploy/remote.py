@@ -291,13 +291,10 @@ main(sys.argv[1:])
 
 
 def agent_source() -> str:
-    """The device-side program: the bundle checks of edgekit.deploy.bundle (their source) + the commands above."""
-    parts = [AGENT_HEADER]
-    for obj in (_bundle.BundleError, _bundle._bad_name, _bundle.check_members, _bundle._inside,
-                _bundle.extract_members, _bundle.sha256_file, _bundle.verify_tree, _bundle.manifest_id):
-        parts.append(inspect.getsource(obj))
-    parts.append(AGENT_MAIN)
-    return "\n\n".join(parts)
+    """The device-side program: edgekit/device/bundlecheck.py (the same checks the host runs) + the commands above."""
+    from ..device import DEVICE_DIR
+
+    return "\n\n".join([AGENT_HEADER, (DEVICE_DIR / "bundlecheck.py").read_text(), AGENT_MAIN])
 
 
 # ----------------------------------------------------------------------------- the host side
