@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..errors import EdgekitError
-from .steps import Step, StepContext, StepParams, register_step
+from ...errors import EdgekitError
+from ..steps import Step, StepContext, StepParams, register_step
 
 
 class PruneParams(StepParams):
@@ -207,8 +207,8 @@ def _sync_ghost_modules(model: nn.Module) -> None:
 
 
 def _classifier(model: nn.Module, model_name: Optional[str]) -> Optional[nn.Module]:
-    from .. import zoo
-    from ..zoo.registry import MODELS, _get_module
+    from ... import zoo
+    from ...zoo.registry import MODELS, _get_module
 
     if model_name and model_name in MODELS:
         try:
@@ -831,7 +831,7 @@ def find_bad_groups(model: nn.Module, cands: Dict[str, Candidate], x: torch.Tens
 
 
 def _metric(kind: str, model: nn.Module, input_shape) -> int:
-    from ..zoo import count_macs, count_params
+    from ...zoo import count_macs, count_params
 
     return count_macs(model, input_shape) if kind == "macs" else count_params(model)
 
@@ -903,8 +903,8 @@ class Prune(Step):
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
         import torch_pruning as tp
 
-        from ..train import FitConfig, fit, recalibrate_bn
-        from ..zoo import count_macs, count_params
+        from ...train import FitConfig, fit, recalibrate_bn
+        from ...zoo import count_macs, count_params
 
         p: PruneParams = self.params
         kind = "macs" if p.macs is not None else "params"
@@ -1005,7 +1005,7 @@ class Prune(Step):
 
     def _remove_blocks(self, model: nn.Module, ctx: StepContext, kind: str, floor: int, shape) -> dict:
         """Depth pruning (``edgekit.compress.depth``), in place, before the channel pruning."""
-        from . import depth
+        from .. import depth
 
         p: PruneParams = self.params
         if ctx.task is not None:
@@ -1034,7 +1034,7 @@ class Prune(Step):
 
 
 def _default_lr(model_name: Optional[str]) -> float:
-    from ..zoo.registry import MODELS
+    from ...zoo.registry import MODELS
 
     lr = 3e-3
     if model_name and model_name in MODELS:
