@@ -418,6 +418,11 @@ def _resolve(kind: str, name_or_path: str) -> Path:
     return builtin
 
 
+def resolve_file(kind: str, name_or_path: str) -> Path:
+    """The YAML file a recipe or device name means ("recipes" | "devices"); EdgekitError with close names."""
+    return _resolve(kind, name_or_path)
+
+
 def load_recipe(name_or_path: str) -> Recipe:
     path = _resolve("recipes", name_or_path)
     recipe = parse_yaml_model(Recipe, path, {"name": path.stem})

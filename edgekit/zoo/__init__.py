@@ -7,9 +7,17 @@ its native input size and where pretrained weights can be found.
 
 from __future__ import annotations
 
-from .registry import ModelSpec, create, get_spec, list_models, register_model  # noqa: F401
-from .stats import count_macs, count_params, model_stats  # noqa: F401
+import importlib
 
-# Importing the family modules fills the registry table.
-from . import torchvision_models, timm_models  # noqa: F401,E402
-from . import own  # noqa: F401,E402
+# The registry imports torch; the family modules (timm, torchvision) load on the first lookup. Importing
+# ``edgekit.zoo`` itself stays cheap, so the CLI can check names from index.json first.
+_LAZY = {"ModelSpec": "registry", "create": "registry", "get_spec": "registry", "list_models": "registry",
+         "register_model": "registry", "count_macs": "stats", "count_params": "stats", "model_stats": "stats"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,7 +38,12 @@ class ModelSpec:
     train: Dict[str, float] = field(default_factory=dict)  # FitConfig overrides for this architecture
 
 
-MODELS: Registry[ModelSpec] = Registry("model")
+def _load_families() -> None:
+    """Importing the family modules fills the table (they import timm and torchvision: only when needed)."""
+    from . import own, timm_models, torchvision_models  # noqa: F401
+
+
+MODELS: Registry[ModelSpec] = Registry("model", loader=_load_families)
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
