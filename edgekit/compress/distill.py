@@ -185,7 +185,7 @@ class Distill(Step):
 
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
         from ..train import FitConfig, fit, predict
-        from .prune import _classifier, _default_lr, _record
+        from .common import default_lr as _default_lr, find_classifier as _classifier, record as _record
 
         p: DistillParams = self.params
         task = ctx.task

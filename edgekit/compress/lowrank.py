@@ -248,7 +248,7 @@ class SVD(Step):
 
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
         from ..zoo import count_macs, count_params
-        from .prune import _classifier, opaque_modules, output_layer
+        from .common import find_classifier as _classifier, opaque_modules, output_layer
 
         p: SVDParams = self.params
         round_to = p.round_to or getattr(ctx.device, "prune_round_to", None) or 8
@@ -303,7 +303,7 @@ class SVD(Step):
         if not reached:
             ctx.notes.append(f"svd: {ctx.model_name} reaches only {info['macs_ratio']:.0%} of its MACs "
                              f"(asked {p.macs:.0%}): depthwise and grouped convolutions are not factorized")
-        from .prune import _record
+        from .common import record as _record
 
         _record(ctx, self.name, info)
         return model
