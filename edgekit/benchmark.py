@@ -55,7 +55,7 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
               options: Optional[Dict[str, Dict[str, Any]]] = None, num_eval: Optional[int] = None,
               runs: int = 50, warmup: int = 5, out_dir: Optional[Union[str, Path]] = None,
               input_size: Optional[int] = None, threads: Optional[int] = None,
-              seed: int = 0) -> List[Dict[str, Any]]:
+              seed: int = 0, skip_bad_images: bool = False) -> List[Dict[str, Any]]:
     """Benchmark every format x precision of a model; returns one dict per row.
 
     ``model_name``: a zoo name (its trained baseline comes from :func:`baseline_model`)
@@ -68,7 +68,6 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
     """
     from .config import DeviceProfile, Recipe, load_device, load_recipe
     from .data import load_task
-    from .evaluate import agreement, predict_arrays, top1
     from .export import ExportContext, export
     from .formats import FORMATS, FormatUnavailable
     from .profiling.local import interleaved_latency
@@ -87,7 +86,7 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
         kw: Dict[str, Any] = {"seed": seed}
         if input_size is not None:
             kw["input_size"] = input_size
-        task = load_task("mnist", data=data, **kw)
+        task = load_task("mnist", data=data, skip_bad_images=skip_bad_images, **kw)
     if isinstance(model_name, nn.Module):
         model, label = model_name.eval(), type(model_name).__name__
     else:
@@ -106,9 +105,6 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
     for k, v in (options or {}).items():
         variant_opts[k] = {**variant_opts.get(k, {}), **v}
 
-    x_eval, y_eval = task.arrays("eval", limit=num_eval)
-    with torch.no_grad():
-        ref = np.concatenate([model(torch.from_numpy(x_eval[i:i + 128])).numpy() for i in range(0, len(x_eval), 128)])
     threads = int(threads or dev.resolved_threads())
     keep = out_dir is not None
     root = Path(out_dir) if keep else Path(tempfile.mkdtemp(prefix="edgekit-bench-"))
@@ -152,25 +148,47 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
                 except Exception as exc:  # noqa: BLE001
                     row.update(reason=f"load: {_first_line(exc)}")
                     continue
-                try:
-                    batch = runner.input_shape[0] if isinstance(runner.input_shape[0], int) else 64
-                    logits = predict_arrays(runner.run, x_eval, batch_size=batch,
-                                            description=f"evaluate {fmt.name} {precision}")
-                except Exception as exc:  # noqa: BLE001
-                    row.update(reason=f"run: {_first_line(exc)}")
-                    continue
-                row.update(status=OK, runtime=f"{runner.runtime} {runner.version}",
-                           accuracy=round(top1(logits, y_eval), 4), agreement=round(agreement(ref, logits), 4))
                 runners[len(rows) - 1] = runner
+        x1 = _evaluate_rows(rows, runners, model, task, num_eval) if runners else None
         if dev.local and runners:
-            _time_rows(rows, runners, x_eval[:1], warmup, runs, interleaved_latency)
+            _time_rows(rows, runners, x1, warmup, runs, interleaved_latency)
         elif runners:
             for i in runners:
                 rows[i]["info"]["latency"] = f"not measured: {dev.name} is not this machine"
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
+    if task.skipped is not None:  # asked for: every row says how many unreadable images were left out
+        for row in rows:
+            row["info"]["skipped_images"] = len(task.skipped)
     return rows
+
+
+@torch.no_grad()
+def _evaluate_rows(rows, runners, model, task, num_eval) -> np.ndarray:
+    """Accuracy and agreement with the torch model of every loaded row, in one pass over the eval split.
+
+    A row whose runtime fails turns ❌ and leaves ``runners``; the others go on. Returns the first input.
+    """
+    from .evaluate import agreement, predict_stream, top1
+
+    feeds = {"ref": (lambda b: model(torch.from_numpy(b)).numpy(), 128)}
+    for i, r in runners.items():
+        feeds[str(i)] = (r.run, r.input_shape[0] if isinstance(r.input_shape[0], int) else 64)
+    pred = predict_stream(feeds, task.batches("eval", batch_size=128, limit=num_eval),
+                          total=task.num_batches("eval", 128, num_eval), description="evaluate")
+    if "ref" in pred.errors:
+        raise pred.errors["ref"]
+    for i in list(runners):
+        err = pred.errors.get(str(i))
+        if err is not None:
+            rows[i].update(reason=f"run: {_first_line(err)}")
+            del runners[i]
+            continue
+        r, logits = runners[i], pred.logits[str(i)]
+        rows[i].update(status=OK, runtime=f"{r.runtime} {r.version}", accuracy=round(top1(logits, pred.labels), 4),
+                       agreement=round(agreement(pred.logits["ref"], logits), 4))
+    return pred.first
 
 
 def _time_rows(rows, runners, x1, warmup, runs, interleaved_latency) -> None:

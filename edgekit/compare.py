@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import EdgekitError
-from .evaluate import agreement, cosine, predict_arrays, sqnr_db, top1
+from .evaluate import agreement, cosine, predict_stream, sqnr_db, top1
 
 KINDS = {".onnx": "onnx", ".tflite": "tflite", ".pt": "torch", ".pth": "torch", ".engine": "tensorrt"}
 RUNTIME_OF = {"onnx": "onnxruntime", "tflite": "litert", "tensorrt": "tensorrt"}
@@ -105,7 +105,7 @@ def _common_shape(a: Artifact, b: Artifact) -> Tuple[Optional[int], ...]:
 
 
 def _inputs(shape: Sequence[Optional[int]], task: Any, data: Any, limit: Optional[int]):
-    """(x, labels or None, source) for the comparison."""
+    """(batches of (x, labels or None), number of inputs, source): a task's split is streamed, never held."""
     from .data import Task, load_task
 
     c, h, w = (list(shape) + [None, None, None])[:3]
@@ -113,7 +113,8 @@ def _inputs(shape: Sequence[Optional[int]], task: Any, data: Any, limit: Optiona
         x = np.ascontiguousarray(data, dtype=np.float32)
         if x.ndim != 4:
             raise EdgekitError(f"data must be a float32 NCHW array, got shape {x.shape}")
-        return x[:limit], None, f"array {tuple(x.shape)}"
+        x = x[:limit]
+        return ((x[i:i + 64], None) for i in range(0, len(x), 64)), len(x), f"array {tuple(data.shape)}"
     if h is not None and w is not None and h != w:
         raise EdgekitError(f"Non-square inputs ({h}x{w}) need data=<array>: edgekit's tasks are square")
     size = h or w
@@ -124,8 +125,8 @@ def _inputs(shape: Sequence[Optional[int]], task: Any, data: Any, limit: Optiona
         t = load_task(data=str(data), **kw)
     else:
         t = load_task(task or "mnist", **kw, **({"in_chans": c} if c and (task or "mnist") == "mnist" else {}))
-    x, y = t.arrays("eval", limit=limit)
-    return x, y, f"task {t.name} (eval split, {len(x)} inputs)"
+    n = t.size("eval") if limit is None else min(limit, t.size("eval"))
+    return t.batches("eval", batch_size=64, limit=n), n, f"task {t.name} (eval split, {n} inputs)"
 
 
 def compare_artifacts(a: str | Path, b: str | Path, task: Any = None, data: Any = None, per_layer: bool = True,
@@ -138,22 +139,31 @@ def compare_artifacts(a: str | Path, b: str | Path, task: Any = None, data: Any 
     ``model``: the zoo name for .pt/.pth checkpoints. Returns a dict with ``outputs``
     (one row per output), and for two ONNX models ``layers`` (one row per matched
     tensor, in graph order) and ``first_divergence`` (first row below ``threshold_db``).
+    Inputs are streamed in batches; only the first ``layer_inputs`` are kept for the layers.
     """
+    import itertools
+
     art_a = load_artifact(a, model, threads)
     art_b = load_artifact(b, model, threads)
     shape = _common_shape(art_a, art_b)
-    x, y, source = _inputs(shape, task, data, limit)
+    batches, n, source = _inputs(shape, task, data, limit)
+    first = next(iter(batches), None) if n else None
+    if first is None:
+        raise EdgekitError("No inputs to compare on")
     for art in (art_a, art_b):
-        if len(x) == 0:
-            raise EdgekitError("No inputs to compare on")
         want = tuple(art.input_shape[1:])
-        if any(d is not None and d != s for d, s in zip(want, x.shape[1:])):
-            raise EdgekitError(f"Input shape {tuple(x.shape[1:])} of the data does not match {art.path.name}, "
+        if any(d is not None and d != s for d, s in zip(want, first[0].shape[1:])):
+            raise EdgekitError(f"Input shape {tuple(first[0].shape[1:])} of the data does not match {art.path.name}, "
                                f"which expects {tuple(art.input_shape)}")
     batch_a = art_a.input_shape[0] if isinstance(art_a.input_shape[0], int) else 64
     batch_b = art_b.input_shape[0] if isinstance(art_b.input_shape[0], int) else 64
-    la = predict_arrays(art_a.run, x, batch_size=batch_a, description=f"run {art_a.path.name}")
-    lb = predict_arrays(art_b.run, x, batch_size=batch_b, description=f"run {art_b.path.name}")
+    pred = predict_stream({"a": (art_a.run, batch_a), "b": (art_b.run, batch_b)},
+                          itertools.chain([first], batches), total=-(-n // 64),
+                          description=f"run {art_a.path.name}, {art_b.path.name}", keep_first=layer_inputs)
+    for k in ("a", "b"):
+        if k in pred.errors:
+            raise pred.errors[k]
+    la, lb, y, x = pred.logits["a"], pred.logits["b"], pred.labels, pred.first
     if la.shape != lb.shape:
         raise EdgekitError(f"Output shapes differ: {art_a.path.name} gives {la.shape[1:]}, "
                            f"{art_b.path.name} gives {lb.shape[1:]}")
@@ -162,14 +172,14 @@ def compare_artifacts(a: str | Path, b: str | Path, task: Any = None, data: Any 
     if y is not None:
         row.update({"accuracy_a": top1(la, y), "accuracy_b": top1(lb, y)})
     result: Dict[str, Any] = {"a": art_a.describe(), "b": art_b.describe(), "inputs": source,
-                              "num_inputs": int(len(x)), "outputs": [row], "layers": None,
+                              "num_inputs": int(pred.count), "outputs": [row], "layers": None,
                               "first_divergence": None, "threshold_db": threshold_db}
     if per_layer:
         if art_a.kind == "onnx" and art_b.kind == "onnx":
             layers = compare_onnx_layers(art_a.path, art_b.path, x[:layer_inputs], threads=threads)
             result["layers"] = layers
             result["first_divergence"] = next((r for r in layers if r["sqnr_db"] < threshold_db), None)
-            result["layer_inputs"] = int(min(len(x), layer_inputs))
+            result["layer_inputs"] = int(min(pred.count, layer_inputs))
         else:
             result["layers_note"] = "per-layer comparison needs two ONNX models"
     return result

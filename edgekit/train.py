@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Task
+from .data.tasks import read
 from .progress import track
 
 
@@ -64,10 +65,9 @@ def fit(model: nn.Module, task: Task, cfg: FitConfig, teacher: Optional[nn.Modul
         teacher.eval()
     model.train()
 
-    def batches():
+    def batches():  # streamed: DataLoader workers decode files while the model trains
         while True:
-            for b in loader:
-                yield b
+            yield from read(loader)
 
     try:
         it = batches()
@@ -133,7 +133,7 @@ def recalibrate_bn(model: nn.Module, task: Task, num_batches: int = 16, batch_si
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average
     model.train()
-    for i, (x, _) in enumerate(task.loader("train", batch_size=batch_size, shuffle=True, seed=seed + 1)):
+    for i, (x, _) in enumerate(read(task.loader("train", batch_size=batch_size, shuffle=True, seed=seed + 1))):
         if i >= num_batches:
             break
         model(x)
@@ -144,9 +144,9 @@ def recalibrate_bn(model: nn.Module, task: Task, num_batches: int = 16, batch_si
 
 @torch.no_grad()
 def predict(model: nn.Module, task: Task, split: str = "eval", batch_size: int = 128) -> np.ndarray:
-    """Logits of a torch model over a split."""
+    """Logits of a torch model over a split, streamed: only the logits are kept."""
     model.eval()
-    outs = [model(x).numpy() for x, _ in task.loader(split, batch_size=batch_size)]
+    outs = [model(torch.from_numpy(x)).numpy() for x, _ in task.batches(split, batch_size=batch_size)]
     return np.concatenate(outs)
 
 

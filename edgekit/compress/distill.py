@@ -192,7 +192,7 @@ class Distill(Step):
         if task is None:
             raise EdgekitError("distill: needs a task (training data)")
         teacher, info = self.build_teacher(ctx)
-        labels = task.arrays("eval")[1] if p.evaluate else None
+        labels = task.labels("eval") if p.evaluate else None
         t_logits = predict(teacher, task) if p.evaluate else None
         if p.evaluate:
             from ..evaluate import top1

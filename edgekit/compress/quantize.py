@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import EdgekitError
 from ..progress import track
+from .calibration import streamed_calibration
 
 
 @dataclass(frozen=True)
@@ -77,16 +78,26 @@ class _Reader:
     """CalibrationDataReader over a float32 NCHW array, one batch of 1 at a time with a progress bar."""
 
     def __init__(self, input_name: str, x: np.ndarray, batch_size: int = 1):
-        self.input_name = input_name
+        self.input_name, self.x = input_name, x
         self.batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
         self._it = iter(track(self.batches, "calibrate", total=len(self.batches)))
+        self._fingerprint: Optional[bytes] = None
 
     def get_next(self):
         b = next(self._it, None)
         return None if b is None else {self.input_name: np.ascontiguousarray(b, dtype=np.float32)}
 
-    def rewind(self):
-        self._it = iter(self.batches)
+    def rewind(self, description: Optional[str] = None):
+        self._it = iter(track(self.batches, description, total=len(self.batches)) if description else self.batches)
+
+    @property
+    def fingerprint(self) -> bytes:
+        """What the inputs are, for the ranges memo: their bytes, shape and batching."""
+        if self._fingerprint is None:
+            h = hashlib.blake2b(np.ascontiguousarray(self.x).tobytes(), digest_size=16)
+            h.update(repr((self.input_name, self.x.shape, self.x.dtype.str, len(self.batches))).encode())
+            self._fingerprint = h.digest()
+        return self._fingerprint
 
 
 _WEIGHT_PARAMS: dict = {}  # content of one weight channel (or tensor) and settings -> (zero point, scale)
@@ -184,7 +195,7 @@ def _quantize(fp32_path, out_path: Path, calib: np.ndarray, cfg: OrtQuantConfig,
                        and next((a.i for a in n.attribute if a.name == "group"), 1) > 1}
             extra["TensorQuantOverrides"] = {**grouped, **extra.get("TensorQuantOverrides", {})}
         tmp_out = Path(tmp) / "q.onnx"
-        with memoised_weight_params():
+        with memoised_weight_params(), streamed_calibration():
             quantize_static(
                 str(src), str(tmp_out), _Reader(input_name, calib),
                 quant_format=QuantFormat.QDQ if cfg.quant_format == "qdq" else QuantFormat.QOperator,

@@ -10,18 +10,59 @@ that quantization errors show up as accuracy changes. Images are replicated to
 
 from __future__ import annotations
 
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..errors import EdgekitError
+from ..progress import track
 from ..registry import Registry
 
 SPLITS = ("train", "calib", "eval")
+ARRAYS_MAX_BYTES = 4 * 2**30  # Task.arrays refuses more: whole splits are streamed, never held
+
+
+def data_workers() -> int:
+    """DataLoader worker processes for datasets decoded from files (``EDGEKIT_DATA_WORKERS`` overrides).
+
+    JPEG decoding in the main process would stall inference and training; one core stays with them.
+    """
+    env = os.environ.get("EDGEKIT_DATA_WORKERS", "").strip()
+    if env:
+        if not env.isdigit():
+            raise EdgekitError(f"EDGEKIT_DATA_WORKERS must be a whole number, not {env!r}")
+        return int(env)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        cpus = os.cpu_count() or 1
+    return max(0, min(4, cpus - 1))
+
+
+def read(loader: Iterable) -> Iterator:
+    """Iterate a DataLoader; an EdgekitError raised in a worker comes back as its own one-line message.
+
+    A worker's exception is re-created in the main process with the worker's whole traceback as its text.
+    """
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except EdgekitError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            last = lines[-1] if lines else ""
+            prefix = f"{EdgekitError.__module__}.{EdgekitError.__name__}: "
+            raise EdgekitError(last[len(prefix):] if last.startswith(prefix) else last) from None
+        yield batch
 
 
 @dataclass
@@ -36,6 +77,8 @@ class Task:
     class_names: List[str] = field(default_factory=list)
     source: str = ""
     augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    workers: int = 0  # DataLoader worker processes: files decode in parallel; in-memory tensors need none
+    skipped: Optional[List[Tuple[str, str]]] = None  # (file, reason) left out by skip_bad_images; None: not asked
 
     @property
     def input_shape(self) -> Tuple[int, int, int, int]:
@@ -44,26 +87,66 @@ class Task:
     def size(self, split: str) -> int:
         return len(self.splits[split])
 
-    def loader(self, split: str, batch_size: int = 64, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    def loader(self, split: str, batch_size: int = 64, shuffle: bool = False, seed: int = 0,
+               limit: Optional[int] = None) -> DataLoader:
+        ds = self.splits[split]
+        if limit is not None and limit < len(ds):
+            ds = Subset(ds, range(max(0, limit)))
         gen = torch.Generator().manual_seed(seed)
-        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, generator=gen)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                          num_workers=self.workers if len(ds) else 0)
+
+    def batches(self, split: str, batch_size: int = 64,
+                limit: Optional[int] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """The split in order as (float32 NCHW, int64 labels) batches; only a few batches exist at a time."""
+        for x, y in read(self.loader(split, batch_size=batch_size, limit=limit)):
+            yield np.ascontiguousarray(x.numpy(), dtype=np.float32), y.numpy().astype(np.int64)
+
+    def num_batches(self, split: str, batch_size: int = 64, limit: Optional[int] = None) -> int:
+        n = self.size(split) if limit is None else min(limit, self.size(split))
+        return math.ceil(n / batch_size)
+
+    def labels(self, split: str) -> np.ndarray:
+        """The split's labels, without decoding its images."""
+        return _labels(self.splits[split])
 
     def arrays(self, split: str, limit: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """The whole split (or its first ``limit`` items) as float32 NCHW and int64 labels."""
-        xs, ys, n = [], [], 0
-        for x, y in self.loader(split, batch_size=256):
-            xs.append(x.numpy())
-            ys.append(y.numpy())
-            n += len(y)
-            if limit is not None and n >= limit:
-                break
-        x = np.ascontiguousarray(np.concatenate(xs)[:limit], dtype=np.float32)
-        return x, np.concatenate(ys)[:limit].astype(np.int64)
+        """The split (or its first ``limit`` items) as one float32 NCHW array and int64 labels.
+
+        For bounded uses (``num_calib`` calibration inputs, tests); evaluation streams with :meth:`batches`.
+        """
+        n = self.size(split) if limit is None else max(0, min(limit, self.size(split)))
+        need = n * self.in_chans * self.input_size ** 2 * 4
+        if need > ARRAYS_MAX_BYTES:
+            raise EdgekitError(f"{n} {split} images at {self.input_size} px take {need / 2**30:.1f} GB in memory; "
+                               f"use at most {ARRAYS_MAX_BYTES * n // need} (e.g. a smaller num_calib)")
+        xs, ys = [], []
+        for x, y in self.batches(split, batch_size=max(1, min(256, n)), limit=n):
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            return np.zeros((0, self.in_chans, self.input_size, self.input_size), np.float32), np.zeros(0, np.int64)
+        return np.ascontiguousarray(np.concatenate(xs), dtype=np.float32), np.concatenate(ys).astype(np.int64)
 
     def describe(self) -> dict:
-        return {"name": self.name, "num_classes": self.num_classes, "input_shape": list(self.input_shape),
+        info = {"name": self.name, "num_classes": self.num_classes, "input_shape": list(self.input_shape),
                 "num_train": self.size("train"), "num_calib": self.size("calib"),
                 "num_eval": self.size("eval"), "source": self.source}
+        if self.skipped is not None:  # only when skipping was asked for: other tasks keep their cache keys
+            info["skipped_images"] = len(self.skipped)
+            info["skipped"] = [{"file": f, "reason": r} for f, r in self.skipped[:100]]
+        return info
+
+
+def _labels(ds: Dataset) -> np.ndarray:
+    if isinstance(ds, Subset):
+        return _labels(ds.dataset)[np.asarray(ds.indices, dtype=np.int64)]
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].numpy().astype(np.int64)
+    if isinstance(ds, ImageFiles):
+        return np.array([label for _, label in ds.items], dtype=np.int64)
+    return np.concatenate([np.zeros(0, np.int64)] + [y.numpy() for _, y in DataLoader(ds, batch_size=256)]
+                          ).astype(np.int64)
 
 
 TASKS: Registry[Callable[..., Task]] = Registry("task")
@@ -130,17 +213,59 @@ class ImageFiles(Dataset):
         path, label = self.items[i]
         s = self.input_size
         resize = int(round(s / 0.875))
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = resize / min(w, h)
-            im = im.resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.BILINEAR)
-            w, h = im.size
-            left, top = (w - s) // 2, (h - s) // 2
-            im = im.crop((left, top, left + s, top + s))
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                scale = resize / min(w, h)
+                im = im.resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.BILINEAR)
+                w, h = im.size
+                left, top = (w - s) // 2, (h - s) // 2
+                im = im.crop((left, top, left + s, top + s))
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+        except Exception as exc:  # a file changed after the check at task load: named, not a PIL traceback
+            raise EdgekitError(f"Cannot read image {path}: {_reason(exc)}") from None
         arr = (arr - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
         return torch.from_numpy(arr.transpose(2, 0, 1).copy()), label
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _decode_error(path: Path) -> Optional[str]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale; all of the entropy-coded data is still read
+            im.load()
+            im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - whatever PIL raises, the file is unusable
+        return _reason(exc)
+    return None
+
+
+def find_bad_images(paths: Sequence[Path], threads: Optional[int] = None) -> List[Tuple[Path, str]]:
+    """(path, reason) of every file that does not decode, in the order given.
+
+    Run at task load so that a bad file stops the run before any training. ``Image.verify``
+    is cheaper but passes truncated JPEGs; a real decode at JPEG's 1/8 draft scale catches
+    them for about a tenth of a full decode. PIL releases the GIL while decoding, so threads help.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cpus = os.cpu_count() or 1
+    threads = threads or max(1, min(8, cpus))
+    chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
+    bad: List[Tuple[Path, str]] = []
+    with ThreadPoolExecutor(threads) as pool:
+        for chunk, errors in track(zip(chunks, pool.map(lambda c: [_decode_error(p) for p in c], chunks)),
+                                   "check images", total=len(chunks)):
+            bad += [(p, e) for p, e in zip(chunk, errors) if e is not None]
+    return bad
 
 
 def _scan(root: Path, classes: List[str]) -> List[Tuple[Path, int]]:
@@ -154,13 +279,15 @@ def _scan(root: Path, classes: List[str]) -> List[Tuple[Path, int]]:
 
 @TASKS.register("imagefolder")
 def imagefolder_task(data: str, input_size: int = 224, num_calib: int = 256, num_eval: Optional[int] = None,
-                     seed: int = 0, **_: object) -> Task:
+                     seed: int = 0, skip_bad_images: bool = False, **_: object) -> Task:
     """An ImageFolder tree: ``DIR/<class>/*.jpg`` (ImageNet-val layout), or ``DIR/train`` + ``DIR/val``.
 
     With one tree, a fixed shuffled ``num_calib`` images calibrate and the rest
     evaluate (and train, when a baseline must be trained, from a 50% share).
     Class indices follow sorted folder names, which is ImageNet's index order
-    for its 1000 synset folders.
+    for its 1000 synset folders. Every file of every split is decoded once here:
+    one that fails stops the task with its name, or with ``skip_bad_images`` is
+    left out and listed in ``Task.skipped``.
     """
     root = Path(data)
     if not root.is_dir():
@@ -185,14 +312,29 @@ def imagefolder_task(data: str, input_size: int = 224, num_calib: int = 256, num
         calib, rest = items[:n_calib], items[n_calib:]
         evals = rest if num_eval is None else rest[:num_eval]
         train = rest[len(rest) // 2:]
+    splits = {"train": train, "calib": calib, "eval": evals}
+    bad = find_bad_images(sorted({p for part in splits.values() for p, _ in part}))
+    skipped = None
+    if bad and not skip_bad_images:
+        more = f" ({len(bad) - 1} more unreadable files in {root})" if len(bad) > 1 else ""
+        raise EdgekitError(f"Cannot read image {bad[0][0]}: {bad[0][1]}{more}; fix or remove it, or skip "
+                           f"unreadable images with --skip-bad-images (skip_bad_images=True)")
+    if skip_bad_images:
+        drop = {p for p, _ in bad}
+        splits = {k: [it for it in part if it[0] not in drop] for k, part in splits.items()}
+        skipped = [(str(p), reason) for p, reason in bad]
+        for k in ("calib", "eval"):
+            if not splits[k]:
+                raise EdgekitError(f"No readable images left in the {k} split of {root} "
+                                   f"({len(bad)} unreadable ones skipped)")
     return Task(f"imagefolder:{root.name}", len(classes), 3, input_size,
-                {"train": ImageFiles(train, input_size), "calib": ImageFiles(calib, input_size),
-                 "eval": ImageFiles(evals, input_size)}, classes, source=str(root.resolve()))
+                {k: ImageFiles(v, input_size) for k, v in splits.items()}, classes, source=str(root.resolve()),
+                workers=data_workers(), skipped=skipped)
 
 
-def load_task(name: str = "mnist", data: Optional[str] = None, **kw) -> Task:
+def load_task(name: str = "mnist", data: Optional[str] = None, skip_bad_images: bool = False, **kw) -> Task:
     if data is not None:
-        return imagefolder_task(data, **kw)
+        return imagefolder_task(data, skip_bad_images=skip_bad_images, **kw)
     return TASKS.get(name)(**kw)
 
 

@@ -205,20 +205,6 @@ def gemv_nodes(model) -> List[str]:
 # ----------------------------------------------------------------------------- QDQ for TensorRT
 
 
-class _Reader:
-    def __init__(self, name: str, x: np.ndarray):
-        self.name, self.x, self.i = name, x, 0
-
-    def get_next(self):
-        if self.i >= len(self.x):
-            return None
-        self.i += 1
-        return {self.name: np.ascontiguousarray(self.x[self.i - 1:self.i], dtype=np.float32)}
-
-    def rewind(self):
-        self.i = 0
-
-
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 AUTO_CANDIDATES = ("minmax", "percentile")
 POOLING_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool")
@@ -287,7 +273,8 @@ def _quantize_trt(fp32_path: str | Path, out_path: Path, calib: np.ndarray, cali
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from ..compress.quantize import memoised_weight_params
+    from ..compress.calibration import streamed_calibration
+    from ..compress.quantize import _Reader, memoised_weight_params
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -301,7 +288,8 @@ def _quantize_trt(fp32_path: str | Path, out_path: Path, calib: np.ndarray, cali
         tmp_out = Path(tmp) / "q.onnx"
         logging.disable(logging.WARNING)  # ORT's quantizer warns per tensor on the root logger
         try:
-            with contextlib.redirect_stdout(io.StringIO()), memoised_weight_params():  # calibrators print
+            # calibrators print; ORT's histograms are built in bounded memory (compress/calibration.py)
+            with contextlib.redirect_stdout(io.StringIO()), memoised_weight_params(), streamed_calibration():
                 quantize_static(str(fp32_path), str(tmp_out), _Reader(src.graph.input[0].name, calib),
                                 quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                                 weight_type=QuantType.QInt8, per_channel=True, reduce_range=False,
