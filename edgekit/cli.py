@@ -76,19 +76,25 @@ def compress(
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size (default: the task's)."),
     seed: int = typer.Option(0, "--seed"),
     runs: int = typer.Option(100, "--runs", min=10, help="Timed runs per variant."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images of --data out "
+                                         "(counted in report.json) instead of stopping."),
 ):
     """Compress MODEL with a recipe, export, evaluate and measure every variant."""
     from .pipeline import run
 
     progress.enable(sys.stderr.isatty())
     report = run(model, recipe, device, data=str(data) if data else None, weights=weights, out=out_dir,
-                 force=force, seed=seed, target_ms=target_ms, input_size=input_size, runs=runs)
+                 force=force, seed=seed, target_ms=target_ms, input_size=input_size, runs=runs,
+                 skip_bad_images=skip_bad_images)
     from .report import summary_lines
 
     out.print(results_table(report, title=f"{report['model']} · {report['recipe']} · {report['device']}"))
     for line in summary_lines(report):
         out.print(("[bold yellow]! [/]" if "SLOWER" in line or "loses" in line or "failed" in line else "• ")
                   + line.replace("**", ""), highlight=False)
+    if report["task"].get("skipped_images"):
+        out.print(f"[bold yellow]! [/]skipped {report['task']['skipped_images']} unreadable image(s) of --data "
+                  "(listed in report.json under task.skipped)", highlight=False)
     out.print(f"Wrote {report['out_dir']}/ (report.md, report.html, report.json) in {report['seconds']} s")
 
 
@@ -248,6 +254,8 @@ def benchmark(
     runs: int = typer.Option(50, "--runs", min=5, help="Timed rounds (all formats interleaved)."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size (default: the task's)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images of --data out "
+                                         "instead of stopping."),
 ):
     """Export MODEL to every format x precision, evaluate and time them side by side (✅ / ❎ / ❌)."""
     from .benchmark import benchmark as run_benchmark, benchmark_table
@@ -257,8 +265,11 @@ def benchmark(
     progress.enable(sys.stderr.isatty())
     rows = run_benchmark(model, recipe=recipe, device=device, data=str(data) if data else None, weights=weights,
                          formats=formats or None, out_dir=out_dir, threads=threads, runs=runs,
-                         input_size=input_size)
+                         input_size=input_size, skip_bad_images=skip_bad_images)
     out.print(benchmark_table(rows, title=f"{model} on {device}"))
+    if rows and rows[0]["info"].get("skipped_images"):
+        out.print(f"[bold yellow]! [/]skipped {rows[0]['info']['skipped_images']} unreadable image(s) of --data",
+                  highlight=False)
     if json_out is not None:
         json_out.write_text(json.dumps(rows, indent=2, default=str))
 

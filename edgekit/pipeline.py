@@ -26,7 +26,7 @@ from . import __version__, progress, zoo
 from .config import DeviceProfile, Recipe, load_device, load_recipe
 from .data import Task, load_task
 from .errors import EdgekitError
-from .evaluate import agreement, predict_arrays, top1
+from .evaluate import agreement, predict_stream, top1
 from .export import ExportContext, export
 from .formats import FORMATS, FormatUnavailable
 from .profiling.local import interleaved_latency
@@ -170,10 +170,11 @@ def _publish(tmp: Path, out: Path) -> None:
 def run(model: str, recipe: str | Recipe = "int8", device: str | DeviceProfile = "desktop-cpu",
         data: Optional[str] = None, weights: Optional[str] = None, out: Optional[str | Path] = None,
         force: bool = False, seed: int = 0, target_ms: Optional[float] = None, input_size: Optional[int] = None,
-        runs: int = 100, use_cache: bool = True) -> dict:
+        runs: int = 100, use_cache: bool = True, skip_bad_images: bool = False) -> dict:
     """Run ``recipe`` on zoo ``model`` for ``device``; returns report.json's content.
 
-    Everything the user can get wrong is checked before any work starts.
+    Everything the user can get wrong is checked before any work starts (every image of
+    ``data`` is decoded once; ``skip_bad_images`` leaves unreadable ones out and counts them).
     """
     spec = zoo.get_spec(model)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -194,7 +195,7 @@ def run(model: str, recipe: str | Recipe = "int8", device: str | DeviceProfile =
     task_kw: Dict[str, Any] = {"seed": seed}
     if input_size is not None:
         task_kw["input_size"] = input_size
-    task = load_task("mnist", data=data, **task_kw)
+    task = load_task("mnist", data=data, skip_bad_images=skip_bad_images, **task_kw)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -278,7 +279,7 @@ def _run_in(tmp: Path, spec, rec: Recipe, steps, tag, dev: DeviceProfile, task: 
 
 
 def _evaluate(variants: List[Variant], task: Task, dev: DeviceProfile, runs: int) -> None:
-    x_eval, y_eval = task.arrays("eval")
+    """Accuracy and agreement of every variant in one streamed pass over the eval split, then latency."""
     ok = [v for v in variants if v.status == "ok"]
     threads = dev.resolved_threads()
     runners = {}
@@ -288,17 +289,28 @@ def _evaluate(variants: List[Variant], task: Task, dev: DeviceProfile, runs: int
         except Exception as exc:
             v.status, v.error = "failed", f"load: {exc}"
     ok = [v for v in ok if v.status == "ok"]
-    ref_logits = None
+    if not ok:
+        return
+    feeds = {}
     for v in ok:
         r = runners[v.name + v.format]
-        batch = r.input_shape[0] if isinstance(r.input_shape[0], int) else 64
-        logits = predict_arrays(r.run, x_eval, batch_size=batch, description=f"evaluate {v.name}")
-        v.accuracy = round(top1(logits, y_eval), 4)
+        feeds[v.name + v.format] = (r.run, r.input_shape[0] if isinstance(r.input_shape[0], int) else 64)
+    pred = predict_stream(feeds, task.batches("eval", batch_size=64), total=task.num_batches("eval", 64),
+                          description=f"evaluate {', '.join(v.name for v in ok)}")
+    ref_logits = None
+    for v in ok:
+        err = pred.errors.get(v.name + v.format)
+        if err is not None:  # one variant failing must not stop the others
+            v.status, v.error = "failed", f"run: {type(err).__name__}: {str(err).strip()[:300]}"
+            continue
+        logits = pred.logits[v.name + v.format]
+        v.accuracy = round(top1(logits, pred.labels), 4)
         if ref_logits is None:
             ref_logits = logits
         v.agreement = round(agreement(ref_logits, logits), 4)
+    ok = [v for v in ok if v.status == "ok"]
     if dev.local and ok:
-        x1 = np.ascontiguousarray(x_eval[:1])
+        x1 = np.ascontiguousarray(pred.first[:1])
         lat = interleaved_latency({v.name + v.format: runners[v.name + v.format].run for v in ok}, x1,
                                   warmup=10, rounds=runs, description="benchmark")
         for v in ok:
