@@ -51,6 +51,19 @@ def handle_errors(fn):
     return wrapper
 
 
+def check_names(model: Optional[str] = None, recipe: Optional[str] = None, device: Optional[str] = None) -> None:
+    """Unknown zoo, recipe and device names fail in well under a second (index.json and YAML, no torch)."""
+    from .config import load_device, resolve_file
+    from .zoo.index import canonical_name
+
+    if model is not None and ":" not in model and not model.lower().endswith((".onnx", ".py")):
+        canonical_name(model)
+    if recipe is not None:
+        resolve_file("recipes", recipe)
+    if device is not None:
+        load_device(device)
+
+
 def results_table(report: dict, title: Optional[str] = None) -> Table:
     from .report import COLUMNS, variant_rows
 
@@ -80,6 +93,7 @@ def compress(
                                          "(counted in report.json) instead of stopping."),
 ):
     """Compress MODEL with a recipe, export, evaluate and measure every variant."""
+    check_names(model, recipe, device)  # a typo is answered before torch is imported
     from .pipeline import run
 
     progress.enable(sys.stderr.isatty())
@@ -103,8 +117,8 @@ def compress(
 def zoo_list(input_size: int = typer.Option(224, help="Input size for the params/MACs columns."),
              markdown: bool = typer.Option(False, "--markdown", help="Print the zoo matrix as Markdown (the README's table).")):
     """Every zoo model with its source, params, MACs and the formats/recipes the test suite found passing."""
-    from . import zoo
     from .zoo import matrix as zm
+    from .zoo.index import STATS_SIZE, load_index
 
     matrix = zm.load_matrix()
     if markdown:
@@ -114,11 +128,16 @@ def zoo_list(input_size: int = typer.Option(224, help="Input size for the params
                                                "(edgekit/zoo/matrix.py says what each column means)")
     for c in ("model", "aliases", "source", "params", f"MMACs@{input_size}", *zm.COLUMNS, "paper"):
         table.add_column(c)
-    for spec in zoo.list_models():
-        st = zoo.model_stats(zoo.create(spec.name), (3, input_size, input_size))
-        entry = matrix.get("models", {}).get(spec.name, {})
-        table.add_row(spec.name, ", ".join(spec.aliases), spec.source, f"{st['params'] / 1e6:.2f}M",
-                      f"{st['macs'] / 1e6:.1f}", *(zm.cell(entry.get(c), c) for c in zm.COLUMNS), spec.paper)
+    for name, spec in sorted(load_index().items()):
+        if input_size == STATS_SIZE:  # from index.json: no model is built, torch is not imported
+            st = spec
+        else:
+            from . import zoo
+
+            st = zoo.model_stats(zoo.create(name), (3, input_size, input_size))
+        entry = matrix.get("models", {}).get(name, {})
+        table.add_row(name, ", ".join(spec["aliases"]), spec["source"], f"{st['params'] / 1e6:.2f}M",
+                      f"{st['macs'] / 1e6:.1f}", *(zm.cell(entry.get(c), c) for c in zm.COLUMNS), spec["paper"])
     out.print(table)
 
 
@@ -166,12 +185,12 @@ def devices_calibrate(
 ):
     """Re-time this machine's per-kernel latency table (random networks, about 13 minutes for 260 at 1 thread) and point
     the profile at it, so estimates for this machine come from this machine."""
-    from .profiling.kernels import calibrate_device, reprobe_cold
+    from .estimate.kernels.calibrate import calibrate_device, reprobe_cold
 
     progress.enable(sys.stderr.isatty())
     if cold_only:
         from .config import load_device
-        from .profiling.estimate import kernel_table_for
+        from .estimate.tables import kernel_table_for
 
         dev = load_device(device)
         if not dev.local:
@@ -203,8 +222,8 @@ def devices_check(
     """Is this machine as fast as when its kernel table was timed? Re-times a few of the table's own random networks
     (about 10 s) and compares: a shared host runs slower for a while, and estimates cannot know it."""
     from .config import load_device
-    from .profiling.estimate import kernel_table_for
-    from .profiling.kernels import speed_check
+    from .estimate.check import speed_check
+    from .estimate.tables import kernel_table_for
 
     progress.enable(sys.stderr.isatty())
     dev = load_device(device)
@@ -258,6 +277,7 @@ def benchmark(
                                          "instead of stopping."),
 ):
     """Export MODEL to every format x precision, evaluate and time them side by side (✅ / ❎ / ❌)."""
+    check_names(model, recipe, device)
     from .benchmark import benchmark as run_benchmark, benchmark_table
 
     if data is not None and not data.is_dir():

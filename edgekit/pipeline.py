@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from . import __version__, progress, zoo
 from .config import DeviceProfile, Recipe, load_device, load_recipe
 from .data import Task, load_task
 from .errors import EdgekitError
+from .fsutil import atomic_write_bytes, check_replaceable, make_temp_dir, publish
 from .evaluate import agreement, predict_stream, top1
 from .export import ExportContext, export
 from .formats import FORMATS, FormatUnavailable
@@ -100,10 +100,11 @@ def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, rec
     fit(model, task, cfg, description=f"train {spec.name}")
     info["train_seconds"] = round(time.time() - t0, 1)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        import io
+
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        atomic_write_bytes(path, buf.getvalue())  # a unique temp name: caches shared by containers (all PID 1)
     return model.eval(), {**info, "cached": False}
 
 
@@ -149,24 +150,6 @@ def machine_info() -> dict:
             "cores": os.cpu_count(), "python": platform.python_version()}
 
 
-def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise EdgekitError(f"Output folder {out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise EdgekitError(f"{out} exists and is not a folder")
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Replace ``out`` with ``tmp`` so that ``out`` is never half written."""
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def run(model: str, recipe: str | Recipe = "int8", device: str | DeviceProfile = "desktop-cpu",
         data: Optional[str] = None, weights: Optional[str] = None, out: Optional[str | Path] = None,
         force: bool = False, seed: int = 0, target_ms: Optional[float] = None, input_size: Optional[int] = None,
@@ -189,24 +172,20 @@ def run(model: str, recipe: str | Recipe = "int8", device: str | DeviceProfile =
     if target_ms is not None and target_ms <= 0:
         raise EdgekitError("--target-ms must be positive")
     out_dir = Path(out) if out is not None else default_out_dir(spec.name, rec.name, dev.name)
-    _prepare_out(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out_dir, force)
 
     task_kw: Dict[str, Any] = {"seed": seed}
     if input_size is not None:
         task_kw["input_size"] = input_size
     task = load_task("mnist", data=data, skip_bad_images=skip_bad_images, **task_kw)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the published folder gets the usual permissions
+    tmp = make_temp_dir(out_dir)
     try:
         report = _run_in(tmp, spec, rec, steps, step_tag(rec.steps), dev, task, weights, seed, target_ms, runs,
                          use_cache)
         from .report import write_reports
 
         write_reports(report, tmp)
-        _publish(tmp, out_dir)
+        publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
