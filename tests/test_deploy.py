@@ -387,7 +387,7 @@ def test_ssh_deploy_idempotent_and_atomic(desktop_bundle, rpi_bundle, run_dir, s
                          wheel_cache=wheel_cache())
     _, bad_id = read_manifest(py312)
     assert bad_id != rid
-    with pytest.raises(EdgekitError, match="failed at install.*Python 3.12.*still points at " + rid) as failed:
+    with pytest.raises(EdgekitError, match="failed at install.*Python 3.12.*still points at releases/" + rid) as failed:
         deploy_cmd(py312, "desktop-cpu", ssh=spec, root=str(root))
     print(f"failed deploy: {failed.value}")
     assert _listing(root) == {"current": f"releases/{rid}", "releases": [rid]}
@@ -425,9 +425,12 @@ def test_remote_agent_refuses_corrupted_upload(desktop_bundle, sshd, tmp_path):
 
     root = tmp_path / "r"
     _, rid = read_manifest(desktop_bundle)
+    options = {"job": "c" * 16, "release": rid, "sha256": "0" * 64, "python": "python3", "runs": 3}
     with pytest.raises(EdgekitError, match="failed at upload: the bundle arrived with sha256"):
-        _agent(sshd.spec(), ["install", str(root), rid, "0" * 64, "python3", 3], stdin_path=desktop_bundle)
+        _agent(sshd.spec(), ["upload", str(root), json.dumps(options)], stdin_path=desktop_bundle)
     assert not (root / "releases" / rid).exists() and not (root / "current").exists()
+    assert not list(root.glob(".incoming-*")) and json.loads((root / ".deploys" / f"{'c' * 16}.json").read_text())[
+        "state"] == "failed"
 
 
 def test_deploy_cmd_needs_a_target(run_dir, tmp_path):

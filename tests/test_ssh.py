@@ -16,7 +16,7 @@ import pytest
 from edgekit.config import DeviceProfile
 from edgekit.errors import EdgekitError
 from edgekit.profiling import profile_artifact
-from edgekit.profiling.calibrate import Micro, build_micro
+from edgekit.estimate.micro import Micro, build_micro
 from edgekit.profiling.ssh import parse_target, profile_remote, spec_for_target
 
 
@@ -142,3 +142,50 @@ def test_local_files_are_checked_before_connecting(sshd, model, tmp_path):
         profile_remote(model, sshd.spec(known_hosts=str(tmp_path / "nokh")), runs=1)
     with pytest.raises(EdgekitError, match="Model file not found"):
         profile_remote(tmp_path / "none.onnx", sshd.spec(), runs=1)
+
+
+# ----------------------------------------------------------------------------- interrupted benchmarks
+
+_PROFILE = """import json, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the test runner ignores Ctrl-C
+from edgekit.config import SSHSpec
+from edgekit.profiling.ssh import profile_remote
+profile_remote(sys.argv[1], SSHSpec(**json.loads(sys.argv[2])), threads=1, warmup=0, runs=int(sys.argv[3]))
+"""
+
+
+def _runners(runs: int) -> list:
+    """Device processes of a benchmark with this (unique) run count."""
+    out = subprocess.run(["pgrep", "-f", f"runner.py bench model.onnx --warmup 0 --runs {runs} "], capture_output=True,
+                         text=True).stdout
+    return out.split()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "sigint", "sigterm", "timeout"])
+def test_interrupted_benchmark_stops_the_remote_runner(sshd, model, tmp_path, how):
+    """`profile --host` interrupted (Ctrl-C to the process group; SIGINT to python alone, whose ssh client is then
+    SIGKILLed; SIGTERM; the command timeout) while the runner benchmarks on the device: the runner's process group
+    there is killed and its run folder removed. (Before, only a cleanly closed ssh session stopped it.)"""
+    import os
+    import signal
+    import time
+
+    runs = {"ctrl-c": 90000001, "sigint": 90000002, "sigterm": 90000003, "timeout": 90000004}[how]
+    workdir = tmp_path / "work"
+    spec = sshd.spec(python=sys.executable, workdir=str(workdir), command_timeout=4 if how == "timeout" else 900)
+    proc = subprocess.Popen([sys.executable, "-c", _PROFILE, str(model), spec.model_dump_json(), str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not _runners(runs):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the ssh client gets it too
+    elif how in ("sigint", "sigterm"):
+        proc.send_signal(signal.SIGINT if how == "sigint" else signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert ("did not finish within 4 s" if how == "timeout" else "KeyboardInterrupt") in err, err
+    assert _runners(runs) == [], "the runner still runs on the device"
+    assert list(workdir.iterdir()) == [], "the run folder is removed"

@@ -1,300 +1,83 @@
-"""Deploy a bundle to a device over SSH: upload, verify, install a release, switch ``current``, smoke-test.
+"""Deploy a bundle to a device over SSH, atomically from the user's point of view.
 
-On the device (``ROOT`` defaults to ``~/edgekit``)::
+On the device (``ROOT`` defaults to ``~/edgekit``): ``releases/<id>/`` (id: sha256 of the bundle's manifest.json,
+16 hex digits), ``current`` and ``previous`` symlinks, and the deploy agent's bookkeeping; the agent is
+``edgekit/device/agent.py`` (with ``releases.py`` and ``bundlecheck.py``, standard library only), sent as one
+``python3 -c`` program whose arguments are quoted one by one (``run_ssh``), never built from user input.
 
-    ROOT/releases/<bundle id>/     one folder per bundle (id: sha256 of its manifest.json, 16 hex digits)
-    ROOT/current -> releases/<id>  switched atomically (a new symlink renamed over the old one: ln -s + mv -T)
+Why detached: an ssh session can die at any moment (Ctrl-C, a dropped link, a closed laptop), and a process tied
+to it must neither go on silently nor stop half-way. So:
 
-Every step on the device is done by a small standard-library Python program (the *agent*) run with the
-device's python as ``python3 -c AGENT COMMAND ARGS...``; the ssh command line quotes each argument
-(``edgekit.profiling.ssh.run_ssh``), nothing is built from user input by string formatting. The agent:
+1. ``status``: is this release installed and verified, where does ``current`` point, is a job running;
+2. ``upload`` (one ssh call, the bundle on stdin): the device checks its sha256, then starts the install as a
+   detached job (new session, output to a log) that writes a status file, and returns. The job verifies every
+   hash, installs (``install.sh``), builds the engine (Jetson), smoke-tests against the host's outputs and
+   benchmarks, each stage under its own time limit, writes the install marker, and switches ``current`` last;
+3. the host follows the job with ``wait`` calls over fresh connections (reconnecting when one drops, for
+   ``LOST_S`` at most), and reports the job's final record: what the device did, not what the host expected.
 
-1. ``status``: is this release installed, does its manifest match, where does ``current`` point;
-2. ``install`` (bundle on stdin): checks the upload's sha256, extracts into a temporary folder with the
-   same checks as :func:`edgekit.deploy.bundle.extract_bundle` (their source is sent along), verifies
-   every manifest hash, renames it to ``releases/<id>``, runs ``install.sh`` (venv + offline wheels), runs
-   ``runner.py predict`` on the bundle's samples and compares with the host's outputs, runs
-   ``runner.py bench``, records the results, and only then switches ``current``. Any failure removes the
-   new release folder and leaves ``current`` where it was;
-3. ``activate``: point ``current`` at an already installed release.
-
-A second deploy of the same bundle finds the release installed with a matching manifest and ``current``
-pointing at it, and does nothing (it says so).
+The choice on interrupt: Ctrl-C or SIGTERM on the host *cancels* the job (a fresh connection sends ``cancel``,
+which stops it before it switches and removes its half-installed release), then reports what the device says:
+stopped (``current`` unchanged), or already finished (it had switched, or failed) — a cancel that arrives once the
+switch has begun is ignored, and the message says so. If the device cannot be reached, the message says that the
+job may still be running and that the same ``edgekit deploy`` again reports how it ended (it follows a job that
+is still running for the same release). ``current`` only ever points at a release with an install marker whose
+files match its manifest; the one it points at and the previous one are never removed; dead jobs' leftovers are
+cleaned by the next deploy, and ``releases/`` keeps the newest ``keep`` (3) releases besides those two.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
+import math
+import os
+import secrets
 import shlex
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
+from .. import progress
 from ..config import DeviceProfile, SSHSpec, load_device
 from ..errors import EdgekitError
 from . import bundle as _bundle
 from . import versions
 
 DEFAULT_ROOT = "~/edgekit"
+AGENT_FILES = ("bundlecheck", "releases", "agent")  # edgekit/device/*.py, in import order
+STAGE_LIMITS = {"upload": 1800, "verify": 600, "install": 900, "engine": 1800, "smoke": 300, "bench": 600}
+WAIT_S = 20  # one ``wait`` call returns after this long if the job is still running
+LOST_S = 120  # how long the host keeps reconnecting before it gives up following the job
+TEST_PAUSE_ENV = "EDGEKIT_DEPLOY_TEST_PAUSE"  # tests only: "stage=seconds,..." holds a device stage open
 
-AGENT_HEADER = '''import ast, fcntl, hashlib, json, os, shutil, struct, subprocess, sys, tarfile, tempfile, time
-'''
-
-AGENT_MAIN = r'''
-
-def fail(stage, message, code=1):
-    print(json.dumps({"error": message, "stage": stage}))
-    sys.exit(code)
-
-
-def load_npy(path):
-    """float arrays from a .npy file, with the standard library: (shape, flat list)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:6] != b"\x93NUMPY":
-        raise ValueError("not a .npy file")
-    major = data[6]
-    if major == 1:
-        hlen, start = struct.unpack("<H", data[8:10])[0], 10
-    else:
-        hlen, start = struct.unpack("<I", data[8:12])[0], 12
-    header = ast.literal_eval(data[start:start + hlen].decode("latin1"))
-    codes = {"<f4": "f", "<f8": "d", "<f2": "e"}
-    if header["descr"] not in codes or header["fortran_order"]:
-        raise ValueError("unsupported .npy layout {}".format(header))
-    n = 1
-    for d in header["shape"]:
-        n *= d
-    code = codes[header["descr"]]
-    body = data[start + hlen:start + hlen + n * struct.calcsize(code)]
-    return list(header["shape"]), list(struct.unpack("<{}{}".format(n, code), body))
+_BOOT = """import sys, types
+SOURCES = %s
+for name in %r:
+    mod = types.ModuleType(name)
+    sys.modules[name] = mod
+    exec(compile(SOURCES[name], name + ".py", "exec"), mod.__dict__)
+mod.SOURCES = SOURCES
+sys.exit(mod.main(sys.argv[1:]))
+"""
 
 
-def paths(root, rid):
-    root = os.path.abspath(os.path.expanduser(root))
-    return root, os.path.join(root, "releases"), os.path.join(root, "releases", rid), os.path.join(root, "current")
+class DeployInterrupted(EdgekitError):
+    """The host was interrupted; the message says what the device did."""
+
+    exit_code = 130
 
 
-def current_of(link):
-    if not os.path.islink(link):
-        return None
-    return os.path.basename(os.readlink(link).rstrip("/"))
+class _Lost(EdgekitError):
+    """The ssh call failed: the device's state is unknown until it is asked again."""
 
 
-def release_state(rel, rid):
-    """(installed, manifest matches, why not)."""
-    marker = os.path.join(rel, ".edgekit-release.json")
-    if not os.path.isdir(rel):
-        return False, False, "absent"
-    if not os.path.isfile(marker):
-        return False, False, "incomplete (no install marker)"
-    mpath = os.path.join(rel, "manifest.json")
-    try:
-        with open(mpath, "rb") as f:
-            data = f.read()
-    except OSError:
-        return True, False, "manifest.json missing"
-    if manifest_id(data) != rid:
-        return True, False, "manifest differs"
-    try:
-        verify_tree(rel, strict=False)
-    except BundleError as exc:
-        return True, False, str(exc)
-    return True, True, "ok"
-
-
-def lock(root):
-    os.makedirs(root, exist_ok=True)
-    fd = os.open(os.path.join(root, ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fail("lock", "another deploy is running in {} (lock file .lock)".format(root))
-    return fd
-
-
-def switch(root, rid):
-    """Point ROOT/current at releases/RID atomically (new symlink renamed over the old one)."""
-    link = os.path.join(root, "current")
-    tmp = os.path.join(root, ".current.tmp-{}".format(os.getpid()))
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    os.symlink(os.path.join("releases", rid), tmp)
-    os.replace(tmp, link)
-
-
-def run(argv, stage, env=None, timeout=None):
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=timeout)
-    out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
-    if proc.returncode != 0:
-        payload = last_json(out)
-        msg = payload.get("error") if isinstance(payload, dict) and payload.get("error") else \
-            (err.strip() or out.strip())[-600:] or "no output"
-        raise StageError(stage, "{} exited with {}: {}".format(os.path.basename(argv[1] if len(argv) > 1 else argv[0]),
-                                                               proc.returncode, msg))
-    return out, err
-
-
-def last_json(text):
-    for line in reversed(text.strip().splitlines()):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
-    return None
-
-
-class StageError(Exception):
-    def __init__(self, stage, message):
-        Exception.__init__(self, message)
-        self.stage = stage
-
-
-def smoke_and_bench(rel, manifest, runs):
-    py = os.path.join(rel, "venv", "bin", "python")
-    runner = os.path.join(rel, "runner.py")
-    model = os.path.join(rel, manifest["artifact"]["path"])
-    notes = []
-    if manifest.get("engine"):
-        try:
-            out, _ = run([py, os.path.join(rel, "build_engine.py"), "--print-path"], "engine")
-            model = out.strip().splitlines()[-1]
-        except StageError as exc:
-            fb = manifest.get("fallback") or manifest["artifact"]
-            model = os.path.join(rel, fb["path"])
-            notes.append("no TensorRT engine ({}); smoke-tested the ONNX fallback".format(exc))
-    sample = manifest.get("sample") or {}
-    checks = []
-    engine_used = model.endswith(".engine")
-    with tempfile.TemporaryDirectory(prefix="edgekit-smoke-") as tmp:
-        for i, rel_in in enumerate(sample.get("inputs") or []):
-            out_path = os.path.join(tmp, "out{}.npy".format(i))
-            run([py, runner, "predict", model, os.path.join(rel, rel_in), out_path], "smoke")
-            _, got = load_npy(out_path)
-            check = {"input": rel_in, "argmax": max(range(len(got)), key=got.__getitem__)}
-            expected = (sample.get("expected") or [None] * (i + 1))[i]
-            if expected is not None and not engine_used and model.endswith(sample.get("model", "")):
-                diff = max(abs(a - b) for a, b in zip(got, expected)) if len(got) == len(expected) else None
-                check.update({"expected_argmax": sample["expected_argmax"][i], "max_abs_diff": diff})
-                if diff is None or check["argmax"] != check["expected_argmax"] or diff > sample.get("atol", 0.5):
-                    raise StageError("smoke", "the device's output for {} differs from the host's: argmax {} vs {}, "
-                                              "max |diff| {}".format(rel_in, check["argmax"], check["expected_argmax"],
-                                                                     diff))
-            checks.append(check)
-    bench_out, _ = run([py, runner, "bench", model, "--runs", str(runs), "--warmup", str(min(10, runs))], "bench")
-    return {"model": os.path.relpath(model, rel), "checks": checks, "matches_host": all(
-        "expected_argmax" in c for c in checks) and bool(checks), "notes": notes}, last_json(bench_out)
-
-
-def cmd_status(root, rid):
-    root, releases, rel, link = paths(root, rid)
-    installed, match, why = release_state(rel, rid)
-    print(json.dumps({"release": rid, "root": root, "installed": installed, "manifest_match": match, "state": why,
-                      "current": current_of(link), "path": rel}))
-
-
-def cmd_activate(root, rid):
-    root, releases, rel, link = paths(root, rid)
-    fd = lock(root)
-    installed, match, why = release_state(rel, rid)
-    if not (installed and match):
-        fail("activate", "release {} is not installed intact ({})".format(rid, why))
-    previous = current_of(link)
-    switch(root, rid)
-    print(json.dumps({"action": "activated", "release": rid, "previous": previous, "current": current_of(link),
-                      "path": rel, "root": root}))
-    os.close(fd)
-
-
-def cmd_install(root, rid, tar_sha, python, runs):
-    root, releases, rel, link = paths(root, rid)
-    fd = lock(root)
-    os.makedirs(releases, exist_ok=True)
-    incoming = tempfile.mkdtemp(prefix=".incoming-", dir=root)
-    partial = None
-    moved = False
-    try:
-        tar_path = os.path.join(incoming, "bundle.tar.gz")
-        h = hashlib.sha256()
-        stdin = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
-        with open(tar_path, "wb") as f:
-            for block in iter(lambda: stdin.read(1 << 20), b""):
-                h.update(block)
-                f.write(block)
-        if h.hexdigest() != tar_sha:
-            raise StageError("upload", "the bundle arrived with sha256 {}..., expected {}...: the upload was "
-                                       "corrupted or cut".format(h.hexdigest()[:12], tar_sha[:12]))
-        partial = tempfile.mkdtemp(prefix=".{}.partial-".format(rid), dir=releases)
-        try:
-            extract_members(tar_path, partial)
-            manifest = verify_tree(partial)
-        except BundleError as exc:
-            raise StageError("verify", str(exc))
-        with open(os.path.join(partial, "manifest.json"), "rb") as f:
-            if manifest_id(f.read()) != rid:
-                raise StageError("verify", "the bundle's manifest does not have the id {}".format(rid))
-        os.chmod(partial, 0o755)
-        if os.path.lexists(rel):  # an incomplete earlier attempt (no marker): replace it
-            if current_of(link) == rid:
-                raise StageError("install", "releases/{} is current but incomplete; not touching it".format(rid))
-            shutil.rmtree(rel)
-        os.rename(partial, rel)
-        partial, moved = None, True
-        env = dict(os.environ)
-        env["PYTHON"] = python
-        env.pop("EDGEKIT_LAUNCHER", None)
-        out, err = run(["sh", os.path.join(rel, "install.sh")], "install", env=env)
-        smoke, bench = smoke_and_bench(rel, manifest, runs)
-        previous = current_of(link)
-        record = {"release": rid, "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": python,
-                  "install_log": (out + err)[-2000:], "smoke": smoke, "bench": bench, "previous": previous}
-        with open(os.path.join(rel, ".edgekit-release.json.tmp"), "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(os.path.join(rel, ".edgekit-release.json.tmp"), os.path.join(rel, ".edgekit-release.json"))
-        switch(root, rid)
-        record.update({"action": "installed", "current": current_of(link), "path": rel, "root": root})
-        print(json.dumps(record))
-    except StageError as exc:
-        if moved:
-            shutil.rmtree(rel, ignore_errors=True)
-        fail(exc.stage, "{} ({} still points at {})".format(exc, os.path.join(root, "current"),
-                                                             current_of(link) or "nothing"))
-    except Exception as exc:  # noqa: BLE001 - whatever happened, leave no half-installed release behind
-        if moved:
-            shutil.rmtree(rel, ignore_errors=True)
-        fail("internal", "{}: {} ({} still points at {})".format(type(exc).__name__, exc,
-                                                                 os.path.join(root, "current"),
-                                                                 current_of(link) or "nothing"))
-    finally:
-        shutil.rmtree(incoming, ignore_errors=True)
-        if partial:
-            shutil.rmtree(partial, ignore_errors=True)
-        os.close(fd)
-
-
-def main(argv):
-    cmd = argv[0] if argv else ""
-    if cmd == "status" and len(argv) == 3:
-        cmd_status(argv[1], argv[2])
-    elif cmd == "activate" and len(argv) == 3:
-        cmd_activate(argv[1], argv[2])
-    elif cmd == "install" and len(argv) == 6:
-        cmd_install(argv[1], argv[2], argv[3], argv[4], int(argv[5]))
-    else:
-        fail("usage", "usage: agent status ROOT ID | activate ROOT ID | install ROOT ID TAR_SHA PYTHON RUNS", 2)
-
-
-main(sys.argv[1:])
-'''
-
-
-def agent_source() -> str:
-    """The device-side program: edgekit/device/bundlecheck.py (the same checks the host runs) + the commands above."""
+def agent_program() -> str:
+    """The device-side agent as one ``python3 -c`` program: its three files, imported as modules."""
     from ..device import DEVICE_DIR
 
-    return "\n\n".join([AGENT_HEADER, (DEVICE_DIR / "bundlecheck.py").read_text(), AGENT_MAIN])
+    sources = {name: (DEVICE_DIR / f"{name}.py").read_text() for name in AGENT_FILES}
+    return _BOOT % (repr(sources), AGENT_FILES)
 
 
 # ----------------------------------------------------------------------------- the host side
@@ -312,12 +95,17 @@ def _spec_for(dev: DeviceProfile, host: Optional[str], ssh: Optional[SSHSpec]) -
     return base
 
 
-def _agent(spec: SSHSpec, args, stdin_path: Optional[Path] = None, what: str = "deploy") -> dict:
+def _agent(spec: SSHSpec, args, stdin_path: Optional[Path] = None, what: str = "deploy",
+           timeout: Optional[float] = None) -> dict:
+    """Run one agent command; its JSON answer, EdgekitError for what the device refused, _Lost when ssh failed."""
     from ..profiling.ssh import destination, run_ssh
 
     python = shlex.split(spec.python)
-    proc = run_ssh(spec, [*python, "-c", agent_source(), *map(str, args)], stdin_path=stdin_path,
-                   timeout=spec.command_timeout, what=what)
+    try:
+        proc = run_ssh(spec, [*python, "-c", agent_program(), *map(str, args)], stdin_path=stdin_path,
+                       timeout=timeout or spec.command_timeout, what=what)
+    except EdgekitError as exc:
+        raise _Lost(str(exc)) from None
     payload = None
     for line in reversed(proc.stdout.strip().splitlines()):
         try:
@@ -331,6 +119,8 @@ def _agent(spec: SSHSpec, args, stdin_path: Optional[Path] = None, what: str = "
                            f"device profile")
     if isinstance(payload, dict) and "error" in payload:
         raise EdgekitError(f"Deploy to {dest} failed at {payload.get('stage', '?')}: {payload['error']}")
+    if proc.returncode < 0:
+        raise _Lost(f"the ssh client was stopped (signal {-proc.returncode})")
     if proc.returncode != 0 or not isinstance(payload, dict):
         tail = (proc.stderr.strip() or proc.stdout.strip())[-500:] or "no output"
         raise EdgekitError(f"Deploy to {dest} failed (exit {proc.returncode}): {tail}")
@@ -364,28 +154,135 @@ def preflight(spec: SSHSpec, dev: DeviceProfile) -> dict:
     return info
 
 
+def _limits(limits: Optional[dict]) -> dict:
+    out = dict(STAGE_LIMITS)
+    for k, v in (limits or {}).items():
+        if k not in STAGE_LIMITS:
+            raise EdgekitError(f"Unknown deploy stage {k!r} in limits (stages: {', '.join(STAGE_LIMITS)})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= 86400:
+            raise EdgekitError(f"The time limit of the {k} stage must be 1 s to 86400 s, not {v!r}")
+        out[k] = float(v)
+    return out
+
+
+def _test_pause() -> dict:
+    """``EDGEKIT_DEPLOY_TEST_PAUSE=install=3,switch=5``: tests hold a device stage open to interrupt it there."""
+    raw = os.environ.get(TEST_PAUSE_ENV, "")
+    out = {}
+    for item in filter(None, raw.split(",")):
+        stage, _, secs = item.partition("=")
+        try:
+            out[stage] = float(secs)
+        except ValueError:
+            raise EdgekitError(f"{TEST_PAUSE_ENV}: {item!r} is not stage=seconds") from None
+        if stage not in (*STAGE_LIMITS, "switch") or not 0 <= out[stage] <= 120:
+            raise EdgekitError(f"{TEST_PAUSE_ENV}: {item!r} is not stage=seconds (0-120)")
+    return out
+
+
+def _where(root: str, current: Optional[str]) -> str:
+    return f"{root}/current points at " + (f"releases/{current}" if current else "nothing")
+
+
+def _follow(spec: SSHSpec, root: str, job: str, budget: float, seen: dict) -> dict:
+    """Poll the job over fresh connections until it ends; reconnect for LOST_S when calls fail."""
+    from ..profiling.ssh import destination
+
+    start = last_ok = time.monotonic()
+    misses = unknown = 0
+    while True:
+        try:
+            view = _agent(spec, ["wait", root, job, WAIT_S], timeout=WAIT_S + spec.connect_timeout + 30, what="status")
+            last_ok, misses = time.monotonic(), 0
+        except _Lost as exc:
+            misses += 1
+            if time.monotonic() - last_ok > LOST_S:
+                raise EdgekitError(
+                    f"Lost contact with {destination(spec)} for {LOST_S} s ({exc}) while the deploy job {job} was at "
+                    f"stage {seen.get('stage', 'upload')}. The device goes on by itself and switches current only "
+                    f"after every check passes; run the same `edgekit deploy` again to see how it ended.") from None
+            time.sleep(min(2 ** misses, 10))
+            continue
+        if view.get("state") != "unknown":
+            if view.get("stage") != seen.get("stage"):
+                progress.log(f"device: {view.get('stage')}")
+            seen.update(view)
+        if view.get("state") in ("done", "failed", "cancelled"):
+            return view
+        if view.get("state") == "unknown":
+            unknown += 1
+            if unknown >= 3:
+                return view
+            time.sleep(1)
+        elif time.monotonic() - start > budget:
+            raise EdgekitError(f"The deploy job {job} on {destination(spec)} has run for {budget:.0f} s, past the sum "
+                               f"of its stage limits (stage {view.get('stage')}); the next deploy stops it.")
+
+
+def _interrupted(spec: SSHSpec, root: str, rid: str, job: Optional[str], seen: dict) -> str:
+    """Ctrl-C / SIGTERM: stop the device's job before it switches, and say what the device did."""
+    from ..profiling.ssh import destination
+
+    dest = destination(spec)
+    cur = seen.get("current")
+    if job is None:
+        try:
+            cur = _agent(spec, ["status", root, rid], timeout=30, what="status check").get("current")
+        except (EdgekitError, KeyboardInterrupt) as exc:
+            return (f"Interrupted before a deploy job was started on {dest}; nothing was installed there (where "
+                    f"current points could not be read: {exc or 'interrupted again'})")
+        return f"Interrupted before a deploy job was started on {dest}; {_where(root, cur)}"
+    try:
+        view = _agent(spec, ["cancel", root, job], timeout=60 + spec.connect_timeout, what="cancel")
+    except (EdgekitError, KeyboardInterrupt) as exc:
+        why = str(exc) or "interrupted again"
+        return (f"Interrupted; could not reach {dest} to stop the deploy ({why}). The device may still be installing "
+                f"release {rid} (job {job}, last seen at stage {seen.get('stage', 'upload')}); it switches current "
+                f"only after every check passes" + (f" ({_where(root, cur)} when last seen)" if cur else "")
+                + ". Run the same `edgekit deploy` again to see how it ended.")
+    state, stage, cur = view.get("state"), view.get("stage"), view.get("current")
+    if state == "done":
+        return (f"Interrupted, but the device had already finished: release {rid} is installed on {dest}; "
+                f"{_where(root, cur)}" + (f" (previous: releases/{view['previous']})" if view.get("previous") else ""))
+    if state == "cancelled":
+        return f"Interrupted: the deploy of release {rid} was stopped on {dest} during {stage}; {_where(root, cur)}"
+    if state == "failed":
+        return f"Interrupted; the deploy to {dest} had already failed at {stage}: {view.get('message')}"
+    if state == "unknown":
+        return f"Interrupted before the upload reached {dest}: nothing was installed; {_where(root, cur)}"
+    return (f"Interrupted; {dest} did not confirm the stop: job {job} is at stage {stage} (release {rid}); it switches "
+            f"current only after every check passes. Run the same `edgekit deploy` again to see how it ended.")
+
+
 def deploy(source: str | Path, device: str | DeviceProfile, host: Optional[str] = None,
            ssh: Optional[SSHSpec] = None, root: str = DEFAULT_ROOT, python_version: str = versions.PYTHON_VERSION,
-           bench_runs: int = 20, fetch_wheels: bool = True, wheel_cache: Optional[str | Path] = None) -> dict:
+           bench_runs: int = 20, fetch_wheels: bool = True, wheel_cache: Optional[str | Path] = None,
+           keep: int = 3, limits: Optional[dict] = None) -> dict:
     """Deploy a run folder (a bundle is built for ``device``) or a bundle .tar.gz to ``host`` over SSH.
 
     ``host`` is ``user@address[:port]``; key, known_hosts and python come from ``ssh`` or the device
-    profile's ``ssh`` block. Returns the agent's JSON plus ``action``: ``installed``, ``activated`` (the
-    release was installed before; ``current`` now points at it) or ``unchanged``.
+    profile's ``ssh`` block. ``keep``: installed releases kept besides ``current`` and ``previous``;
+    ``limits``: seconds per device stage (upload, verify, install, engine, smoke, bench). Returns the device's
+    record plus ``action``: ``installed``, ``activated`` (installed before; ``current`` now points at it) or
+    ``unchanged``. Interrupted (Ctrl-C, SIGTERM): DeployInterrupted (exit 130) saying what the device did.
     """
-    from ..profiling.ssh import destination
+    from ..profiling.ssh import destination, sigterm_as_interrupt
 
     dev = device if isinstance(device, DeviceProfile) else load_device(str(device))
     spec = _spec_for(dev, host, ssh)
-    if bench_runs < 1:
-        raise EdgekitError("bench_runs must be >= 1")
+    if isinstance(bench_runs, bool) or not isinstance(bench_runs, int) or bench_runs < 1:
+        raise EdgekitError("bench_runs must be an integer >= 1")
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= 1000:
+        raise EdgekitError(f"keep must be an integer from 1 to 1000, not {keep!r}")
     if not root or root.startswith("-"):
         raise EdgekitError(f"Invalid remote root {root!r}")
+    stage_limits, pause = _limits(limits), _test_pause()
     src = Path(source)
     if not src.exists():
         raise EdgekitError(f"Nothing to deploy at {src}: give a run folder or a bundle .tar.gz")
     t0 = time.perf_counter()
     device_info = preflight(spec, dev)  # reachable, python runs, right architecture: before building anything
+    dest = destination(spec)
     with tempfile.TemporaryDirectory(prefix="edgekit-deploy-") as tmp:
         if src.is_dir():
             tar = _bundle.build_bundle(src, dev, Path(tmp) / "bundle.tar.gz", python_version=python_version,
@@ -398,22 +295,48 @@ def deploy(source: str | Path, device: str | DeviceProfile, host: Optional[str] 
         if manifest.get("arch") != dev.arch:
             raise EdgekitError(f"{tar} was built for {manifest.get('device')} ({manifest.get('arch')}), not for "
                                f"{dev.name} ({dev.arch})")
-        dest = destination(spec)
-        status = _agent(spec, ["status", root, rid], what="status check")
         base = {"release": rid, "host": dest, "device": dev.name, "bundle_device": manifest.get("device"),
                 "artifact": manifest.get("artifact", {}).get("path"), "device_info": device_info}
-        if status.get("installed") and status.get("manifest_match") and status.get("current") == rid:
-            return {**base, **status, "action": "unchanged",
-                    "message": f"release {rid} is already installed on {dest} with a matching manifest and is "
-                               f"current: nothing to do"}
-        if status.get("installed") and status.get("manifest_match"):
-            result = _agent(spec, ["activate", root, rid], what="activate")
-            return {**base, **result, "message": f"release {rid} was already installed on {dest}; current now "
-                                                 f"points at it (was {result.get('previous')})"}
-        result = _agent(spec, ["install", root, rid, _bundle.sha256_file(tar), spec.python, bench_runs],
-                        stdin_path=tar, what="install")
-    result.update(base)
-    result["wall_s"] = round(time.perf_counter() - t0, 2)
+        job, seen, attached, upload_error = None, {}, False, None
+        with sigterm_as_interrupt():
+            try:
+                status = _agent(spec, ["status", root, rid], what="status check")
+                seen["current"] = status.get("current")
+                if status.get("installed") and status.get("manifest_match") and status.get("current") == rid:
+                    return {**base, **status, "action": "unchanged",
+                            "message": f"release {rid} is already installed on {dest} with a matching manifest and "
+                                       f"is current: nothing to do"}
+                if status.get("installed") and status.get("manifest_match"):
+                    result = _agent(spec, ["activate", root, rid], what="activate")
+                    return {**base, **result, "message": f"release {rid} was already installed on {dest}; current "
+                                                         f"now points at it (was {result.get('previous')})"}
+                running = status.get("job") or {}
+                attached = running.get("release") == rid and running.get("state") == "running"
+                if attached:  # an earlier deploy of this release, still running: follow it
+                    job = running["job"]
+                else:
+                    job = secrets.token_hex(8)
+                    options = {"job": job, "release": rid, "sha256": _bundle.sha256_file(tar), "python": spec.python,
+                               "runs": bench_runs, "keep": keep, "limits": stage_limits, "test_pause": pause}
+                    try:
+                        _agent(spec, ["upload", root, json.dumps(options)], stdin_path=tar, what="upload")
+                    except _Lost as exc:  # the bundle may have arrived whole, or not at all: ask the device
+                        upload_error = exc
+                view = _follow(spec, root, job, sum(stage_limits.values()) + 120, seen)
+            except KeyboardInterrupt:
+                raise DeployInterrupted(_interrupted(spec, root, rid, job, seen)) from None
+    state, stage = view.get("state"), view.get("stage")
+    if state == "unknown":
+        why = f"the upload failed ({upload_error})" if upload_error else "the device has no record of it"
+        raise EdgekitError(f"Deploy to {dest} did not start: {why}; nothing was installed, "
+                           f"{_where(root, view.get('current'))}")
+    if state == "failed":
+        raise EdgekitError(f"Deploy to {dest} failed at {stage}: {view.get('message')}")
+    if state == "cancelled":
+        raise EdgekitError(f"Deploy to {dest} was cancelled on the device: {view.get('message')}")
+    result = {**(view.get("result") or {}), **base, "job": job, "current": view.get("current"),
+              "wall_s": round(time.perf_counter() - t0, 2)}
     result["message"] = (f"installed release {rid} on {dest} at {result.get('path')}; current -> releases/{rid}"
-                         + (f" (was {result['previous']})" if result.get("previous") else ""))
+                         + (f" (was {result['previous']})" if result.get("previous") else "")
+                         + (f"; followed the deploy job {job} that was already running there" if attached else ""))
     return result

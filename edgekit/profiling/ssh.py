@@ -8,6 +8,11 @@ list (no local shell); the one remote command string is built with
 ``shlex.quote`` on each argument. Host keys are always checked
 (``StrictHostKeyChecking=yes``, ``BatchMode=yes``): an unknown or changed host
 key is an error, never a prompt and never silently accepted.
+
+A remote command without a tty is not stopped when its ssh session dies, so the
+runner starts in a process group of its own and writes its id to ``pgid`` in the
+run folder; when the benchmark is interrupted (Ctrl-C, SIGTERM) or times out,
+step (3) first kills that group over a fresh connection.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import json
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -162,6 +170,38 @@ def run_ssh(spec: SSHSpec, argv: Sequence[str] | str, stdin_path: Optional[Path]
     return proc
 
 
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt inside the block (main thread only), so a run stopped by a service manager
+    or ``kill`` cleans up on the device the same way as Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# The runner's launcher on the device: a process group of its own, its id in ``pgid``, then exec the runner.
+# Fixed code; the folder and the command come in as arguments.
+_LAUNCH = ("import os, sys\ntry:\n    os.setpgid(0, 0)\nexcept OSError:\n    pass\n"
+           "open('pgid', 'w').write(str(os.getpgid(0)))\nos.execvp(sys.argv[1], sys.argv[1:])")
+# Kill the group recorded in DIR/pgid (only if its leader still runs in DIR), then remove DIR.
+_STOP = ("import os, shutil, signal, sys, time\nd = sys.argv[1]\n"
+         "try:\n    g = int(open(os.path.join(d, 'pgid')).read())\n"
+         "    same = os.path.realpath('/proc/%d/cwd' % g) == os.path.realpath(d) if os.path.isdir('/proc') else True\n"
+         "except (OSError, ValueError):\n    g, same = None, False\n"
+         "for sig in (signal.SIGTERM, signal.SIGKILL) if g and same else ():\n"
+         "    try:\n        os.killpg(g, sig)\n    except OSError:\n        break\n    time.sleep(1)\n"
+         "shutil.rmtree(d, ignore_errors=True)")
+
+
 def _remote_workdir(workdir: str) -> str:
     """``~/x`` -> ``x``: the remote shell starts in the home folder and quoted ``~`` would not expand."""
     if workdir in ("~", "~/"):
@@ -187,8 +227,6 @@ def _bundle(artifact: Path, runner: Path, into: Path) -> Path:
 def profile_remote(artifact: str | Path, ssh: SSHSpec, threads: Optional[int] = None, warmup: int = 10,
                    runs: int = 100) -> dict:
     """Benchmark ``artifact`` on the device ``ssh`` points at; p50/p90/mean/min in ms plus what ran it."""
-    from ..deploy import RUNNER_PATH
-
     artifact = Path(artifact)
     if not artifact.is_file():
         raise EdgekitError(f"Model file not found: {artifact}")
@@ -198,6 +236,14 @@ def profile_remote(artifact: str | Path, ssh: SSHSpec, threads: Optional[int] = 
     workdir = _remote_workdir(ssh.workdir)
     python = shlex.split(ssh.python)
     t_start = time.perf_counter()
+    with sigterm_as_interrupt():
+        return _profile(artifact, ssh, python, workdir, dest, t_start, threads, warmup, runs)
+
+
+def _profile(artifact: Path, ssh: SSHSpec, python, workdir: str, dest: str, t_start: float, threads, warmup: int,
+             runs: int) -> dict:
+    from ..deploy import RUNNER_PATH
+
     with tempfile.TemporaryDirectory(prefix="edgekit-ssh-") as tmp:
         bundle = _bundle(artifact, RUNNER_PATH, Path(tmp))
         setup = (f"mkdir -p -- {shlex.quote(workdir)} && d=$(mktemp -d {shlex.quote(workdir + '/run.XXXXXXXX')}) "
@@ -207,14 +253,16 @@ def profile_remote(artifact: str | Path, ssh: SSHSpec, threads: Optional[int] = 
         if proc.returncode != 0 or not Path(remote_dir).name.startswith("run."):
             raise EdgekitError(f"Could not create a temporary folder under {ssh.workdir} on {dest} and unpack the "
                                f"model there: {(proc.stderr.strip() or proc.stdout.strip())[-300:] or 'no message'}")
+    finished = False
     try:
         model_name = REMOTE_MODEL_STEM + artifact.suffix.lower()
         remote = (f"cd -- {shlex.quote(remote_dir)} && "
-                  + quote_command([*python, "runner.py", "bench", model_name, "--warmup", str(warmup),
-                                   "--runs", str(runs), "--threads", str(int(threads or 0))]))
+                  + quote_command([*python, "-c", _LAUNCH, *python, "runner.py", "bench", model_name, "--warmup",
+                                   str(warmup), "--runs", str(runs), "--threads", str(int(threads or 0))]))
         proc = run_ssh(ssh, remote, timeout=ssh.command_timeout, what="benchmark")
+        finished = True
     finally:
-        _cleanup(ssh, remote_dir)
+        _cleanup(ssh, remote_dir, python=None if finished else python)
     result = _parse_runner_output(proc, ssh)
     result.update({"source": "measured-ssh", "host": dest, "artifact": str(artifact),
                    "artifact_bytes": artifact.stat().st_size, "remote_python": ssh.python,
@@ -222,13 +270,15 @@ def profile_remote(artifact: str | Path, ssh: SSHSpec, threads: Optional[int] = 
     return result
 
 
-def _cleanup(ssh: SSHSpec, remote_dir: str) -> None:
-    """Remove the per-run folder; a failure here must not hide the benchmark's own outcome."""
+def _cleanup(ssh: SSHSpec, remote_dir: str, python: Optional[List[str]] = None) -> None:
+    """Remove the per-run folder; with ``python`` (the benchmark did not finish) first kill the runner's process
+    group. A failure here must not hide the benchmark's own outcome."""
     if not Path(remote_dir).name.startswith("run."):
         return
+    argv = [*python, "-c", _STOP, remote_dir] if python else ["rm", "-rf", "--", remote_dir]
     try:
-        run_ssh(ssh, ["rm", "-rf", "--", remote_dir], timeout=60, what="cleanup")
-    except EdgekitError:
+        run_ssh(ssh, argv, timeout=60, what="cleanup")
+    except (EdgekitError, KeyboardInterrupt):
         pass
 
 
