@@ -24,14 +24,16 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from edgekit.profiling import kernels as K
+from edgekit.estimate.kernels.features import COLD_MB, Kernel
+from edgekit.estimate.kernels.model import KernelModel, fit_aggregate
+from edgekit.estimate.tables import load_table, net_spans
 
 DEFAULT = Path(__file__).resolve().parent.parent / "edgekit" / "devices" / "desktop-cpu.kernels-t1.json.gz"
 
 
 def heldout_errors(table: dict, folds: int = 5, seed: int = 1, progress=None) -> np.ndarray:
     """Relative error of every calibration network's estimate from models fitted without it."""
-    spans = K._net_spans(table)
+    spans = net_spans(table)
     if spans is None:
         raise SystemExit("the table does not say which samples belong to which network")
     nets = table["nets"]
@@ -40,10 +42,10 @@ def heldout_errors(table: dict, folds: int = 5, seed: int = 1, progress=None) ->
     for f in range(folds):
         train = [n for n in range(len(nets)) if fold[n] != f]
         sub = {**table, "nets": [nets[n] for n in train], "kernels": [table["kernels"][j] for n in train for j in spans[n]]}
-        sub["aggregate"] = K.fit_aggregate(sub)
-        km = K.KernelModel(sub)
+        sub["aggregate"] = fit_aggregate(sub)
+        km = KernelModel(sub)
         for n in np.flatnonzero(fold == f):
-            ks = [K.Kernel("", "", table["kernels"][j]["key"], table["kernels"][j]["desc"]) for j in spans[n]]
+            ks = [Kernel("", "", table["kernels"][j]["key"], table["kernels"][j]["desc"]) for j in spans[n]]
             err[n] = km.estimate_ms(ks, nets[n]["precision"]) / nets[n]["wall_ms"] - 1
         if progress:
             progress(f + 1, folds)
@@ -58,7 +60,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     console = Console()
-    table = K.load_table(args.table)
+    table = load_table(args.table)
     t0 = time.perf_counter()
     err = heldout_errors(table, args.folds, args.seed,
                          progress=lambda f, n: console.print(f"fold {f}/{n} ({time.perf_counter() - t0:.0f} s)"))
@@ -79,7 +81,7 @@ def main() -> None:
         out.add_row(p, str(r["graphs"]), f"{r['within_15']:.1%}", f"{r['median_abs_error']:.1%}", f"{r['worst']:+.0%}")
     console.print(out)
     console.print(f"cold rate: {'measured ' + str(table['cold_us_per_mb']) if 'cold_us_per_mb' in table else 'fitted'}"
-                  f" µs per MB past {table.get('cold_mb', K.COLD_MB)} MB"
+                  f" µs per MB past {table.get('cold_mb', COLD_MB)} MB"
                   + (f" (by kernel MB: {table['cold_curve']})" if table.get("cold_curve") else "")
                   + f"; {time.perf_counter() - t0:.0f} s")
     if args.json:

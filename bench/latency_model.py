@@ -15,9 +15,9 @@ round-robin, ``--rounds`` rounds in a new shuffled order each, ``--runs-per-roun
 short warm-up per artifact and round (one artifact runs at a time, as on a device); the measurement is
 the median of its rounds' p50s, so a slow spell of the machine touches every artifact a little instead
 of the few that ran during it. It is estimated by
-``edgekit.profiling.estimate`` from the same file with the profile's latency model: per-kernel regression where the profile has a kernel
+``edgekit.estimate.estimate`` from the same file with the profile's latency model: per-kernel regression where the profile has a kernel
 table for these threads (desktop-cpu), else the roofline, which is printed beside it for comparison.
-``--calibrate`` first re-times the random networks of ``edgekit.profiling.kernels`` here and rewrites
+``--calibrate`` first re-times the random networks of ``edgekit.estimate.synthetic`` here and rewrites
 the profile's kernel table for these threads, so fit and check see the same machine state. No zoo
 model is timed to train the estimator.
 
@@ -54,14 +54,17 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekit import zoo
-from edgekit.compress.quantize import OrtQuantConfig, quantize_onnx
+from edgekit.export.onnx_int8 import OrtQuantConfig, quantize_onnx
 from edgekit.config import load_device
 from edgekit.data import load_task
 from edgekit.export.onnx import export_onnx
 from edgekit.progress import track
 from edgekit.zoo.stats import count_macs
-from edgekit.profiling.estimate import estimate_latency, kernel_table_for
-from edgekit.profiling.kernels import graph_kernels, load_table, speed_ratios
+from edgekit.estimate import estimate
+from edgekit.estimate.check import build_reference, reference_records, speed_ratios
+from edgekit.estimate.kernels.detect import graph_kernels
+from edgekit.estimate.kernels.model import KernelModel, fit_aggregate
+from edgekit.estimate.tables import kernel_table_for, load_table
 
 TOLERANCE = 0.15
 PRUNED_MAX_MACS = 0.99  # a prune50 left with more of the fp32 MACs is the fp32 graph again: no row (counted twice)
@@ -153,10 +156,8 @@ def measure_round_robin(paths, threads: int, rounds: int, runs: int, warmup: int
 
 def reference_graphs(device, threads: int, workdir: Path, count: int) -> list:
     """(calibration record, ONNX path) of ``count`` of the device's kernel-table networks, rebuilt from their seeds
-    (``edgekit.profiling.kernels.reference_records``), for timing beside the zoo: how fast the machine runs now
+    (``edgekit.estimate.check.reference_records``), for timing beside the zoo: how fast the machine runs now
     against when the table was timed. Empty for a profile without a kernel table for these threads."""
-    from edgekit.profiling.kernels import build_reference, reference_records
-
     path = kernel_table_for(device.latency_model, threads) if count else None
     if path is None:
         return []
@@ -190,8 +191,6 @@ def run_scores(est: dict, runs: dict) -> dict:
 def seed_spread(runs: dict, arts: dict, device, threads: int, seeds: int, console: Console) -> list:
     """``--model-seeds``: the estimator refitted from its kernel table with random states 0 .. seeds-1 (0 is the
     shipped one, with the table's stored executor fit), each scored against the saved runs."""
-    from edgekit.profiling.kernels import KernelModel, fit_aggregate
-
     table = load_table(kernel_table_for(device.latency_model, threads))
     graphs = {k: graph_kernels(p, threads) for k, p in arts.items()}
     out = []
@@ -220,7 +219,7 @@ def rescore(files, device, threads: int, workdir: Path, num_calib: int, console:
     names = list(dict.fromkeys(m for m, _ in keys))
     arts = {(n, v): p for n, v, p in build_artifacts(names, device, workdir, num_calib, console,
                                                      variants=sorted({v for _, v in keys}))}
-    est = {k: estimate_latency(arts[k], device, threads=threads)["p50"]
+    est = {k: estimate(arts[k], device, threads=threads).p50
            for k in track(keys, "estimating", total=len(keys)) if k in arts}
     table = Table(title=f"Current estimates vs saved measurements: {device.name}, {threads} thread(s)")
     for col in ("run", "rows", "within +-15%", "median |error|", "median measured / median of runs",
@@ -281,7 +280,7 @@ def main() -> int:
     names = [n for n in args.models.split(",") if n] or [s.name for s in zoo.list_models()]
     load_before = os.getloadavg()
     if args.calibrate or args.quick_calibrate:
-        from edgekit.profiling.kernels import calibrate_device
+        from edgekit.estimate.kernels.calibrate import calibrate_device
 
         cal = calibrate_device(args.device, threads=threads, nets=30 if args.quick_calibrate else args.nets)
         console.print(f"calibrated {device.name} at {threads} thread(s): {cal['kernels']} kernel timings from "
@@ -310,8 +309,8 @@ def main() -> int:
             speed["cold_mb"] = float(load_table(kernel_table_for(device.latency_model, threads)).get("cold_mb", 8.0))
         rows = []
         for name, prec, path in arts:
-            est = estimate_latency(path, device, threads=threads)
-            roof = estimate_latency(path, device, threads=threads, lm=roofline)
+            est = estimate(path, device, threads=threads).to_json()
+            roof = estimate(path, device, threads=threads, lm=roofline).to_json()
             chunks = p50s[str(path)]
             measured = float(np.median(chunks))
             ks = graph_kernels(path, threads)[0]

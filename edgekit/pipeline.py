@@ -313,16 +313,17 @@ def _estimate(variants: List[Variant], dev: DeviceProfile) -> None:
     Only ONNX graphs can be estimated; other formats keep no latency. Measuring on the device is
     ``edgekit profile ARTIFACT --device D --host user@addr``.
     """
-    from .profiling.estimate import estimate_latency
+    from dataclasses import replace
+
+    from .estimate import estimate
 
     threads = dev.resolved_threads()
     for v in variants:
         if Path(v.path).suffix.lower() != ".onnx":
             continue
-        est = estimate_latency(v.path, dev, threads=threads)
-        v.latency_ms = {"p50": round(est["p50"], 4), "p90": None, "source": "estimated", "device": dev.name,
-                        "threads": threads, "method": est["method"],
-                        "coefficients": est["calibration"]}
+        lat = estimate(v.path, dev, threads=threads)
+        # report.json keeps the figure and where its coefficients came from; the breakdown is `edgekit profile`'s
+        v.latency_ms = replace(lat, p50=round(lat.p50, 4), extra={"coefficients": lat.extra["coefficients"]}).to_json()
 
 
 def _assemble(spec, rec: Recipe, dev: DeviceProfile, task: Task, base_info, step_info, variants: List[Variant],

@@ -179,7 +179,7 @@ def test_imagefolder_data(tmp_path):
 def test_a_device_that_is_not_this_machine_gets_labelled_estimates(tmp_path, fast_recipe):
     """--device rpi4 --target-ms: every ONNX variant gets an estimated p50, the target is checked on it, and the
     terminal, report.md and report.json all say it is an estimate."""
-    from edgekit.profiling.estimate import estimate_latency
+    from edgekit.estimate import estimate
 
     out = tmp_path / "rpi"
     res = compress("shufflenetv2-x0.5", "--recipe", fast_recipe, "--input-size", 32, "--out", out,
@@ -191,7 +191,7 @@ def test_a_device_that_is_not_this_machine_gets_labelled_estimates(tmp_path, fas
     for v in r["variants"]:
         lat = v["latency_ms"]
         assert lat["source"] == "estimated" and lat["device"] == "rpi4" and lat["threads"] == 4
-        assert lat["p50"] == pytest.approx(estimate_latency(out / v["path"], "rpi4")["p50"], rel=1e-3)
+        assert lat["p50"] == pytest.approx(estimate(out / v["path"], "rpi4").p50, rel=1e-3)
     fp32, int8 = (v["latency_ms"]["p50"] for v in r["variants"])
     assert r["variants"][1]["speedup"] == pytest.approx(fp32 / int8, rel=1e-2)
     assert r["target"]["met"] is True and r["target"]["source"] == "estimated"

@@ -1,4 +1,4 @@
-"""Kernel-level latency regression (edgekit.profiling.kernels): kernel detection, calibration, labelling."""
+"""Kernel-level latency regression (edgekit.estimate.kernels): kernel detection, calibration, labelling, speed check."""
 
 from __future__ import annotations
 
@@ -15,12 +15,17 @@ from edgekit import zoo
 from edgekit.config import load_device
 from edgekit.errors import EdgekitError
 from edgekit.export.onnx import export_onnx
-from edgekit.profiling.calibrate import _quantize
-from edgekit.profiling.estimate import estimate_latency, kernel_table_for
-from edgekit.profiling.kernels import (AGG_EDGES_US, FEATURES, KERNEL_CATEGORIES, Kernel, KernelModel, _canonical, _middle_mean,
-                                       calibrate_kernels, category_counts, cold_curve_rate, cold_mb, cold_probe, cold_rate, fit_aggregate, fit_overhead, graph_kernels, load_table, predictor_key,
-                                       reference_records, save_table, speed_ratios)
-from edgekit.profiling.synthetic import RandomNet
+from edgekit.estimate import estimate
+from edgekit.estimate.check import reference_records, speed_ratios
+from edgekit.estimate.host import cpu_name, quantize_for
+from edgekit.estimate.kernels.calibrate import calibrate_kernels, cold_probe, cold_rate
+from edgekit.estimate.kernels.detect import graph_kernels, middle_mean
+from edgekit.estimate.kernels.features import (AGG_EDGES_US, FEATURES, KERNEL_CATEGORIES, Kernel, canonical,
+                                               category_counts, cold_curve_rate, cold_mb, predictor_key)
+from edgekit.estimate.kernels.fit import fit_overhead
+from edgekit.estimate.kernels.model import KernelModel, fit_aggregate
+from edgekit.estimate.synthetic import RandomNet
+from edgekit.estimate.tables import kernel_table_for, load_table, save_table
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +38,11 @@ def nets(tmp_path_factory):
         torch.manual_seed(seed)
         net = RandomNet(seed).eval()
         fp32 = export_onnx(net, d / f"n{seed}.fp32.onnx", net.input_shape)
-        out.append((fp32, _quantize(fp32, d / f"n{seed}.int8.onnx", net.input_shape, dev)))
+        out.append((fp32, quantize_for(fp32, d / f"n{seed}.int8.onnx", net.input_shape, dev)))
     torch.manual_seed(0)
     model = zoo.create("mobilenetv2", num_classes=10).eval()
     fp32 = export_onnx(model, d / "mbv2.fp32.onnx", (1, 3, 64, 64))
-    return out, (fp32, _quantize(fp32, d / "mbv2.int8.onnx", (1, 3, 64, 64), dev)), model
+    return out, (fp32, quantize_for(fp32, d / "mbv2.int8.onnx", (1, 3, 64, 64), dev)), model
 
 
 def test_kernels_are_what_onnx_runtime_runs(nets):
@@ -224,18 +229,18 @@ def test_batchnorm_parameters_count_alike_whether_constant_or_dequantized():
     The random networks' BatchNorms have initializers; CondenseNet int8's 37 have dequantized ones, and counted as
     other inputs (none of the 577 samples has them there) they were predicted 0.1 µs each, 12-15 µs measured."""
     dequantized = {"out": 2048, "in0": 2048, "in_other": 2048, "weights": 0, "spatial": 4, "rank": 4}
-    assert _canonical("BatchNormalization", dict(dequantized)) == {**dequantized, "in_other": 0, "weights": 2048}
+    assert canonical("BatchNormalization", dict(dequantized)) == {**dequantized, "in_other": 0, "weights": 2048}
     split = {"out": 2048, "in0": 2048, "in_other": 1024, "weights": 1024, "spatial": 4, "rank": 4}
-    assert _canonical("BatchNormalization", dict(split)) == {**split, "in_other": 0, "weights": 2048}
-    assert _canonical("Conv", dict(split)) == split
+    assert canonical("BatchNormalization", dict(split)) == {**split, "in_other": 0, "weights": 2048}
+    assert canonical("Conv", dict(split)) == split
 
 
 def test_kernel_times_resolve_below_the_profilers_whole_microseconds():
     """A kernel that takes 3 µs in 40% of its runs and 4 µs in 60% is timed about 3.7 µs (a median says 4), and
     a few stalled runs do not move it."""
     runs = [3] * 40 + [4] * 60
-    assert 3.5 <= _middle_mean(runs) <= 3.75 and np.median(runs) == 4
-    assert _middle_mean(runs + [400] * 5) < 3.8
+    assert 3.5 <= middle_mean(runs) <= 3.75 and np.median(runs) == 4
+    assert middle_mean(runs + [400] * 5) < 3.8
 
 
 def test_executor_overhead_is_fitted_per_precision():
@@ -428,13 +433,13 @@ def test_desktop_cpu_estimates_by_kernel_and_says_so(nets):
     for threads in dev.latency_model.kernel_tables:
         assert kernel_table_for(dev.latency_model, threads) is not None
         for path in (fp32, int8):
-            r = estimate_latency(path, dev, threads=threads, per_op=True)
+            r = estimate(path, dev, threads=threads, per_op=True).to_json()
             assert r["source"] == "estimated" and r["method"].startswith("per-kernel regression")
             assert r["p50"] > 0 and r["calibration"]["kernel_samples"] > 1000
             assert all(row["source"] == "estimated" for row in r["by_category"].values())
             assert all(op["source"] == "estimated" and op["time_us"] > 0 for op in r["per_op"])
     # threads without a table: the roofline, still labelled
-    r = estimate_latency(fp32, dev, threads=7)
+    r = estimate(fp32, dev, threads=7).to_json()
     assert r["source"] == "estimated" and r["method"].startswith("per-operator roofline")
 
 
@@ -443,12 +448,12 @@ def test_missing_or_corrupt_kernel_tables_are_clear_errors(nets, tmp_path):
     dev = load_device("desktop-cpu")
     lm = dev.latency_model.model_copy(update={"kernel_tables": {1: str(tmp_path / "none.json.gz")}})
     with pytest.raises(EdgekitError, match="not found"):
-        estimate_latency(fp32, dev, threads=1, lm=lm)
+        estimate(fp32, dev, threads=1, lm=lm)
     bad = tmp_path / "bad.json.gz"
     bad.write_bytes(b"\x1f\x8bnot gzip")
     lm = lm.model_copy(update={"kernel_tables": {1: str(bad)}})
     with pytest.raises(EdgekitError, match="unreadable"):
-        estimate_latency(fp32, dev, threads=1, lm=lm)
+        estimate(fp32, dev, threads=1, lm=lm)
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"version": 0, "kernels": []}))
     with pytest.raises(EdgekitError, match="unreadable"):
@@ -494,14 +499,12 @@ def test_long_random_networks_are_deeper_and_narrower():
 
 
 def test_an_estimate_from_a_table_timed_on_another_cpu_says_so(nets, tmp_path):
-    from edgekit.profiling.calibrate import cpu_name
-
     _, (fp32, _), _ = nets
     dev = load_device("desktop-cpu")
     for host, warned in (("Some Other CPU @ 1.0GHz", True), (cpu_name(), False)):
         path = tmp_path / f"t{int(warned)}.json.gz"
         save_table({**_power_law_table(), "host": host, "date": "2026-01-01"}, path)
-        r = estimate_latency(fp32, dev, threads=1, lm=dev.latency_model.model_copy(update={"kernel_tables": {1: str(path)}}))
+        r = estimate(fp32, dev, threads=1, lm=dev.latency_model.model_copy(update={"kernel_tables": {1: str(path)}})).to_json()
         assert r["source"] == "estimated" and r["p50"] > 0
         assert bool(r.get("warnings")) is warned
         if warned:
@@ -542,11 +545,11 @@ def test_cli_calibrate_writes_the_table_beside_a_user_profile(nets, tmp_path, mo
 
     from edgekit.cli import app
     from edgekit.config import _resolve
-    from edgekit.profiling import kernels
+    from edgekit.estimate.kernels import calibrate
 
     # a small cache threshold keeps the calibration's cold probe to graphs of a few MB instead of 2-40 MB (30-50 s
     # here); the probe itself is test_cold_probe_times_each_kernel_size_from_below_to_past_the_threshold's
-    monkeypatch.setattr(kernels, "_cache_threshold_mb", lambda: 0.25)
+    monkeypatch.setattr(calibrate, "cache_threshold_mb", lambda: 0.25)
     _, (fp32, _), _ = nets
     prof = tmp_path / "my-pc.yaml"
     shutil.copy(_resolve("devices", "desktop-cpu"), prof)
@@ -558,7 +561,7 @@ def test_cli_calibrate_writes_the_table_beside_a_user_profile(nets, tmp_path, mo
     dev = load_device(str(prof))
     assert Path(dev.latency_model.kernel_tables[3]) == table.resolve()
     assert dev.latency_model.kernel_tables[1] == load_device("desktop-cpu").latency_model.kernel_tables[1]
-    r = estimate_latency(fp32, dev, threads=3)
+    r = estimate(fp32, dev, threads=3).to_json()
     assert r["method"].startswith("per-kernel regression") and r["calibration"]["table"] == table.name
     assert "warnings" not in r
     # --cold-only re-measures the cold curve of that table and keeps its samples (a small cache threshold: quick)

@@ -1,4 +1,5 @@
-"""The per-operator latency model: graph rewrites it assumes, labelling, and calibration from micro-benchmarks."""
+"""The per-operator roofline (edgekit.estimate): graph rewrites it assumes, labelling, the ``estimate`` entry point,
+and calibration from micro-benchmarks."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import yaml
 
 from edgekit.config import DeviceProfile, LatencyModel, load_device
 from edgekit.errors import EdgekitError
+from edgekit.estimate import estimate
+from edgekit.estimate.calibrate import calibrate_local, write_latency_model
+from edgekit.estimate.graph import analyze
+from edgekit.estimate.host import quantize_for
+from edgekit.estimate.micro import Micro, build_micro
 from edgekit.profiling import profile_artifact
-from edgekit.profiling.calibrate import (Micro, _quantize, build_micro, calibrate_local, write_latency_model)
-from edgekit.profiling.estimate import analyze, estimate_latency
+from edgekit.results import Latency
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +27,32 @@ def graphs(tmp_path_factory):
     m = Micro("mbblock", 16, 16, 3, 2, 3)
     fp32 = d / "mb.fp32.onnx"
     onnx.save(build_micro(m), str(fp32))
-    int8 = _quantize(fp32, d / "mb.int8.onnx", m.input_shape, load_device("desktop-cpu"))
+    int8 = quantize_for(fp32, d / "mb.int8.onnx", m.input_shape, load_device("desktop-cpu"))
     return fp32, int8
 
 
 def test_every_result_is_labelled_estimated(graphs):
     for path in graphs:
         for dev in ("rpi4", "rpi5", "jetson-orin-nano", "desktop-cpu"):
-            r = estimate_latency(path, dev, per_op=True)
+            r = estimate(path, dev, per_op=True).to_json()
             assert r["source"] == "estimated"
             assert r["p50"] > 0 and r["device"] == dev
             assert all(row["source"] == "estimated" for row in r["by_category"].values())
             assert r["per_op"] and all(op["source"] == "estimated" for op in r["per_op"])
+
+
+def test_estimate_is_one_latency_whose_json_keeps_the_report_keys(graphs):
+    """``estimate`` returns a ``Latency`` labelled estimated, with the method and where its coefficients came from;
+    its JSON holds every key report.json's estimated latencies have always had."""
+    for dev, method in (("rpi4", "per-operator roofline"), ("desktop-cpu", "per-kernel regression")):
+        lat = estimate(graphs[0], dev)  # desktop-cpu: its kernel table for the profile's threads, fitted above
+        assert isinstance(lat, Latency) and lat.source == "estimated" and not lat.measured
+        assert lat.device == dev and lat.threads == load_device(dev).resolved_threads() and lat.p50 > 0
+        assert lat.method.startswith(method)
+        assert lat.extra["coefficients"] == lat.extra["calibration"]
+        d = lat.to_json()
+        assert {"p50", "p90", "source", "device", "threads", "method", "coefficients"} <= set(d) and d["p90"] is None
+        assert Latency.from_json(d).p50 == lat.p50
 
 
 def test_profile_artifact_estimates_for_a_remote_device_without_ssh(graphs):
@@ -60,7 +79,7 @@ def test_qdq_groups_run_as_int8_and_their_q_dq_are_free(graphs):
     # what runs on its own: the input's Q and the DQs feeding that float Add
     quant = collections.Counter(o.op_type for o in ops if o.category == "quant")
     assert quant == {"QuantizeLinear": 1, "DequantizeLinear": 2}, quant
-    conv_compute = {name: sum(op["compute_us"] for op in estimate_latency(path, "rpi5", per_op=True)["per_op"]
+    conv_compute = {name: sum(op["compute_us"] for op in estimate(path, "rpi5", per_op=True).extra["per_op"]
                               if op["category"] in ("pwconv", "dwconv")) for name, path in zip("fq", graphs)}
     assert conv_compute["q"] < conv_compute["f"] / 2, "a Pi 5's int8 peak is 4x its fp32 peak"
 
@@ -76,20 +95,20 @@ def test_coefficients_change_the_estimate(graphs):
     dev = load_device("rpi4")
     slow = dev.model_copy(update={"latency_model": dev.latency_model.model_copy(
         update={"default_overhead_us": 500.0, "overhead_us": {}})})
-    assert estimate_latency(graphs[0], slow)["p50"] > estimate_latency(graphs[0], dev)["p50"] + 2.0
+    assert estimate(graphs[0], slow).p50 > estimate(graphs[0], dev).p50 + 2.0
 
 
 def test_non_onnx_and_missing_files_are_clear_errors(tmp_path):
     p = tmp_path / "m.tflite"
     p.write_bytes(b"TFL3")
     with pytest.raises(EdgekitError, match="reads ONNX graphs"):
-        estimate_latency(p, "rpi4")
+        estimate(p, "rpi4")
     with pytest.raises(EdgekitError, match="Model file not found"):
-        estimate_latency(tmp_path / "none.onnx", "rpi4")
+        estimate(tmp_path / "none.onnx", "rpi4")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     with pytest.raises(EdgekitError, match="not a readable ONNX model"):
-        estimate_latency(bad, "rpi4")
+        estimate(bad, "rpi4")
 
 
 def test_write_latency_model_keeps_the_rest_of_the_yaml(tmp_path):

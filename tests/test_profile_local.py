@@ -15,8 +15,8 @@ import pytest
 from edgekit.config import load_device
 from edgekit.deploy import RUNNER_PATH
 from edgekit.errors import EdgekitError
+from edgekit.estimate.micro import Micro, build_micro
 from edgekit.profiling import profile_artifact, profile_local
-from edgekit.profiling.calibrate import Micro, build_micro
 
 
 @pytest.fixture(scope="module")

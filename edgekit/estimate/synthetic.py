@@ -1,16 +1,17 @@
-"""Random mobile CNNs for training the kernel latency predictors (``edgekit.profiling.kernels``).
+"""Random mobile CNNs: the one random-network generator of the estimator.
 
-Each network is a stem, four stages of blocks drawn at random from the building blocks of lightweight
-CNNs (inverted residuals with squeeze-excite, depthwise-separable, ShuffleNet v1/v2 units, Fire,
-Ghost, SqueezeNext, dense/CondenseNet layers with channel gathers, grouped + pointwise pairs, plain
-and grouped dense convolutions, 1-D convolutions along the channel axis) and a classifier head, with
-random widths, kernel sizes, group counts, activations (ReLU, ReLU6, hard-swish, SiLU) and input
-size. A ``long`` network has 3-8 blocks a stage at half the width (100-270 small kernels, like
-ShuffleNetV2-x0.5 or MicroNet) where the others have 1-3. They are PyTorch modules exported by
-edgekit's own exporter, so their ONNX graphs have the patterns real exports have. They are not zoo models: no zoo architecture or width is copied.
+The kernel tables are timed on them (``kernels/calibrate.py``), ``edgekit devices check`` rebuilds a table's own
+networks from their seeds (``check.py``), and the roofline's calibration times a few (``calibrate.py``). Each is a
+stem, four stages of blocks drawn from lightweight CNNs (inverted residuals with squeeze-excite, depthwise-separable,
+ShuffleNet v1/v2, Fire, Ghost, SqueezeNext, dense/CondenseNet layers, grouped pairs, MicroNet-style, channel-axis
+convolutions) and a head, with random widths, kernels, groups, activations and input size; no zoo architecture is
+copied. Changing what a seed builds invalidates every shipped kernel table (``devices check`` refuses them).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ACTS = ("relu", "relu6", "hswish", "silu")
+LONG_EVERY = 4  # every fourth calibration network of a kernel table is long and narrow (``RandomNet(long=True)``)
 
 
 def _act(name: str) -> nn.Module:
@@ -216,6 +218,9 @@ class ChannelConv(nn.Module):
 
 
 class RandomNet(nn.Module):
+    """A random mobile CNN: ``seed`` draws its architecture and input size (its weights come from torch's RNG); a
+    ``long`` one has 3-8 blocks a stage at half the width (100-270 small kernels), the others 1-3."""
+
     def __init__(self, seed: int, long: bool = False):
         super().__init__()
         r = np.random.default_rng(seed)
@@ -331,3 +336,18 @@ class RandomNet(nn.Module):
         y = self.features(x)
         y = y.mean((2, 3)) if self.mean_head else torch.flatten(F.adaptive_avg_pool2d(y, 1), 1)
         return self.fc(y)
+
+
+def is_long(index: int) -> bool:
+    """Whether a kernel table's calibration network ``net{index}`` is a long one (``LONG_EVERY``)."""
+    return index % LONG_EVERY == LONG_EVERY - 1
+
+
+def export_random_net(seed: int, path: Path, long: bool = False) -> Tuple[Path, Tuple[int, ...]]:
+    """``RandomNet(seed, long)``, its weights drawn after ``torch.manual_seed(seed)``, exported to ONNX at its own input
+    size: (the ONNX file, the input shape). The same seed always gives the same graph."""
+    from ..export.onnx import export_onnx
+
+    torch.manual_seed(seed)
+    net = RandomNet(seed, long=long).eval()
+    return export_onnx(net, path, net.input_shape), net.input_shape

@@ -65,8 +65,8 @@ def profile_artifact(path: str | Path, device: str | DeviceProfile, host: Option
     elif dev.local:
         result = profile_local(path, threads=n_threads, warmup=warmup, runs=runs)
     else:
-        from .estimate import estimate_latency
+        from ..estimate import estimate
 
-        result = estimate_latency(path, dev, threads=n_threads)
+        result = estimate(path, dev, threads=n_threads).to_json()
     result["device"] = dev.name
     return result
