@@ -6,6 +6,11 @@ scikit-learn's 8x8 digits because 28x28 strokes resized to 64x64 give every
 zoo network (stride 32) a real spatial map to work on and a task hard enough
 that quantization errors show up as accuracy changes. Images are replicated to
 3 channels so that the exported models keep the RGB stem users deploy.
+
+Splits are read in batches through a DataLoader (worker processes decode image
+files); nothing holds a whole split, whose size is the user's (ImageNet-val at
+224 px is 30 GB as float32). Image folders are decoded once at load, so a bad
+file stops a run before any training rather than after it.
 """
 
 from __future__ import annotations
@@ -39,11 +44,14 @@ def data_workers() -> int:
         if not env.isdigit():
             raise EdgekitError(f"EDGEKIT_DATA_WORKERS must be a whole number, not {env!r}")
         return int(env)
+    return max(0, min(4, _cpus() - 1))
+
+
+def _cpus() -> int:
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS, Windows
-        cpus = os.cpu_count() or 1
-    return max(0, min(4, cpus - 1))
+        return os.cpu_count() or 1
 
 
 def read(loader: Iterable) -> Iterator:
@@ -254,11 +262,7 @@ def find_bad_images(paths: Sequence[Path], threads: Optional[int] = None) -> Lis
     is cheaper but passes truncated JPEGs; a real decode at JPEG's 1/8 draft scale catches
     them for about a tenth of a full decode. PIL releases the GIL while decoding, so threads help.
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        cpus = os.cpu_count() or 1
-    threads = threads or max(1, min(8, cpus))
+    threads = threads or max(1, min(8, _cpus()))
     chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
     bad: List[Tuple[Path, str]] = []
     with ThreadPoolExecutor(threads) as pool:
