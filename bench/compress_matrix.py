@@ -53,7 +53,7 @@ def _variant(model, recipe: Recipe, dev, task, d: Path, tag: str) -> tuple[Path,
     """The recipe's last variant, made as ``edgekit compress`` makes it (its int8 search included)."""
     v = recipe.variants[-1]
     ctx = ExportContext(out_dir=d, task=task, device=dev, input_shape=task.input_shape,
-                        name=f"{tag}.{v.format}-{v.precision}")
+                        name=f"{tag}.{v.format}-{v.precision}", timer=interleaved_latency)
     return export(v.format, model, v.precision, dict(v.options), ctx), ctx.info
 
 

@@ -9,7 +9,7 @@ this converts the same untrained network both ways (``EDGEKIT_TFLITE_QAT_FOLD=1`
 prints the BatchNorms ``prepare_pt2e`` left, both times, their ratio and whether the two .tflite files are
 byte-identical. ``condensenet-small`` is the two-stage CondenseNet ``tests/test_tflite.py`` converts.
 
-2. ONNX int8. ``edgekit.compress.quantize.memoised_weight_params`` remembers ORT's per-channel weight scales
+2. ONNX int8. ``edgekit.export.onnx_int8.memoised_weight_params`` remembers ORT's per-channel weight scales
 across ``quantize_static`` calls (``EDGEKIT_ORT_PARAMS_MEMO=0`` turns it off). For each model this runs
 ``quantize_onnx_auto`` (the four ``calibration: auto`` candidates) and ``quantize_for_tensorrt`` (its four)
 from a cold memo, both ways, on 64 random calibration images, and compares the files.
@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekit import zoo
-from edgekit.compress import quantize as q
+from edgekit.export import onnx_int8 as q
 from edgekit.export.onnx import export_onnx
 from edgekit.export.tensorrt import quantize_for_tensorrt
 from edgekit.export.tflite import convert_int8

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from edgekit.compress.quantize import AUTO_CANDIDATES, AUTO_SCOPES, OrtQuantConfig, quantize_onnx, scope_label
+from edgekit.export.onnx_int8 import AUTO_CANDIDATES, AUTO_SCOPES, OrtQuantConfig, quantize_onnx, scope_label
 from edgekit.config import Recipe, TrainSpec, load_device
 from edgekit.data import load_task
 from edgekit.evaluate import agreement, predict_arrays, sqnr_db, top1

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekit import zoo
-from edgekit.compress.quantize import ORT_DEFAULT, OrtQuantConfig, quantize_onnx, quantize_onnx_auto
+from edgekit.export.onnx_int8 import ORT_DEFAULT, OrtQuantConfig, quantize_onnx, quantize_onnx_auto
 from edgekit.config import Recipe, TrainSpec, load_device
 from edgekit.data import load_task
 from edgekit.evaluate import agreement, predict_arrays, top1
@@ -69,7 +69,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as d:
             fp32 = export_onnx(model, Path(d) / "fp32.onnx", task.input_shape)
             edge_path, chosen, _ = quantize_onnx_auto(fp32, Path(d) / "edgekit.onnx", calib, edge_cfg,
-                                                      latency_threads=threads if dev.local else None)
+                                                      latency_threads=threads if dev.local else None,
+                                                      timer=interleaved_latency)
             paths = {"fp32": fp32, "edgekit": edge_path,
                      "ort-default": quantize_onnx(fp32, Path(d) / "ortdefault.onnx", calib, ORT_DEFAULT)}
             runners = {k: load_runner("onnxruntime", p, threads=threads) for k, p in paths.items()}

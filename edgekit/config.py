@@ -2,12 +2,12 @@
 
 Every number in a recipe, step or device profile is finite and bounded (``.inf`` epochs or a 1e11 batch would
 otherwise reach training or the latency model and hang or run out of memory there); a value outside its range is
-refused at load time with the file, the field and the allowed range.
+refused at load time with the file, the field and the allowed range. A variant's ``options:`` are checked against
+its format's schema (``edgekit.formats``) at load time too, before any training.
 """
 
 from __future__ import annotations
 
-import math
 import typing
 from importlib import resources
 from pathlib import Path
@@ -15,10 +15,11 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .errors import EdgekitError, did_you_mean
+from .errors import EdgekitError, did_you_mean, show_value
+from .formats import FORMATS, option_problem
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -32,13 +33,7 @@ MAX_THREADS = 1024
 MAX_EPOCHS = 10_000
 MAX_BATCH = 65_536
 MAX_LR = 10.0
-MAX_IMAGES = 100_000  # calibration images a variant may ask for
 MAX_ROUND_TO = 1024
-
-# Per-key bounds of the numeric variant options the exporters read (edgekit/export/*.py); other keys are the
-# exporters' to check.
-VARIANT_OPTION_BOUNDS: Dict[str, Tuple[int, int]] = {"num_calib": (1, MAX_IMAGES), "opset": (7, 30),
-                                                     "workspace_mb": (1, 1 << 20)}
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -61,7 +56,11 @@ class StepSpec(Strict):
 
 
 class VariantSpec(Strict):
-    """An artifact to export from the compressed model: a format at a precision."""
+    """An artifact to export from the compressed model: a format at a precision.
+
+    ``options`` stay the mapping the recipe wrote (reports show them as written), checked against the format's
+    schema (``edgekit.formats.FORMATS[format].options``) whenever a variant is made, from YAML or in Python.
+    """
 
     format: str = "onnx"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
@@ -69,16 +68,17 @@ class VariantSpec(Strict):
 
     @field_validator("options")
     @classmethod
-    def _bounded_options(cls, v: Dict[str, Any]) -> Dict[str, Any]:
-        """options is free-form, so its numeric keys get their range here rather than from a schema."""
-        for key, (lo, hi) in VARIANT_OPTION_BOUNDS.items():
-            x = v.get(key)
-            if x is None:
-                continue
-            ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x == int(x)
-            if not ok or not lo <= x <= hi:
-                raise PydanticCustomError("option_range", "{key} must be an integer from {lo} to {hi}, got {got}",
-                                          {"key": key, "lo": lo, "hi": hi, "got": _show(x)})
+    def _options_fit_the_format(cls, v: Dict[str, Any], info: ValidationInfo) -> Dict[str, Any]:
+        name = info.data.get("format")
+        if name not in FORMATS:  # an unknown format is load_recipe's to report, with close names
+            return v
+        fmt = FORMATS.get(name)
+        try:
+            fmt.options.model_validate(v)
+        except ValidationError as exc:
+            err = exc.errors()[0]  # "key": where parse_yaml_model looks for the line
+            raise PydanticCustomError("variant_option", "{problem}", {"problem": option_problem(fmt, err),
+                                                                      "key": err["loc"][0] if err["loc"] else None})
         return v
 
 
@@ -261,13 +261,6 @@ _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_e
                  "int_parsing", "int_from_float", "int_type", "float_parsing", "float_type"}
 
 
-def _show(x: Any) -> str:
-    """The offending value as the user wrote it: inf, nan, 1e+11, '1e11' (a YAML string)."""
-    if isinstance(x, float) and (not math.isfinite(x) or abs(x) >= 1e6):
-        return f"{x:.6g}"
-    return repr(x) if isinstance(x, str) else str(x)
-
-
 def _num(x: float) -> str:
     return f"{x:g}" if abs(x) >= 1e6 or x != int(x) else str(int(x))
 
@@ -342,7 +335,7 @@ def error_message(cls: type, err: dict) -> str:
     if err["type"] in _RANGE_ERRORS:
         rng = allowed_range(cls, tuple(err["loc"]))
         if rng:
-            return f"{err['msg']}; allowed: {rng}, got {_show(err.get('input'))}"
+            return f"{err['msg']}; allowed: {rng}, got {show_value(err.get('input'))}"
     return err["msg"]
 
 
@@ -372,7 +365,9 @@ def parse_yaml_model(cls, path: Path, defaults: Optional[dict] = None):
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise EdgekitError(f"Invalid {_kind_name(cls)} {path}: field '{field}'{_field_line(text, err['loc'])}: "
+        key = (err.get("ctx") or {}).get("key")  # a variant option: the line of its key
+        line = _field_line(text, (*err["loc"], *([key] if key is not None else [])))
+        raise EdgekitError(f"Invalid {_kind_name(cls)} {path}: field '{field}'{line}: "
                            f"{error_message(cls, err)}") from None
 
 
@@ -423,19 +418,24 @@ def resolve_file(kind: str, name_or_path: str) -> Path:
     return _resolve(kind, name_or_path)
 
 
-def load_recipe(name_or_path: str) -> Recipe:
-    path = _resolve("recipes", name_or_path)
-    recipe = parse_yaml_model(Recipe, path, {"name": path.stem})
-    from .compress.steps import validate_steps
-    from .formats import FORMATS
-
-    _check_step_params(recipe, path)
-    validate_steps(recipe.steps, where=str(path))
+def _check_variants(recipe: Recipe, path: Path) -> None:
+    """Each variant's format exists and has its precision (the options were checked with the variant)."""
     for i, v in enumerate(recipe.variants):
         fmt = FORMATS.get(v.format)
         if v.precision not in fmt.precisions:
             raise EdgekitError(f"Invalid recipe {path}: variants.{i}: {v.format} has no {v.precision} "
                                f"(it supports {', '.join(fmt.precisions)})")
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """The recipe, with every step's params and every variant's options checked: nothing runs on a bad one."""
+    path = _resolve("recipes", name_or_path)
+    recipe = parse_yaml_model(Recipe, path, {"name": path.stem})
+    _check_variants(recipe, path)
+    from .compress.steps import validate_steps
+
+    _check_step_params(recipe, path)
+    validate_steps(recipe.steps, where=str(path))
     return recipe
 
 

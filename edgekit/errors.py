@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+import math
+from typing import Any, Iterable
 
 
 class EdgekitError(Exception):
@@ -17,3 +18,10 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(name.lower(), [c.lower() for c in choices], n=3, cutoff=0.5)
     lookup = {c.lower(): c for c in choices}
     return f" Did you mean: {', '.join(lookup[c] for c in close)}?" if close else ""
+
+
+def show_value(x: Any) -> str:
+    """The offending value as the user wrote it, for messages: inf, nan, 1e+11, '1e11' (a YAML string)."""
+    if isinstance(x, float) and (not math.isfinite(x) or abs(x) >= 1e6):
+        return f"{x:.6g}"
+    return repr(x) if isinstance(x, str) else str(x)

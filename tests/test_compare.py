@@ -9,12 +9,12 @@ from rich.console import Console
 
 from edgekit import zoo
 from edgekit.compare import compare_artifacts, render_comparison
-from edgekit.compress.quantize import OrtQuantConfig, quantize_onnx
+from edgekit.export.onnx_int8 import OrtQuantConfig, quantize_onnx
 from edgekit.config import Recipe, TrainSpec, load_device
 from edgekit.errors import EdgekitError
 from edgekit.export import ExportContext, export
 from edgekit.export.onnx import export_onnx
-from edgekit.export.tensorrt import quantize_for_tensorrt
+from edgekit.export.tensorrt_qdq import quantize_for_tensorrt
 
 SHORT = Recipe(name="test-short", train=TrainSpec(epochs=1))  # same cache key as the other test files
 pytestmark = pytest.mark.xdist_group("compare")  # one worker builds this module's artifacts once

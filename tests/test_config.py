@@ -191,3 +191,131 @@ def test_cli_bad_number_exits_2_with_one_stderr_line(tmp_path, flag, name, text,
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("error: Invalid ") and f"field '{field}'" in lines[0] and "allowed: " in lines[0]
     assert "Traceback" not in res.output and not out.exists()
+
+
+# ----------------------------------------------------------------------------- variant options: schemas per format
+
+ONNX_KNOWN = ("activation_type, calibration, num_calib, op_types, opset, per_channel, quant_format, reduce_range, "
+              "search, weight_type")
+BAD_OPTIONS = [  # (format, precision, options as YAML lines, line of the key, message after the location)
+    ("onnx", "int8", "num_calb: 64", 5,
+     f"Unknown onnx option 'num_calb'. Did you mean: num_calib? Known onnx options: {ONNX_KNOWN}"),
+    ("tensorrt", "int8", "num_calib: 8\n      workspace: 512", 6,
+     "Unknown tensorrt option 'workspace'. Did you mean: workspace_mb? Known tensorrt options: calibration, "
+     "num_calib, opset, workspace_mb"),
+    ("tflite", "fp32", "layout: nhwc", 5, "Unknown tflite option 'layout'. Known tflite options: nhwc, num_calib, "
+                                          "per_channel"),
+    ("onnx", "int8", "per_channel: 'yes'", 5, "per_channel must be true or false, got 'yes'"),
+    ("tflite", "int8", "nhwc: 1", 5, "nhwc must be true or false, got 1"),
+    ("onnx", "int8", "calibration: magic", 5,
+     "calibration must be 'auto', 'minmax', 'entropy' or 'percentile', got 'magic'"),
+    ("onnx", "int8", "search: fast", 5, "search must be 'latency' or 'none', got 'fast'"),
+    ("onnx", "int8", "num_calib: '64'", 5, "num_calib must be an integer from 1 to 100000, got '64'"),
+    ("onnx", "int8", "num_calib: true", 5, "num_calib must be an integer from 1 to 100000, got True"),
+    ("tensorrt", "fp16", "workspace_mb: 0", 5, "workspace_mb must be an integer from 1 to 1048576, got 0"),
+    ("tensorrt", "int8", "opset: 6.5", 5, "opset must be an integer from 7 to 30, got 6.5"),
+]
+
+
+@pytest.mark.parametrize("fmt, precision, options, line, problem", BAD_OPTIONS,
+                         ids=[f"{b[0]}-{b[2].split(':')[0]}" for b in BAD_OPTIONS])
+def test_bad_variant_options_name_file_variant_key_and_line(tmp_path, fmt, precision, options, line, problem):
+    p = tmp_path / "r.yaml"
+    p.write_text(f"variants:\n  - format: onnx\n  - format: {fmt}\n    precision: {precision}\n    options:\n"
+                 f"      {options}\n")
+    with pytest.raises(EdgekitError) as info:
+        load_recipe(str(p))
+    assert str(info.value) == f"Invalid recipe {p}: field 'variants.1.options' (line {line + 1}): {problem}"
+
+
+def test_variant_options_are_checked_before_steps_and_torch(tmp_path):
+    """A bad option is reported by load_recipe without importing torch (the steps' check needs it; this does not)."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "r.yaml"
+    p.write_text("steps:\n  - prune: {macs: 0.5}\n"
+                 "variants:\n  - {format: onnx, precision: int8, options: {nhwc: true}}\n")
+    code = ("import sys\nfrom edgekit.config import load_recipe\nfrom edgekit.errors import EdgekitError\n"
+            f"try:\n    load_recipe({str(p)!r})\nexcept EdgekitError as e:\n    print(e)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Unknown onnx option 'nhwc'" in proc.stdout
+
+
+def test_good_variant_options_load_and_validate_to_their_schema(tmp_path):
+    from edgekit.formats import FORMATS, OnnxOptions, validate_options
+
+    p = tmp_path / "r.yaml"
+    p.write_text("variants:\n  - format: onnx\n    precision: int8\n    options: {num_calib: 64.0, per_channel: false, "
+                 "op_types: [Conv], search: none, opset: 13}\n"
+                 "  - {format: tflite, precision: int8, options: {nhwc: true, num_calib: 32}}\n"
+                 "  - {format: tensorrt, precision: int8, options: {calibration: percentile, workspace_mb: 2048}}\n")
+    r = load_recipe(str(p))
+    assert r.variants[0].options["num_calib"] == 64.0  # the recipe keeps the options as written (report.json)
+    o = validate_options(FORMATS.get("onnx"), r.variants[0].options)
+    assert isinstance(o, OnnxOptions) and o.num_calib == 64 and o.per_channel is False and o.op_types == ["Conv"]
+    assert o.activation_type is None and o.calibration == "auto"  # None: the device profile's
+    assert validate_options(FORMATS.get("onnx"), o) is o
+    with pytest.raises(EdgekitError, match="Unknown onnx option 'num_calb'"):
+        validate_options(FORMATS.get("onnx"), {"num_calb": 1})
+
+
+def test_formats_table_imports_no_torch_and_names_real_exporters():
+    """The CLI reads the formats table before torch loads; each row's exporter is a function a reader can follow."""
+    import inspect
+    import subprocess
+    import sys
+
+    code = ("import sys, edgekit.formats as f\n"
+            "[f.FORMATS.get(n).options.model_validate({}) for n in ('onnx', 'tflite', 'tensorrt')]\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    from edgekit.formats import FORMATS
+
+    for name, target in (("onnx", "export_variant"), ("tflite", "export_tflite"), ("tensorrt", "export_tensorrt")):
+        exporter = FORMATS.get(name).exporter
+        assert callable(exporter) and exporter.__module__ == "edgekit.formats"
+        assert f"import {target}" in inspect.getsource(exporter)
+
+
+def test_cli_bad_option_exits_2_before_training(tmp_path, monkeypatch):
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    import edgekit.train as train
+    from edgekit.cli import app
+
+    real = train.fit
+
+    def no_training(*a, **k):
+        raise AssertionError("training started although the recipe is invalid")
+
+    for mod in [train] + [m for n, m in list(sys.modules.items()) if n.startswith("edgekit")]:
+        if getattr(mod, "fit", None) is real:
+            monkeypatch.setattr(mod, "fit", no_training)
+    p = tmp_path / "r.yaml"
+    p.write_text("variants:\n  - {format: onnx, precision: int8, options: {num_calb: 64}}\n")
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(app, ["compress", "shufflenetv2-x0.5", "--recipe", str(p), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Unknown onnx option 'num_calb'. Did you mean: num_calib?" in lines[0], res.stderr
+    assert "Traceback" not in res.output and not out.exists()
+    assert time.perf_counter() - t0 < 60  # seconds: imports only, no training (which the patch above would stop)
+
+
+def test_variant_options_are_checked_when_a_recipe_is_made_in_python():
+    """The public API takes Recipe objects too: their variants' options meet the same schema, before any work."""
+    from pydantic import ValidationError
+
+    from edgekit.config import Recipe
+
+    with pytest.raises(ValidationError, match="Unknown tflite option 'nhcw'. Did you mean: nhwc?"):
+        Recipe(name="x", variants=[{"format": "tflite", "precision": "int8", "options": {"nhcw": True}}])
+    assert Recipe(name="x", variants=[{"format": "onnx", "precision": "int8", "options": {"search": "none"}}])

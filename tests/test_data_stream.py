@@ -203,8 +203,8 @@ def test_arrays_refuses_a_split_too_big_for_memory(small_task, monkeypatch):
 @pytest.mark.parametrize("method", ["percentile", "entropy"])
 def test_streamed_histogram_calibration_is_byte_identical_to_ort(tmp_path, small_task, monkeypatch, method):
     """Two passes of one input each (chunks forced to one input) give ORT's one-shot histograms exactly."""
-    from edgekit.compress import calibration
-    from edgekit.compress.quantize import OrtQuantConfig, quantize_onnx
+    from edgekit.export import ort_calibration as calibration
+    from edgekit.export.onnx_int8 import OrtQuantConfig, quantize_onnx
     from edgekit.export.onnx import export_onnx
 
     torch.manual_seed(0)

@@ -6,11 +6,12 @@ import numpy as np
 import onnx
 import pytest
 
-from edgekit.compress.quantize import ORT_DEFAULT, OrtQuantConfig, quantize_onnx
+from edgekit.export.onnx_int8 import ORT_DEFAULT, OrtQuantConfig, quantize_onnx
 from edgekit.errors import EdgekitError
 from edgekit.evaluate import agreement, predict_arrays, top1
 from edgekit.export.onnx import export_onnx
 from edgekit.pipeline import get_baseline
+from edgekit.profiling.local import interleaved_latency
 from edgekit.runtime import load_runner
 
 
@@ -63,7 +64,7 @@ def test_bad_quant_settings(trained):
 
 
 def test_auto_calibration_keeps_the_closest_candidate(trained):
-    from edgekit.compress.quantize import quantize_onnx_auto, scope_label
+    from edgekit.export.onnx_int8 import quantize_onnx_auto, scope_label
 
     fp32, task, d = trained
     calib, _ = task.arrays("calib", limit=64)
@@ -81,12 +82,12 @@ def test_latency_search_keeps_the_fastest_accurate_layout(trained):
     """The chosen layout is eligible, the fastest eligible one timed, and the file written is that layout."""
     import onnx
 
-    from edgekit.compress.quantize import FINALISTS, LAYOUT_CANDIDATES, quantize_onnx_auto, search_eligible
+    from edgekit.export.onnx_int8 import FINALISTS, LAYOUT_CANDIDATES, quantize_onnx_auto, search_eligible
 
     fp32, task, d = trained
     calib, _ = task.arrays("calib", limit=32)
     path, cfg, details = quantize_onnx_auto(fp32, d / "search.onnx", calib, OrtQuantConfig(), latency_threads=1,
-                                            rounds=20)
+                                            rounds=20, timer=interleaved_latency)
     rows = details["search"]
     # the layouts + ORT's defaults + the other op scope at the chosen calibration
     assert len(rows) == len(LAYOUT_CANDIDATES) + 2 and len({r["config"] for r in rows}) == len(rows)
@@ -112,6 +113,30 @@ def test_latency_search_keeps_the_fastest_accurate_layout(trained):
     weight_scales = [inits[n.input[1]] for n in graph.node
                      if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[0]].dims) == 4]
     assert weight_scales and any(len(s.dims) == 1 and s.dims[0] > 1 for s in weight_scales) == cfg.per_channel
+
+
+def test_latency_search_times_with_the_timer_it_is_given(trained):
+    """The search imports no profiling: it calls the timer passed in, and without one it is skipped, saying why."""
+    from edgekit.export.onnx_int8 import SEARCH_NEEDS_TIMER, quantize_onnx_auto
+
+    fp32, task, d = trained
+    calib, _ = task.arrays("calib", limit=8)
+    calls = []
+
+    def timer(runs_by_name, x, warmup=10, rounds=100, description=""):
+        calls.append((sorted(runs_by_name), x.shape, warmup, rounds, description))
+        return {k: {"p50": float(len(k)), "p90": float(len(k))} for k in runs_by_name}
+
+    _, cfg, details = quantize_onnx_auto(fp32, d / "timed.onnx", calib, OrtQuantConfig(calibration="minmax"),
+                                         candidates=("minmax",), scopes=(None,), latency_threads=1, rounds=3,
+                                         timer=timer)
+    assert calls[0][1:] == ((1, *calib.shape[1:]), 10, 3, "time int8 layouts")
+    assert {r["config"] for r in details["search"]} == set(calls[0][0])
+    chosen = next(r for r in details["search"] if r["chosen"])
+    assert chosen["config"] == cfg.label() and chosen["p50_ms"] == len(cfg.label())
+    _, _, details = quantize_onnx_auto(fp32, d / "untimed.onnx", calib, OrtQuantConfig(calibration="minmax"),
+                                       candidates=("minmax",), scopes=(None,), latency_threads=1)
+    assert "search" not in details and details["search_skipped"] == SEARCH_NEEDS_TIMER
 
 
 def test_per_channel_depthwise_only(trained):
@@ -145,7 +170,7 @@ def test_per_channel_depthwise_only(trained):
     (27.9, 0.99, False),    # more than 2 dB below
 ])
 def test_search_eligibility_rule(sqnr, agree, ok):
-    from edgekit.compress.quantize import search_eligible
+    from edgekit.export.onnx_int8 import search_eligible
 
     assert search_eligible(sqnr, agree, 30.0, 0.99) is ok
 
@@ -157,7 +182,7 @@ def test_remembered_weight_parameters_give_byte_identical_models(trained, monkey
 
     from onnxruntime.quantization import qdq_quantizer
 
-    from edgekit.compress import quantize as q
+    from edgekit.export import onnx_int8 as q
 
     fp32, task, _ = trained
     calib, _ = task.arrays("calib", limit=8)
@@ -181,7 +206,7 @@ def test_remembered_weight_parameters_give_byte_identical_models(trained, monkey
 def test_auto_calibration_survives_a_failing_candidate(trained, monkeypatch):
     """A calibration method ORT fails on (seen: percentile's 2,048-bin histogram of an untrained MobileNetV3's
     near-constant tensor) is reported and skipped; if every candidate fails, one clear EdgekitError."""
-    from edgekit.compress import quantize as q
+    from edgekit.export import onnx_int8 as q
 
     fp32, task, d = trained
     calib, _ = task.arrays("calib", limit=16)

@@ -16,14 +16,15 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from edgekit.compress.quantize import ORT_DEFAULT, OrtQuantConfig, quantize_onnx
+from edgekit.export.onnx_int8 import ORT_DEFAULT, OrtQuantConfig, quantize_onnx
 from edgekit.config import Recipe, TrainSpec, load_device
 from edgekit.errors import EdgekitError
 from edgekit.evaluate import agreement, predict_arrays, top1
 from edgekit.export import ExportContext, export
 from edgekit.export.onnx import export_onnx
-from edgekit.export.tensorrt import (TRT_SCOPES, check_trt_qdq, engine_path, non_residual_add_inputs,
-                                     quantize_for_tensorrt, trt_extra_options)
+from edgekit.export.tensorrt import engine_path
+from edgekit.export.tensorrt_qdq import (TRT_SCOPES, check_trt_qdq, non_residual_add_inputs, quantize_for_tensorrt,
+                                         trt_extra_options)
 from edgekit.formats import FORMATS, FormatUnavailable
 from edgekit.runtime import load_runner
 
@@ -244,13 +245,73 @@ def test_engine_file_is_named_by_version_and_gpu(tmp_path):
 def test_bad_options(quantized, mnist_task, tmp_path):
     res, _ = quantized
     ctx = ExportContext(tmp_path, mnist_task, load_device("jetson-orin-nano"), mnist_task.input_shape, name="x")
-    with pytest.raises(EdgekitError, match="Unknown tensorrt option"):
+    with pytest.raises(EdgekitError, match=r"Unknown tensorrt option 'workspace'\. Did you mean: workspace_mb\?"):
         export("tensorrt", res["shufflenetv2"]["model"], "int8", {"workspace": 1}, ctx)
+    with pytest.raises(EdgekitError, match="workspace_mb must be an integer from 1 to 1048576, got 0"):
+        export("tensorrt", res["shufflenetv2"]["model"], "int8", {"workspace_mb": 0}, ctx)
     with pytest.raises(EdgekitError, match="no fp32 variant"):
         export("tensorrt", res["shufflenetv2"]["model"], "fp32", {}, ctx)
     with pytest.raises(EdgekitError, match="calibration must be one of"):
         quantize_for_tensorrt(res["shufflenetv2"]["fp32"], tmp_path / "q.onnx", np.zeros((1, 3, 64, 64), np.float32),
                               calibration="magic")
+
+
+def _fake_tensorrt(version: str, calls: list):
+    """Enough of the tensorrt module for ``build_with_api`` (TensorRT 11: no precision flags), recording calls."""
+    from types import SimpleNamespace as NS
+
+    class Config:
+        def set_memory_pool_limit(self, pool, size):
+            calls.append(("workspace", size))
+
+        def create_timing_cache(self, data):
+            calls.append(("timing cache read", data))
+            return "cache"
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            calls.append(("timing cache set", cache))
+
+        def get_timing_cache(self):
+            return NS(serialize=lambda: b"timings")
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse(self, data):
+            calls.append(("parse", len(data)))
+            return True
+
+    builder = NS(create_network=lambda flags: "network", create_builder_config=Config,
+                 build_serialized_network=lambda network, config: b"plan")
+    return NS(__version__=version, Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
+              Builder=lambda logger: builder, OnnxParser=Parser, NetworkDefinitionCreationFlag=NS(EXPLICIT_BATCH=0),
+              MemoryPoolType=NS(WORKSPACE=0), BuilderFlag=NS())
+
+
+def test_one_engine_builder_the_device_files(tmp_path, monkeypatch):
+    """The exporter builds with ``edgekit/device/build_engine.py``'s builder and engine naming (no copy of its own)."""
+    import inspect
+
+    import edgekit.device.build_engine as device_builder
+    import edgekit.export.tensorrt as t
+    import edgekit.runtime.tensorrt as rt
+
+    assert t.build_with_api is device_builder.build_with_api and "trt.Builder" not in inspect.getsource(t)
+    calls: list = []
+    monkeypatch.setattr(rt, "require_tensorrt", lambda: _fake_tensorrt("11.0.1", calls))
+    monkeypatch.setattr(t, "gpu_name", lambda: "NVIDIA Fake GPU (8GB)")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 10)).eval()
+    ctx = ExportContext(tmp_path, None, load_device("desktop-gpu"), (1, 3, 16, 16), name="trt-fp16")
+    engine = export("tensorrt", model, "fp16", {"workspace_mb": 64}, ctx)
+    assert engine.name == device_builder.engine_name("trt-fp16", "11.0.1", "NVIDIA Fake GPU (8GB)") \
+        == "model.trt-fp16.trt11.0.1.NVIDIA_Fake_GPU_8GB.engine"
+    assert engine.read_bytes() == b"plan" and (tmp_path / ctx.info["timing_cache"]).read_bytes() == b"timings"
+    assert ("workspace", 64 << 20) in calls and ("timing cache read", b"") in calls
+    assert ctx.info["files"][-2:] == [engine.name, "timing.trt11.0.1.NVIDIA_Fake_GPU_8GB.cache"]
 
 
 # ----------------------------------------------------------------------------- where TensorRT exists
@@ -279,7 +340,7 @@ def test_engine_builds_and_matches_onnx(quantized, mnist_task, tmp_path, precisi
 
 def test_auto_calibration_skips_a_failing_calibrator(tmp_path, monkeypatch):
     """As for ONNX int8: a calibration ORT fails on is listed and skipped; all failing is one EdgekitError."""
-    import edgekit.export.tensorrt as t
+    import edgekit.export.tensorrt_qdq as t
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),

@@ -129,8 +129,10 @@ def test_unknown_option_and_precision(exported, mnist_task, tmp_path):
     res, _ = exported
     model = res["shufflenetv2"]["model"]
     ctx = ExportContext(tmp_path, mnist_task, load_device("desktop-cpu"), mnist_task.input_shape, name="x")
-    with pytest.raises(EdgekitError, match="Unknown tflite option"):
+    with pytest.raises(EdgekitError, match=r"Unknown tflite option 'nchw'\. Did you mean: nhwc\?"):
         export("tflite", model, "fp32", {"nchw": True}, ctx)
+    with pytest.raises(EdgekitError, match="nhwc must be true or false, got 'yes'"):  # the schema, before converting
+        export("tflite", model, "fp32", {"nhwc": "yes"}, ctx)
     with pytest.raises(EdgekitError, match="no int4 variant"):
         export("tflite", model, "int4", {}, ctx)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgekit import zoo
-from edgekit.compress.quantize import OrtQuantConfig, quantize_onnx_auto
+from edgekit.export.onnx_int8 import OrtQuantConfig, quantize_onnx_auto
 from edgekit.config import Recipe, TrainSpec, load_device
 from edgekit.evaluate import agreement, predict_arrays, top1
 from edgekit.export.onnx import export_onnx

@@ -1,4 +1,4 @@
-"""Compression: torch-level steps (prune, distill, svd) and format-level quantization.
+"""Compression steps on the torch model (prune, distill, svd, ...); ONNX int8 is an export option (edgekit.export).
 
 Importing ``edgekit.compress.steps`` (or this package) registers every step.
 """

@@ -6,6 +6,8 @@ this script. It uses TensorRT's Python API when ``import tensorrt`` works (JetPa
 ``trtexec`` (/usr/src/tensorrt/bin/trtexec on JetPack). The engine goes to engines/ under a name with the
 TensorRT version and GPU; an existing one is reused. Prints one JSON object (or, with --print-path, the
 engine's path). Exit codes: 0 ok, 3 no TensorRT here, 4 the build failed. Standard library + tensorrt only.
+The host's exporter (edgekit/export/tensorrt.py) imports build_with_api and engine_name from this file, so
+there is one engine builder and one engine naming; this file never imports edgekit.
 """
 import json
 import os
@@ -36,7 +38,18 @@ def slug(text):
     return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_") or "gpu"
 
 
-def build_with_api(trt, onnx_path, precision, engine_file, workspace_mb=1024):
+def engine_name(name, version, gpu):
+    """model.<variant>.trt<version>.<gpu>.engine: an engine only loads with that TensorRT and GPU."""
+    return "model.{}.trt{}.{}.engine".format(slug(name), slug(version), slug(gpu))
+
+
+def build_with_api(trt, onnx_path, precision, engine_file, workspace_mb=1024, timing_cache=None):
+    """Build and serialize an engine with TensorRT's Python API (ONNX parser -> builder config -> plan).
+
+    TensorRT < 11: FP16 flag (and INT8 for a QDQ model: explicit quantization). TensorRT 11 has no such
+    flags: networks are strongly typed and take precision from the ONNX. ``timing_cache`` (a file) is read
+    before and written after the build, so later builds on the same GPU are faster.
+    """
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     major = int(trt.__version__.split(".")[0])
@@ -45,19 +58,34 @@ def build_with_api(trt, onnx_path, precision, engine_file, workspace_mb=1024):
     parser = trt.OnnxParser(network, logger)
     with open(onnx_path, "rb") as f:
         if not parser.parse(f.read()):
-            raise RuntimeError("; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))[:500])
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError("TensorRT's ONNX parser rejected {}: {}".format(os.path.basename(str(onnx_path)),
+                                                                             errors[:500]))
     config = builder.create_builder_config()
     if hasattr(config, "set_memory_pool_limit"):
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     if hasattr(trt.BuilderFlag, "FP16") and precision in ("fp16", "int8"):  # TensorRT < 11
         config.set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
+    cache = None
+    if timing_cache is not None:
+        data = b""
+        if os.path.isfile(str(timing_cache)):
+            with open(str(timing_cache), "rb") as f:
+                data = f.read()
+        cache = config.create_timing_cache(data)
+        config.set_timing_cache(cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise RuntimeError("TensorRT could not build an engine (see its log above)")
-    with open(engine_file, "wb") as f:
+        raise RuntimeError("TensorRT could not build an engine from {} (see its log above)".format(
+            os.path.basename(str(onnx_path))))
+    with open(str(engine_file), "wb") as f:
         f.write(plan)
+    if cache is not None:
+        with open(str(timing_cache), "wb") as f:
+            f.write(config.get_timing_cache().serialize())
+    return engine_file
 
 
 def build_with_trtexec(trtexec, onnx_path, precision, engine_file):
@@ -87,7 +115,7 @@ def main(argv):
                                        "install JetPack's TensorRT", "exit_code": 3}))
             return 3
         version, how = "exec", "trtexec"
-    name = "model.{}.trt{}.{}.engine".format(slug(spec["name"]), slug(version), slug(gpu_name()))
+    name = engine_name(spec["name"], version, gpu_name())
     engine = os.path.join(HERE, "engines", name)
     built = False
     if not os.path.isfile(engine):

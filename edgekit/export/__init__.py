@@ -1,16 +1,24 @@
 """Exporters: torch model -> artifact on disk, one function per format.
 
-Every exporter has the signature ``export(model, precision, options, ctx) -> Path``
-and is named in the format's row of ``edgekit.formats.FORMATS``.
+Every exporter has the signature ``export(model, precision, options, ctx) -> Path``, where ``options`` is
+the format's validated options model (``edgekit.formats``), and is named in the format's row of
+``edgekit.formats.FORMATS``. This package's ``__init__`` does not import torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..formats import Options
+
+# timer(runs_by_name, x, warmup=, rounds=, description=) -> {name: {"p50": ms, ...}}: how an exporter times
+# candidates on this machine (edgekit.profiling.local.interleaved_latency); exporters never import profiling.
+Timer = Callable[..., Dict[str, Dict[str, float]]]
 
 
 @dataclass
@@ -22,16 +30,16 @@ class ExportContext:
     name: str  # variant name: the artifact is out_dir / f"model.{name}{suffix}"
     cache: Dict[Any, Path] = field(default_factory=dict)  # e.g. fp32 ONNX already exported for a model
     info: Dict[str, Any] = field(default_factory=dict)  # facts for report.json (quant config, ...)
+    timer: Optional[Timer] = None  # None: searches that time candidates (ONNX int8 layouts) are skipped
 
     def path(self, suffix: str, name: str | None = None) -> Path:
         return self.out_dir / f"model.{name or self.name}{suffix}"
 
 
-def export(fmt_name: str, model: nn.Module, precision: str, options: Dict[str, Any], ctx: ExportContext) -> Path:
-    from importlib import import_module
-
-    from ..formats import FORMATS
+def export(fmt_name: str, model: "nn.Module", precision: str, options: Union[Mapping[str, Any], "Options", None],
+           ctx: ExportContext) -> Path:
+    """Export ``model`` as ``fmt_name`` at ``precision``; ``options`` are checked against the format's schema."""
+    from ..formats import FORMATS, validate_options
 
     fmt = FORMATS.get(fmt_name)
-    module, _, func = fmt.exporter.partition(":")
-    return getattr(import_module(module), func)(model, precision, options, ctx)
+    return fmt.exporter(model, precision, validate_options(fmt, options), ctx)

@@ -1,4 +1,4 @@
-"""PyTorch -> ONNX (fp32), checked and runnable by ONNX Runtime."""
+"""PyTorch -> ONNX (fp32), checked and runnable by ONNX Runtime; int8 by ``onnx_int8`` (the ``onnx`` row)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import EdgekitError
-
-DEFAULT_OPSET = 17
+from ..formats import DEFAULT_OPSET, OnnxOptions
 
 
 def fold_constants_to_initializers(model_proto) -> None:
@@ -73,46 +72,42 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Tuple[int, ...]
     return path
 
 
-def export_variant(model: nn.Module, precision: str, options: dict, ctx) -> Path:
+def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) -> Path:
     """fp32: export. int8: export fp32 once per model, then ORT static quantization with the device's types."""
-    from ..compress.quantize import (AUTO_CANDIDATES, AUTO_SCOPES, OrtQuantConfig, quantize_onnx,
-                                     quantize_onnx_auto)
+    from .onnx_int8 import (AUTO_CANDIDATES, AUTO_SCOPES, SEARCH_NEEDS_TIMER, OrtQuantConfig, quantize_onnx,
+                            quantize_onnx_auto)
 
     key = ("onnx-fp32", id(model))
     fp32 = ctx.cache.get(key)
     if fp32 is None:
         fp32 = ctx.path(".onnx", ctx.name if precision == "fp32" else f"{ctx.name}.fp32-src")
-        export_onnx(model, fp32, ctx.input_shape, opset=int(options.get("opset", DEFAULT_OPSET)))
+        export_onnx(model, fp32, ctx.input_shape, opset=options.opset)
         ctx.cache[key] = fp32
     if precision == "fp32":
         return fp32
     if precision != "int8":
         raise EdgekitError(f"onnx has no {precision} variant here")
     q = ctx.device.quantization
-    known = {"calibration", "num_calib", "per_channel", "activation_type", "weight_type", "quant_format",
-             "reduce_range", "op_types", "opset", "search"}
-    unknown = set(options) - known
-    if unknown:
-        raise EdgekitError(f"Unknown int8 option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    pinned = [k for k in ("activation_type", "weight_type", "per_channel") if getattr(options, k) is not None]
     cfg = OrtQuantConfig(
-        activation_type=options.get("activation_type", q.activation_type),
-        weight_type=options.get("weight_type", q.weight_type),
-        per_channel=bool(options.get("per_channel", q.per_channel)),
-        calibration=options.get("calibration", "auto"),
-        quant_format=options.get("quant_format", "qdq"),
-        reduce_range=bool(options.get("reduce_range", False)),
-        op_types=options.get("op_types"),
+        activation_type=options.activation_type or q.activation_type,
+        weight_type=options.weight_type or q.weight_type,
+        per_channel=q.per_channel if options.per_channel is None else options.per_channel,
+        calibration=options.calibration,
+        quant_format=options.quant_format,
+        reduce_range=options.reduce_range,
+        op_types=options.op_types,
     )
-    calib, _ = ctx.task.arrays("calib", limit=int(options.get("num_calib", 256)))
+    calib, _ = ctx.task.arrays("calib", limit=options.num_calib)
     # search: latency (default where the device is this machine) times the int8 layouts here and keeps the
     # fastest accurate one; none keeps the device profile's layout. Explicit types/per_channel turn it off.
-    pinned = {"activation_type", "weight_type", "per_channel"} & set(options)
-    search = options.get("search", "latency" if ctx.device.local and not pinned else "none")
-    if search not in ("latency", "none"):
-        raise EdgekitError(f"int8 option search must be latency or none, not {search!r}")
+    search = options.search or ("latency" if ctx.device.local and not pinned else "none")
     if search == "latency" and not ctx.device.local:
         raise EdgekitError(f"int8 option search: latency times candidates on this machine, but device "
                            f"{ctx.device.name} is not this machine; use search: none")
+    skipped = None
+    if search == "latency" and ctx.timer is None:  # nothing to time with: the profile's layout, and say so
+        search, skipped = "none", SEARCH_NEEDS_TIMER
     details = None
     if cfg.calibration == "auto" or search == "latency":
         auto = cfg.calibration == "auto"  # auto: edgekit picks the calibration method and the op scope
@@ -120,11 +115,13 @@ def export_variant(model: nn.Module, precision: str, options: dict, ctx) -> Path
                                                candidates=AUTO_CANDIDATES if auto else (cfg.calibration,),
                                                scopes=AUTO_SCOPES if auto else (None,),
                                                latency_threads=ctx.device.resolved_threads()
-                                               if search == "latency" else None)
+                                               if search == "latency" else None, timer=ctx.timer)
     else:
         out = quantize_onnx(fp32, ctx.path(".onnx"), calib, cfg)
     ctx.info["quantization"] = {"tool": "onnxruntime.quantization.quantize_static", "config": cfg.label(),
                                 "num_calib": len(calib), **{k: v for k, v in vars(cfg).items() if k != "extra_options"}}
     if details is not None:  # logits SQNR vs fp32 on the calibration split; the layouts timed here
         ctx.info["quantization"].update(details)
+    if skipped:
+        ctx.info["quantization"]["search_skipped"] = skipped
     return out

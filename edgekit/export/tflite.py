@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import EdgekitError
-
-KNOWN_OPTIONS = {"nhwc", "num_calib", "per_channel"}
+from ..formats import TfliteOptions
 
 
 def _quiet_litert() -> None:
@@ -244,25 +243,20 @@ def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], cal
     return rewired
 
 
-def export_tflite(model: nn.Module, precision: str, options: dict, ctx) -> Path:
+def export_tflite(model: nn.Module, precision: str, options: TfliteOptions, ctx) -> Path:
     """The ``tflite`` row of the formats table (``export(model, precision, options, ctx) -> Path``)."""
     import importlib.metadata as md
 
-    unknown = set(options) - KNOWN_OPTIONS
-    if unknown:
-        raise EdgekitError(f"Unknown tflite option(s) {', '.join(sorted(unknown))}; "
-                           f"known: {', '.join(sorted(KNOWN_OPTIONS))}")
     if precision not in ("fp32", "fp16", "int8"):
         raise EdgekitError(f"tflite has no {precision} variant (it supports fp32, fp16, int8)")
-    nhwc = bool(options.get("nhwc", False))
+    nhwc = options.nhwc
     info = {"converter": f"litert-torch {md.version('litert-torch')}", "layout": "NHWC" if nhwc else "NCHW",
             "input_shape": list(ctx.input_shape[:1]) + (list(ctx.input_shape[2:]) + [ctx.input_shape[1]]
                                                         if nhwc else list(ctx.input_shape[1:]))}
     out = ctx.path(".tflite")
     if precision == "int8":
-        num_calib = int(options.get("num_calib", 256))
-        calib, _ = ctx.task.arrays("calib", limit=num_calib)
-        per_channel = bool(options.get("per_channel", True))
+        calib, _ = ctx.task.arrays("calib", limit=options.num_calib)
+        per_channel = options.per_channel
         rewired = convert_int8(model, out, ctx.input_shape, calib, nhwc=nhwc, per_channel=per_channel)
         info["quantization"] = {
             "tool": "litert-torch PT2EQuantizer + torchao prepare_pt2e/convert_pt2e",

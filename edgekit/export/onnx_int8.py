@@ -1,4 +1,8 @@
-"""Static int8 post-training quantization with ONNX Runtime.
+"""Static int8 post-training quantization with ONNX Runtime: the ``int8`` precision of the ``onnx`` format.
+
+An export option rather than a torch step, so it lives with the exporters (``tensorrt.py`` reuses its
+reader and memo). It never imports ``edgekit.profiling``: the latency search times layouts with the
+``timer`` its caller passes (``ExportContext.timer``).
 
 edgekit's defaults differ from ``quantize_static``'s on purpose:
 - ``quant_pre_process`` first (shape inference + graph optimisation), as ORT advises (the latency
@@ -27,7 +31,8 @@ import numpy as np
 
 from ..errors import EdgekitError
 from ..progress import track
-from .calibration import streamed_calibration
+from . import Timer
+from .ort_calibration import streamed_calibration
 
 
 @dataclass(frozen=True)
@@ -225,11 +230,12 @@ SEARCH_AGREEMENT_TOLERANCE = 0.005  # ... and at most half a point of top-1 agre
 # but not EfficientNetV2-B0 with every op quantized (-1.9 dB, 0.8 points less agreement, -1.1 pp on eval).
 SEARCH_SQNR_TOLERANCE_SAME_AGREEMENT_DB = 2.0
 FINALISTS = 3  # the fastest eligible layouts of the first timing pass, timed again to decide
+SEARCH_NEEDS_TIMER = "no timer was given to time the int8 layouts with (ExportContext.timer); search: none used"
 
 
 def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, cfg: OrtQuantConfig,
                        candidates=AUTO_CANDIDATES, scopes=AUTO_SCOPES, latency_threads: Optional[int] = None,
-                       rounds: int = 100) -> tuple[Path, OrtQuantConfig, dict]:
+                       rounds: int = 100, timer: Optional[Timer] = None) -> tuple[Path, OrtQuantConfig, dict]:
     """Quantize with each calibration method and op scope; keep the one whose logits are closest to fp32.
 
     Closeness is the SQNR of the logits on the calibration split (never the eval
@@ -239,10 +245,11 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
     ops; ``CONV_ONLY``: element-wise ops stay fp32); a config that pins ``op_types``
     keeps its own.
 
-    With ``latency_threads`` (the device is this machine), the other weight/activation
-    layouts are quantized too with the chosen calibration, timed round-robin here, and the
-    fastest one whose SQNR and calibration agreement stay within tolerance of the most
-    accurate one wins: int8 that is slower than it needs to be is a bug, not a setting.
+    With ``latency_threads`` (the device is this machine) and a ``timer``, the other
+    weight/activation layouts are quantized too with the chosen calibration, timed round-robin
+    here, and the fastest one whose SQNR and calibration agreement stay within tolerance of the
+    most accurate one wins: int8 that is slower than it needs to be is a bug, not a setting.
+    Without a timer the search is skipped and ``details["search_skipped"]`` says why.
     Returns the path, the config used and ``{"calibration_sqnr_db": ..., "search": [...]}``.
     """
     from dataclasses import replace
@@ -277,10 +284,12 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
                                + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         best = max(tried, key=lambda t: t[2])
         details: dict = {"calibration_sqnr_db": scores, **({"failed": failed} if failed else {})}
-        if latency_threads:
+        if latency_threads and timer is None:
+            details["search_skipped"] = SEARCH_NEEDS_TIMER
+        elif latency_threads:
             same_calibration = [t for t in tried if t is not best and t[0].calibration == best[0].calibration]
             chosen, details["search"] = _fastest_layout(fp32_path, Path(tmp), calib, [best, *same_calibration],
-                                                         ref, logits, latency_threads, rounds)
+                                                         ref, logits, latency_threads, rounds, timer)
             best = chosen
         shutil.move(str(best[1]), out_path)
     return out_path, best[0], details
@@ -293,7 +302,8 @@ def search_eligible(sqnr: float, agree: float, top_sqnr: float, top_agree: float
     return sqnr >= top_sqnr - SEARCH_SQNR_TOLERANCE_DB and agree >= top_agree - SEARCH_AGREEMENT_TOLERANCE - 1e-9
 
 
-def _fastest_layout(fp32_path, tmp: Path, calib, quantized: list, ref, logits, threads: int, rounds: int):
+def _fastest_layout(fp32_path, tmp: Path, calib, quantized: list, ref, logits, threads: int, rounds: int,
+                    timer: Timer):
     """Quantize the other layouts with the best one's calibration, time all round-robin, keep the fastest eligible.
 
     ``quantized``: (cfg, path, sqnr, agreement) already made with that calibration, the most accurate first
@@ -302,7 +312,6 @@ def _fastest_layout(fp32_path, tmp: Path, calib, quantized: list, ref, logits, t
     from dataclasses import replace
 
     from ..evaluate import agreement, sqnr_db
-    from ..profiling.local import interleaved_latency
     from ..runtime import load_runner
 
     best = quantized[0]
@@ -323,11 +332,11 @@ def _fastest_layout(fp32_path, tmp: Path, calib, quantized: list, ref, logits, t
     eligible = [c for c in cands if search_eligible(c[2], c[3], top[2], top[3])]
     runners = {c[0].label(): load_runner("onnxruntime", c[1], threads=threads).run for c in cands}
     x1 = np.ascontiguousarray(calib[:1])
-    lat = interleaved_latency(runners, x1, warmup=10, rounds=rounds, description="time int8 layouts")
+    lat = timer(runners, x1, warmup=10, rounds=rounds, description="time int8 layouts")
     # Many layouts run within a few percent of each other, less than one pass's noise: the fastest eligible
     # ones are timed again, longer and among fewer, and the second pass decides.
     finalists = sorted(eligible, key=lambda c: lat[c[0].label()]["p50"])[:FINALISTS]
-    final = interleaved_latency({c[0].label(): runners[c[0].label()] for c in finalists}, x1, warmup=10,
+    final = timer({c[0].label(): runners[c[0].label()] for c in finalists}, x1, warmup=10,
                                 rounds=2 * rounds, description="time the fastest again") if len(finalists) > 1 else {}
     chosen = min(finalists, key=lambda c: final[c[0].label()]["p50"] if final else 0.0)
     table = [{"config": c[0].label(), "sqnr_db": c[2], "calib_agreement": round(c[3], 4),
