@@ -83,7 +83,9 @@ def main() -> int:
         t0 = time.time()
         model, _ = get_baseline(name, task, recipe=Recipe(name="bench", train=TrainSpec(epochs=args.epochs)))
         with tempfile.TemporaryDirectory(prefix="edgekit-fz-") as d:
-            rows = benchmark(model.eval(), task=task, device=dev, formats=formats, out_dir=Path(d) / "out")
+            rows = [{"format": v.format, "precision": v.precision, "status": v.status, "accuracy": v.accuracy,
+                     "reason": v.error, "path": str(v.path) if v.path else None}
+                    for v in benchmark(model.eval(), task=task, device=dev, formats=formats, out_dir=Path(d) / "out")]
             trt = Path(d) / "out" / "model.tensorrt-int8.trt.onnx"
             int8 = next((r for r in rows if r["format"] == "onnx" and r["precision"] == "int8" and r["status"] == OK
                          and r.get("path")), None)

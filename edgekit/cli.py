@@ -276,22 +276,21 @@ def benchmark(
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images of --data out "
                                          "instead of stopping."),
 ):
-    """Export MODEL to every format x precision, evaluate and time them side by side (✅ / ❎ / ❌)."""
+    """Export MODEL to every format x precision, evaluate and time them side by side (ok / unavailable / failed)."""
     check_names(model, recipe, device)
     from .benchmark import benchmark as run_benchmark, benchmark_table
 
     if data is not None and not data.is_dir():
         raise EdgekitError(f"Data folder not found: {data}")
     progress.enable(sys.stderr.isatty())
-    rows = run_benchmark(model, recipe=recipe, device=device, data=str(data) if data else None, weights=weights,
-                         formats=formats or None, out_dir=out_dir, threads=threads, runs=runs,
-                         input_size=input_size, skip_bad_images=skip_bad_images)
-    out.print(benchmark_table(rows, title=f"{model} on {device}"))
-    if rows and rows[0]["info"].get("skipped_images"):
-        out.print(f"[bold yellow]! [/]skipped {rows[0]['info']['skipped_images']} unreadable image(s) of --data",
-                  highlight=False)
+    result = run_benchmark(model, recipe=recipe, device=device, data=str(data) if data else None, weights=weights,
+                           formats=formats or None, out_dir=out_dir, threads=threads, runs=runs,
+                           input_size=input_size, skip_bad_images=skip_bad_images)
+    out.print(benchmark_table(result, title=f"{model} on {device}"))
+    if result.skipped_images:
+        out.print(f"[bold yellow]! [/]skipped {result.skipped_images} unreadable image(s) of --data", highlight=False)
     if json_out is not None:
-        json_out.write_text(json.dumps(rows, indent=2, default=str))
+        json_out.write_text(json.dumps(result.to_json(), indent=2, default=str))
 
 
 @app.command()

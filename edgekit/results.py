@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 # One status vocabulary for variants, benchmark rows and the report's marks.
@@ -50,3 +51,51 @@ class Latency:
         known = {"p50", "p90", "source", "device", "threads", "runtime", "runtime_version", "batch", "runs", "method"}
         return cls(**{k: d[k] for k in known if k in d and d[k] is not None},
                    extra={k: v for k, v in d.items() if k not in known})
+
+
+@dataclass
+class Variant:
+    """One exported model of a run (or one benchmark row): how it was made, what it scores, what it costs.
+
+    ``to_json()`` is the variant's entry in report.json; benchmark rows are the same records.
+    """
+
+    name: str
+    format: str
+    precision: str
+    path: Optional[Path]
+    stage: str = "baseline"  # "baseline" | the recipe's step tag
+    params: Optional[int] = None
+    macs: Optional[int] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+    size_mb: Optional[float] = None
+    accuracy: Optional[float] = None
+    agreement: Optional[float] = None
+    latency: Optional[Latency] = None
+    speedup: Optional[float] = None
+    status: str = OK
+    error: Optional[str] = None
+    runtime: Optional[str] = None  # the runtime that ran it here, with its version
+    export_s: Optional[float] = None
+
+    @property
+    def key(self) -> str:
+        """Unique within a run: a name may exist in several formats."""
+        return f"{self.name}:{self.format}"
+
+    @property
+    def latency_ms(self) -> Optional[Dict[str, Any]]:
+        return self.latency.to_json() if self.latency is not None else None
+
+    def fail(self, status: str, error: str) -> None:
+        self.status, self.error = status, error
+        self.accuracy = self.agreement = self.latency = self.speedup = None
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"name": self.name, "format": self.format, "precision": self.precision, "stage": self.stage,
+                "path": self.path.name if self.status == OK and self.path is not None else None,
+                "size_mb": self.size_mb, "accuracy": self.accuracy, "agreement": self.agreement,
+                "latency_ms": self.latency_ms, "speedup": self.speedup, "params": self.params, "macs": self.macs,
+                "status": self.status, "error": self.error, **({"runtime": self.runtime} if self.runtime else {}),
+                **({"export_s": self.export_s} if self.export_s is not None else {}),
+                **({"details": self.info} if self.info else {})}

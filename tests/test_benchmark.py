@@ -29,39 +29,41 @@ def rows(mnist_task, tmp_path_factory):
 
 
 def _by(rows, fmt, precision):
-    return next(r for r in rows if r["format"] == fmt and r["precision"] == precision)
+    return rows.row(fmt, precision)
 
 
 def test_one_row_per_format_and_precision(rows):
     rows, _ = rows
-    assert [(r["format"], r["precision"]) for r in rows] == [
+    assert [(r.format, r.precision) for r in rows] == [
         ("onnx", "fp32"), ("onnx", "int8"), ("tflite", "fp32"), ("tflite", "fp16"), ("tflite", "int8"),
         ("tensorrt", "fp16"), ("tensorrt", "int8")]
 
 
 def test_cpu_formats_run_and_are_timed_side_by_side(rows):
     rows, out = rows
-    ok = [r for r in rows if r["format"] != "tensorrt"]
-    assert all(r["status"] == OK for r in ok), [(r["format"], r["precision"], r["reason"]) for r in ok]
+    ok = [r for r in rows if r.format != "tensorrt"]
+    assert all(r.status == OK for r in ok), [(r.format, r.precision, r.error) for r in ok]
     ref = _by(rows, "onnx", "fp32")
-    assert ref["speedup"] == 1.0 and ref["agreement"] == 1.0
+    assert ref.speedup == 1.0 and ref.agreement == 1.0
     for r in ok:
-        assert r["size_mb"] > 0 and r["p50_ms"] > 0 and r["p90_ms"] >= r["p50_ms"] and r["speedup"] > 0
-        assert r["accuracy"] >= ref["accuracy"] - 0.01, (r["format"], r["precision"], r["accuracy"])
-        assert r["agreement"] >= 0.97 and r["info"]["threads"] == 1
-        assert (out / r["path"].split("/")[-1]).is_file()
-    assert _by(rows, "tflite", "fp32")["agreement"] == 1.0
-    assert _by(rows, "tflite", "int8")["size_mb"] < 0.4 * _by(rows, "tflite", "fp32")["size_mb"]
-    assert "PT2E" in _by(rows, "tflite", "int8")["info"]["quantization"]["tool"]
+        lat = r.latency
+        assert r.size_mb > 0 and lat.p50 > 0 and lat.p90 >= lat.p50 and r.speedup > 0 and lat.source == "measured"
+        assert r.accuracy >= ref.accuracy - 0.01, (r.format, r.precision, r.accuracy)
+        assert r.agreement >= 0.97 and lat.threads == 1
+        assert r.path.is_file() and r.path.parent == out
+    assert _by(rows, "tflite", "fp32").agreement == 1.0
+    assert _by(rows, "tflite", "int8").size_mb < 0.4 * _by(rows, "tflite", "fp32").size_mb
+    assert "PT2E" in _by(rows, "tflite", "int8").info["quantization"]["tool"]
+    assert [v["format"] for v in rows.to_json()["variants"]] == [r.format for r in rows]  # the JSON is the records
 
 
-@pytest.mark.skipif(HAVE_TRT, reason="checks the ❎ rows where tensorrt is absent")
+@pytest.mark.skipif(HAVE_TRT, reason="checks the unavailable rows where tensorrt is absent")
 def test_tensorrt_rows_are_unavailable_with_reason(rows):
     rows, out = rows
     for precision in ("fp16", "int8"):
         r = _by(rows, "tensorrt", precision)
-        assert r["status"] == UNAVAILABLE and "tensorrt is not installed" in r["reason"]
-        assert r["p50_ms"] is None and r["accuracy"] is None
+        assert r.status == UNAVAILABLE and "tensorrt is not installed" in r.error
+        assert r.latency is None and r.accuracy is None
     assert (out / "trtexec.sh").is_file() and (out / "model.tensorrt-int8.trt.onnx").is_file()
 
 
@@ -70,10 +72,10 @@ def test_table_renders(rows):
     console = Console(width=200, record=True)
     console.print(benchmark_table(rows, title="shufflenetv2"))
     text = console.export_text()
-    for token in ("format", "speedup", "1.00x", OK, "tflite", "onnxruntime"):
+    for token in ("format", "speedup", "1.00x", "✅ ok", "tflite", "onnxruntime", "accuracy %"):
         assert token in text
     if not HAVE_TRT:
-        assert UNAVAILABLE in text
+        assert "❎ unavailable" in text
 
 
 class Bucketize(nn.Module):
@@ -94,11 +96,10 @@ class Bucketize(nn.Module):
 def test_a_failing_format_does_not_stop_the_others(mnist_task):
     rows = benchmark(Bucketize(), task=mnist_task, formats=["onnx", "tflite"], runs=5, warmup=1, threads=1,
                      num_eval=64, options=FAST)
-    status = {(r["format"], r["precision"]): r for r in rows}
-    assert status[("onnx", "fp32")]["status"] == OK and status[("onnx", "fp32")]["p50_ms"] > 0
+    assert rows.row("onnx", "fp32").status == OK and rows.row("onnx", "fp32").latency.p50 > 0
     for precision in ("fp32", "fp16", "int8"):
-        r = status[("tflite", precision)]
-        assert r["status"] == FAILED and "bucketize" in r["reason"] and r["reason"].startswith("export:")
+        r = rows.row("tflite", precision)
+        assert r.status == FAILED and "bucketize" in r.error and r.error.startswith("export:")
 
 
 def test_bad_arguments(mnist_task, tmp_path):

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from edgekit import zoo
 from edgekit.cli import app
+from edgekit.fsutil import MARKER
 
 runner = CliRunner()
 FAST = "description: fast test recipe\ntrain: {epochs: 3}\nvariants:\n  - {format: onnx, precision: fp32}\n" \
@@ -43,7 +44,7 @@ def test_compress_end_to_end_and_report_schema(tmp_path, fast_recipe, no_search_
     res = compress("shufflenetv2-x0.5", "--recipe", fast_recipe, "--input-size", 32, "--out", out, "--runs", 20)
     assert res.exit_code == 0, res.output
     assert "speedup" in res.output and "int8" in res.output
-    assert {p.name for p in out.iterdir()} == {"model.fp32.onnx", "model.int8.onnx", "report.json", "report.md",
+    assert {p.name for p in out.iterdir()} == {"model.fp32.onnx", "model.int8.onnx", "report.json", "report.md", MARKER,
                                               "report.html"}
     r = json.loads((out / "report.json").read_text())
     for key in ("edgekit_version", "model", "recipe", "device", "task", "versions", "variants", "target"):

@@ -58,11 +58,12 @@ def recipe(tmp_path):
 
 def test_a_truncated_jpeg_stops_the_run_before_any_training(tmp_path, monkeypatch, recipe):
     from edgekit import pipeline
+    from edgekit.pipeline import main
 
     def never(*a, **k):
         raise AssertionError("the baseline was built before the data was checked")
 
-    monkeypatch.setattr(pipeline, "get_baseline", never)
+    monkeypatch.setattr(main, "get_baseline", never)
     data = _folder(tmp_path / "data")
     t0 = time.time()
     with pytest.raises(EdgekitError, match=r"Cannot read image .*bad\.jpg: OSError: image file is truncated"):
@@ -150,15 +151,14 @@ class _FakeRunner:
 def test_evaluation_holds_a_few_batches_not_the_split(monkeypatch, tmp_path):
     """The pipeline's evaluation of 3,000 images never has more than one batch of 64 decoded ahead."""
     from edgekit import pipeline
-    from edgekit.config import load_device
     from edgekit.data.tasks import Task
 
     ds = _Counted(3000)
     task = Task("counted", 10, 3, 8, {"train": ds, "calib": ds, "eval": ds})
-    fakes = []
-    monkeypatch.setattr(pipeline, "load_runner", lambda *a, **k: fakes.append(_FakeRunner(ds)) or fakes[-1])
     variants = [pipeline.Variant(n, "onnx", n, tmp_path / f"{n}.onnx", "baseline", 0, 0) for n in ("fp32", "int8")]
-    pipeline._evaluate(variants, task, load_device("desktop-cpu"), runs=10)
+    fakes = {v.key: _FakeRunner(ds) for v in variants}
+    pipeline.evaluate(variants, dict(fakes), task)
+    fakes = list(fakes.values())
     assert ds.made == 3000  # each image decoded once for both variants
     assert all(f.seen >= 3000 for f in fakes) and max(f.ahead for f in fakes) <= 64
     labels = np.arange(3000) % 10

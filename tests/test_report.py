@@ -9,7 +9,8 @@ import pytest
 
 from edgekit.config import Recipe, load_device
 from edgekit.data.tasks import Task
-from edgekit.pipeline import Variant, _assemble
+from edgekit.pipeline import Variant, assemble_report
+from edgekit.results import Latency
 import edgekit.report as report_mod
 from edgekit.report import svg_plot, to_html, to_markdown
 from edgekit import zoo
@@ -18,14 +19,16 @@ from edgekit import zoo
 def _variant(name, acc, p50, speedup):
     v = Variant(name, "onnx", name, Path(f"model.{name}.onnx"), "baseline", 1000, 2000)
     v.accuracy, v.agreement, v.size_mb, v.speedup = acc, 1.0, 1.0, speedup
-    v.latency_ms = {"p50": p50, "p90": p50 * 1.1, "source": "measured", "runs": 100}
+    v.latency = Latency(p50, "measured", p90=p50 * 1.1, runs=100)
     return v
 
 
 def _report(variants, budget=0.5, target=None):
     task = Task("mnist", 10, 3, 64, {"train": [], "calib": [], "eval": []})
-    return _assemble(zoo.get_spec("shufflenetv2"), Recipe(name="int8", accuracy_budget_pp=budget),
-                     load_device("desktop-cpu"), task, {"source": "trained"}, [], variants, [], target, 0, Path("."))
+    spec = zoo.get_spec("shufflenetv2")
+    return assemble_report(spec.name, {"source": spec.source, "paper": spec.paper},
+                           Recipe(name="int8", accuracy_budget_pp=budget), load_device("desktop-cpu"), task,
+                           {"source": "trained"}, [], variants, [], target, 0)
 
 
 def test_slower_int8_is_called_out_and_fp32_recommended():
@@ -99,9 +102,9 @@ class _Tags(html.parser.HTMLParser):
 
 def _estimated(name, acc, p50, coefficients=None):
     v = _variant(name, acc, p50, 1.0)
-    v.latency_ms = {"p50": p50, "p90": None, "source": "estimated", "device": "rpi4", "threads": 4,
-                    "method": "per-operator roofline: overhead + max(work / (peak x efficiency), bytes / bandwidth)",
-                    "coefficients": coefficients}
+    v.latency = Latency(p50, "estimated", "rpi4", threads=4,
+                        method="per-operator roofline: overhead + max(work / (peak x efficiency), bytes / bandwidth)",
+                        extra={"coefficients": coefficients})
     return v
 
 
@@ -163,7 +166,7 @@ def test_uncalibrated_estimates_are_labelled_and_not_called_timed(coefficients):
 def test_measured_latency_says_timed_runs_and_threads():
     fp32, int8 = _variant("fp32", 0.97, 1.0, 1.0), _variant("int8", 0.968, 0.6, 1.6)
     for v in (fp32, int8):
-        v.latency_ms["threads"] = 2
+        v.latency.threads = 2
     r = _report([fp32, int8])
     md, page = to_markdown(r), to_html(r)
     assert "p50/p90 over 100 timed runs after warm-up" in md and "estimated" not in md.lower()

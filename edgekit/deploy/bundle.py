@@ -275,7 +275,7 @@ def requirements_for(formats: List[str], report: dict, python_version: str) -> L
 
 
 def wheel_cache_dir() -> Path:
-    from ..pipeline import cache_dir
+    from ..cache import cache_dir
 
     return cache_dir() / "wheels"
 

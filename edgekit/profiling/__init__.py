@@ -17,6 +17,12 @@ from ..errors import EdgekitError
 from .local import interleaved_latency, measure_latency, percentiles  # noqa: F401
 
 
+def measures_here(device: DeviceProfile) -> bool:
+    """The one decision between measuring and estimating for a device with no host given: its profile says it is
+    this machine (``local: true``)."""
+    return bool(device.local)
+
+
 def _runtime_for(path: Path) -> str:
     from ..formats import FORMATS
 

@@ -1,0 +1,78 @@
+"""Stage 6: report.json's content from the run's records (rendering to Markdown and HTML is edgekit.report's)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from .. import __version__
+from ..config import DeviceProfile, Recipe
+from ..data import Task
+from ..hostinfo import machine_info
+from ..results import OK, UNAVAILABLE, Variant
+
+
+def recommend(variants: Sequence[Variant], budget_pp: float) -> Optional[Variant]:
+    """The fastest variant with a latency whose accuracy is within the budget of the reference's."""
+    ref = variants[0]
+    budget = budget_pp / 100
+    timed = [v for v in variants if v.status == OK and v.latency is not None]
+    within = [v for v in timed if ref.accuracy is not None and v.accuracy is not None
+              and v.accuracy >= ref.accuracy - budget - 1e-9]
+    return min(within, key=lambda v: v.latency.p50) if within else None
+
+
+def assemble_report(model: str, model_info: Dict[str, Any], recipe: Recipe, device: DeviceProfile, task: Task,
+                    baseline_info: dict, step_info: List[dict], variants: List[Variant], notes: List[str],
+                    target_ms: Optional[float], seed: int) -> dict:
+    """report.json: what was made, how it scores, what it costs, what to ship; every figure says its source."""
+    from ..runtime.base import module_versions
+
+    target = target_ms if target_ms is not None else device.latency_target_ms
+    ref = variants[0]
+    budget = recipe.accuracy_budget_pp / 100
+    recommended = recommend(variants, recipe.accuracy_budget_pp)
+    timed = [v for v in variants if v.status == OK and v.latency is not None]
+    for v in [v for v in variants if v.status == OK][1:]:
+        if ref.accuracy is not None and v.accuracy is not None and v.accuracy < ref.accuracy - budget - 1e-9:
+            notes.append(f"{v.name} ({v.format}) loses {100 * (ref.accuracy - v.accuracy):.2f} points of accuracy, "
+                         f"more than the recipe's budget of {recipe.accuracy_budget_pp} points.")
+        if v.speedup is not None and v.speedup < 1.0:
+            how = "measured" if v.latency.measured else "ESTIMATED, not measured"
+            notes.append(f"{v.name} ({v.format}) is SLOWER than fp32 on {device.name} ({v.speedup:.2f}x the fp32 "
+                         f"speed, {how}): it does not pay off on this device; use fp32 here.")
+    for v in variants:
+        if v.status != OK:
+            notes.append(f"{v.name} ({v.format}) {'is not available here' if v.status == UNAVAILABLE else 'failed'}"
+                         f": {v.error}")
+    if not device.local:
+        notes.append(f"Latency on {device.name} is ESTIMATED by edgekit's per-operator latency model, not measured: "
+                     f"{device.name} is not this machine. Measure on the device with `edgekit profile ARTIFACT "
+                     f"--device {device.name} --host user@addr`.")
+    target_block: Dict[str, Any] = {"latency_ms": target, "met": None, "source": None}
+    if target is not None and timed:
+        best = recommended or min(timed, key=lambda v: v.latency.p50)
+        target_block = {"latency_ms": target, "met": bool(best.latency.p50 <= target), "variant": best.name,
+                        "p50_ms": best.latency.p50, "source": best.latency.source}
+        for v in timed:
+            v.info["meets_target"] = bool(v.latency.p50 <= target)
+    return {
+        "edgekit_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model,
+        "model_info": {**model_info, "baseline": baseline_info},
+        "recipe": recipe.name,
+        "recipe_spec": recipe.model_dump(),
+        "device": device.name,
+        "device_profile": device.model_dump(),
+        "task": task.describe(),
+        "seed": seed,
+        "versions": {"edgekit": __version__, **module_versions()},
+        "machine": machine_info(),
+        "steps": step_info,
+        "variants": [v.to_json() for v in variants],
+        "recommended": {"name": recommended.name, "format": recommended.format,
+                        "latency_source": recommended.latency.source} if recommended else None,
+        "target": target_block,
+        "notes": notes,
+    }

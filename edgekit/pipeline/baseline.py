@@ -1,0 +1,78 @@
+"""Stage 1, the baseline: the fp32 model every variant is compared with (trained and cached, pretrained, or the
+user's weights)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import zoo
+from ..cache import cache_dir
+from ..config import Recipe
+from ..data import Task
+from ..fsutil import atomic_write_bytes
+from ..train import FitConfig, fit, set_stochastic_depth
+
+TRAIN_VERSION = 1  # bump when the baseline training recipe changes, to invalidate caches
+
+
+def baseline_fit_config(spec: zoo.ModelSpec, recipe: Optional[Recipe], seed: int) -> FitConfig:
+    tr = recipe.train if recipe is not None else None
+    lr = (tr.lr if tr is not None and tr.lr else None) or spec.train.get("lr", 1e-2)
+    return FitConfig(epochs=tr.epochs if tr else 4, lr=lr, batch_size=tr.batch_size if tr else 64, seed=seed)
+
+
+def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, recipe: Optional[Recipe] = None,
+                 seed: int = 0, use_cache: bool = True) -> tuple[nn.Module, dict]:
+    """The fp32 model every variant is compared with, and how it was obtained.
+
+    ``weights``: None trains on the task (cached per model/task/config), ``"pretrained"``
+    loads ImageNet weights (fine-tuning the new head when the task has other classes),
+    any other value is a state-dict file for exactly this task's head.
+    """
+    spec = zoo.get_spec(model_name)
+    cfg = baseline_fit_config(spec, recipe, seed)
+    if weights not in (None, "pretrained"):
+        model = zoo.create(spec.name, num_classes=task.num_classes, in_chans=task.in_chans, weights=weights)
+        return model, {"source": "file", "path": str(Path(weights).resolve())}
+    if weights == "pretrained":
+        model = zoo.create(spec.name, num_classes=task.num_classes, in_chans=task.in_chans, pretrained=True)
+        if task.num_classes == 1000:
+            return model, {"source": "pretrained"}
+    else:
+        model = None
+    torch.manual_seed(seed)  # fresh weights must not depend on what ran before in this process
+    stochastic_depth = recipe.train.stochastic_depth if recipe is not None else None
+    key = json.dumps({"model": spec.name, "task": task.describe(), "fit": vars(cfg), "pretrained": model is not None,
+                      "v": TRAIN_VERSION, "torch": torch.__version__.split("+")[0],
+                      **({"stochastic_depth": stochastic_depth} if stochastic_depth is not None else {})},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = cache_dir() / "baselines" / f"{spec.name}-{task.name.replace(':', '_')}-{digest}.pt"
+    info = {"source": "pretrained+finetuned" if model is not None else "trained", "cache": str(path),
+            "epochs": cfg.epochs, "lr": cfg.lr, "seed": seed}
+    if model is None:
+        model = zoo.create(spec.name, num_classes=task.num_classes, in_chans=task.in_chans)
+    if use_cache and path.is_file():
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval(), {**info, "cached": True}
+        except Exception:  # a stale or corrupt cache entry is retrained, never fatal
+            path.unlink(missing_ok=True)
+    if stochastic_depth is not None:
+        info["stochastic_depth"] = set_stochastic_depth(model, stochastic_depth)
+    t0 = time.time()
+    fit(model, task, cfg, description=f"train {spec.name}")
+    info["train_seconds"] = round(time.time() - t0, 1)
+    if use_cache:
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        atomic_write_bytes(path, buf.getvalue())  # a unique temp name: caches shared by containers (all PID 1)
+    return model.eval(), {**info, "cached": False}

@@ -1,0 +1,115 @@
+"""``compress``: the stages end to end, into an output folder that appears whole or not at all."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .. import zoo
+from ..config import DeviceProfile, Recipe, load_device, load_recipe
+from ..data import load_task
+from ..errors import EdgekitError
+from ..fsutil import check_replaceable, make_temp_dir, publish
+from ..results import Latency, Variant
+from .assemble import assemble_report
+from .baseline import get_baseline
+from .stages import apply_steps, local_timer, drop_intermediates, evaluate, export_variants, load_runners, measure, plan_variants
+
+
+@dataclass
+class CompressResult:
+    """What ``edgekit.compress`` returns: the report (``to_json()`` is report.json) and typed variants by name."""
+
+    report: Dict[str, Any]
+    variants: Dict[str, Variant] = field(default_factory=dict)
+    out_dir: Optional[Path] = None
+
+    @property
+    def recommended(self) -> Optional[str]:
+        rec = self.report.get("recommended")
+        return rec["name"] if rec else None
+
+    def to_json(self) -> Dict[str, Any]:
+        return self.report
+
+    def __getitem__(self, key: str) -> Any:  # report["variants"] etc.: code written against the dict keeps working
+        return self.report[key]
+
+
+def default_out_dir(model: str, recipe: str, device: Optional[str]) -> Path:
+    name = f"{model}-{recipe}" + (f"-{device}" if device and device != "desktop-cpu" else "")
+    return Path("export") / name
+
+
+def compress(model: str, recipe: str | Recipe = "int8", device: str | DeviceProfile = "desktop-cpu",
+             data: Optional[str] = None, weights: Optional[str] = None, out: Optional[str | Path] = None,
+             force: bool = False, seed: int = 0, target_ms: Optional[float] = None,
+             input_size: Optional[int] = None, runs: int = 100, use_cache: bool = True,
+             skip_bad_images: bool = False) -> CompressResult:
+    """Compress zoo ``model`` with ``recipe`` for ``device``: baseline, steps, export, evaluate, measure, report.
+
+    Everything the user can get wrong is checked before any work starts (every image of ``data`` is decoded once;
+    ``skip_bad_images`` leaves unreadable ones out and counts them).
+    """
+    spec = zoo.get_spec(model)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    dev = device if isinstance(device, DeviceProfile) else load_device(device)
+    from ..compress.steps import step_tag, validate_steps
+
+    validate_steps(rec.steps, where=f"recipe {rec.name}")
+    if data is not None and not Path(data).is_dir():
+        raise EdgekitError(f"Data folder not found: {data}")
+    if weights not in (None, "pretrained") and not Path(weights).is_file():
+        raise EdgekitError(f"Weights file not found: {weights}")
+    if target_ms is not None and target_ms <= 0:
+        raise EdgekitError("--target-ms must be positive")
+    out_dir = Path(out) if out is not None else default_out_dir(spec.name, rec.name, dev.name)
+    check_replaceable(out_dir, force)
+    task_kw: Dict[str, Any] = {"seed": seed}
+    if input_size is not None:
+        task_kw["input_size"] = input_size
+    task = load_task("mnist", data=data, skip_bad_images=skip_bad_images, **task_kw)
+    tmp = make_temp_dir(out_dir)
+    try:
+        t_start = time.time()
+        torch.manual_seed(seed)
+        baseline, base_info = get_baseline(spec.name, task, weights, rec, seed, use_cache)
+        notes: List[str] = []
+        final, step_info = apply_steps(baseline, rec, task, dev, spec.name, seed, notes)
+        tag = step_tag(rec.steps)
+        models = {"baseline": baseline, **({tag: final} if final is not None else {})}
+        variants = export_variants(models, plan_variants(rec, tag), task, dev, tmp, model_label=spec.name,
+                                   timer=local_timer(dev))
+        drop_intermediates(tmp, variants)
+        runners = load_runners(variants, dev.resolved_threads())
+        x = evaluate(variants, runners, task)
+        measure(variants, runners, dev, x, runs=runs)
+        report = assemble_report(spec.name, {"source": spec.source, "paper": spec.paper}, rec, dev, task,
+                                 base_info, step_info, variants, notes, target_ms, seed)
+        report["seconds"] = round(time.time() - t_start, 1)
+        from ..report import write_reports
+
+        write_reports(report, tmp)
+        publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report["out_dir"] = str(out_dir)
+    for v in variants:
+        if v.path is not None and v.status == "ok":
+            v.path = out_dir / v.path.name
+    return CompressResult(report, {v.name if v.format == "onnx" else f"{v.name}-{v.format}": v for v in variants},
+                          out_dir)
+
+
+def run(*args, **kwargs) -> dict:
+    """report.json's content of :func:`compress` (and ``out_dir``): the dict the CLI and older callers use."""
+    return compress(*args, **kwargs).report
+
+
+__all__ = ["CompressResult", "Latency", "compress", "default_out_dir", "run"]
