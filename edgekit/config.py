@@ -131,6 +131,9 @@ class QuantSpec(Strict):
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["uint8", "int8"] = "int8"
     per_channel: bool = True
+    # 7-bit weights. None: where the int8 kernels would saturate (x86 without VNNI: this machine's flags for a local
+    # profile, the profile's isa list otherwise), since a full-range model loses accuracy there (edgekit.hostinfo).
+    reduce_range: Optional[bool] = None
 
 
 # Values of the latency model's per-category tables (bounded per value, so a YAML .inf or 1e30 is refused).

@@ -54,7 +54,7 @@ class OnnxOptions(Options):
     activation_type: Optional[Literal["uint8", "int8"]] = Field(None, description="None: the device profile's")
     weight_type: Optional[Literal["uint8", "int8"]] = Field(None, description="None: the device profile's")
     quant_format: Literal["qdq", "qoperator"] = "qdq"
-    reduce_range: StrictBool = False
+    reduce_range: Optional[StrictBool] = Field(None, description="None: the device profile's (7-bit weights where int8 kernels saturate)")
     op_types: Optional[List[str]] = Field(None, description="op types to quantize; None: all ORT can")
     search: Optional[Literal["latency", "none"]] = Field(
         None, description="latency: time the int8 layouts here and keep the fastest accurate one; None: latency "

@@ -13,6 +13,11 @@ from edgekit.export.onnx import export_onnx
 from edgekit.pipeline import get_baseline
 from edgekit.profiling.local import interleaved_latency
 from edgekit.runtime import load_runner
+from edgekit.config import load_device as _load_device
+from edgekit.export.onnx import device_quant_config
+
+# desktop-cpu's int8 settings on this machine (7-bit weights where its int8 kernels saturate)
+DESKTOP_INT8 = device_quant_config(_load_device("desktop-cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,7 @@ def _qdq_types(path):
 def test_edgekit_int8_accuracy_and_types(trained):
     fp32, task, d = trained
     calib, _ = task.arrays("calib")
-    q = quantize_onnx(fp32, d / "int8.onnx", calib, OrtQuantConfig())
+    q = quantize_onnx(fp32, d / "int8.onnx", calib, DESKTOP_INT8)
     assert _qdq_types(q) == {onnx.TensorProto.UINT8}  # U8 activations, as the desktop-cpu profile asks
     x, y = task.arrays("eval")
     ref = predict_arrays(load_runner("onnxruntime", fp32, threads=1).run, x, batch_size=1)
@@ -68,7 +73,7 @@ def test_auto_calibration_keeps_the_closest_candidate(trained):
 
     fp32, task, d = trained
     calib, _ = task.arrays("calib", limit=64)
-    path, cfg, details = quantize_onnx_auto(fp32, d / "auto.onnx", calib, OrtQuantConfig())
+    path, cfg, details = quantize_onnx_auto(fp32, d / "auto.onnx", calib, DESKTOP_INT8)
     scores = details["calibration_sqnr_db"]
     assert set(scores) == {"minmax", "percentile", "minmax conv-only", "percentile conv-only"}
     assert "search" not in details
@@ -86,7 +91,7 @@ def test_latency_search_keeps_the_fastest_accurate_layout(trained):
 
     fp32, task, d = trained
     calib, _ = task.arrays("calib", limit=32)
-    path, cfg, details = quantize_onnx_auto(fp32, d / "search.onnx", calib, OrtQuantConfig(), latency_threads=1,
+    path, cfg, details = quantize_onnx_auto(fp32, d / "search.onnx", calib, DESKTOP_INT8, latency_threads=1,
                                             rounds=20, timer=interleaved_latency)
     rows = details["search"]
     # the layouts + ORT's defaults + the other op scope at the chosen calibration
@@ -218,10 +223,10 @@ def test_auto_calibration_survives_a_failing_candidate(trained, monkeypatch):
         return real(src, out, data, cfg)
 
     monkeypatch.setattr(q, "quantize_onnx", percentile_fails)
-    path, cfg, details = q.quantize_onnx_auto(fp32, d / "survives.onnx", calib, OrtQuantConfig())
+    path, cfg, details = q.quantize_onnx_auto(fp32, d / "survives.onnx", calib, DESKTOP_INT8)
     assert cfg.calibration == "minmax" and path.is_file()
     assert set(details["failed"]) == {"percentile", "percentile conv-only"}
     assert "Too many bins" in details["failed"]["percentile"]
     with pytest.raises(EdgekitError, match="any calibration candidate: percentile: Too many bins"):
-        q.quantize_onnx_auto(fp32, d / "never.onnx", calib, OrtQuantConfig(), candidates=("percentile",))
+        q.quantize_onnx_auto(fp32, d / "never.onnx", calib, DESKTOP_INT8, candidates=("percentile",))
     assert not (d / "never.onnx").exists()

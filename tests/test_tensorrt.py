@@ -21,7 +21,7 @@ from edgekit.config import Recipe, TrainSpec, load_device
 from edgekit.errors import EdgekitError
 from edgekit.evaluate import agreement, predict_arrays, top1
 from edgekit.export import ExportContext, export
-from edgekit.export.onnx import export_onnx
+from edgekit.export.onnx import device_quant_config, export_onnx
 from edgekit.export.tensorrt import engine_path
 from edgekit.export.tensorrt_qdq import (TRT_SCOPES, check_trt_qdq, non_residual_add_inputs, quantize_for_tensorrt,
                                          trt_extra_options)
@@ -34,8 +34,8 @@ MODELS = ("shufflenetv2", "mobilenetv2")
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
-def _ort(path, x):
-    return predict_arrays(load_runner("onnxruntime", path, threads=1).run, x, batch_size=1)
+def _ort(path, x, simulate_qdq=False):
+    return predict_arrays(load_runner("onnxruntime", path, threads=1, simulate_qdq=simulate_qdq).run, x, batch_size=1)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,11 @@ def quantized(mnist_task, tmp_path_factory):
         d = tmp_path_factory.mktemp(f"trt-{name}")
         fp32 = export_onnx(model, d / "fp32.onnx", mnist_task.input_shape)
         trt, chosen = quantize_for_tensorrt(fp32, d / "trt.onnx", calib)  # calibration "auto"
-        own = quantize_onnx(fp32, d / "int8.onnx", calib, OrtQuantConfig())  # desktop-cpu's U8S8 settings
+        own = quantize_onnx(fp32, d / "int8.onnx", calib, device_quant_config(load_device("desktop-cpu")))
+        # the TensorRT QDQ graph as TensorRT computes it (Q/DQ in float), not through this CPU's int8 kernels
         out[name] = {"model": model, "dir": d, "fp32": fp32, "trt": trt, "int8": own, "chosen": chosen,
-                     "logits": {k: _ort(p, x) for k, p in (("fp32", fp32), ("trt", trt), ("int8", own))},
-                     "train_logits": {k: _ort(p, x_train) for k, p in (("trt", trt), ("int8", own))}}
+                     "logits": {"fp32": _ort(fp32, x), "trt": _ort(trt, x, True), "int8": _ort(own, x)},
+                     "train_logits": {"trt": _ort(trt, x_train, True), "int8": _ort(own, x_train)}}
     return out, y
 
 

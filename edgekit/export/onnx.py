@@ -45,6 +45,30 @@ def fold_constants_to_initializers(model_proto) -> None:
     g.node.extend(final)
 
 
+def device_quant_config(device, **overrides):
+    """The int8 settings a device profile asks for (activation/weight types, per-channel, 7-bit weights where its
+    kernels saturate), as an :class:`OrtQuantConfig`."""
+    from .onnx_int8 import OrtQuantConfig
+
+    q = device.quantization
+    return OrtQuantConfig(activation_type=q.activation_type, weight_type=q.weight_type, per_channel=q.per_channel,
+                          reduce_range=int8_reduce_range(device), **overrides)
+
+
+def int8_reduce_range(device) -> bool:
+    """7-bit weights where the device's int8 kernels would saturate with 8-bit ones: x86 CPUs without VNNI (this
+    machine's flags for a local profile; the profile's isa list for another x86 device). ARM kernels accumulate in
+    32 bits and keep full-range weights."""
+    from ..hostinfo import VNNI_FLAGS, x86_int8_saturates
+
+    q = device.quantization
+    if q.reduce_range is not None:
+        return q.reduce_range
+    if device.local:
+        return x86_int8_saturates()
+    return device.arch in ("x86_64", "amd64") and not (set(device.isa) & VNNI_FLAGS)
+
+
 def export_onnx(model: nn.Module, path: str | Path, input_shape: Tuple[int, ...], opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = False) -> Path:
     """Export with the TorchScript-based exporter (its graphs quantize cleanly in ORT).
@@ -95,7 +119,7 @@ def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) 
         per_channel=q.per_channel if options.per_channel is None else options.per_channel,
         calibration=options.calibration,
         quant_format=options.quant_format,
-        reduce_range=options.reduce_range,
+        reduce_range=int8_reduce_range(ctx.device) if options.reduce_range is None else options.reduce_range,
         op_types=options.op_types,
     )
     calib, _ = ctx.task.arrays("calib", limit=options.num_calib)

@@ -60,7 +60,7 @@ class OrtQuantConfig:
             else "per-tensor"
         label = f"{self.quant_format.upper()} {a}{w} {gran} {self.calibration}"
         return (label + scope_label(self.op_types) + ("" if self.preprocess else " no-preprocess")
-                + ("" if self.fp32_output_layer else " int8-logits"))
+                + ("" if self.fp32_output_layer else " int8-logits") + (" 7-bit-weights" if self.reduce_range else ""))
 
 
 # Quantize only the layers that carry the compute (their inputs and outputs get Q/DQ); element-wise ops

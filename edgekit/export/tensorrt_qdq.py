@@ -236,11 +236,13 @@ def quantize_for_tensorrt(fp32_path: str | Path, out_path: str | Path, calib: np
     from ..evaluate import sqnr_db
     from ..runtime import load_runner
 
-    def logits(path: Path) -> np.ndarray:
-        run = load_runner("onnxruntime", path, threads=1).run
+    def logits(path: Path, simulate_qdq: bool = True) -> np.ndarray:
+        # candidates are scored as TensorRT computes them (Q/DQ in float), not with this CPU's int8 kernels, which
+        # saturate on x86 without VNNI
+        run = load_runner("onnxruntime", path, threads=1, simulate_qdq=simulate_qdq).run
         return np.concatenate([run(calib[i:i + 1]) for i in range(len(calib))])
 
-    ref = logits(Path(fp32_path))
+    ref = logits(Path(fp32_path), simulate_qdq=False)
     scores: Dict[str, float] = {}
     failed: Dict[str, str] = {}
     best: Optional[Tuple[str, str, str, Path]] = None

@@ -16,7 +16,10 @@ from .base import RUNTIMES, check_input
 class OrtRunner:
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None):
+    def __init__(self, path: Path, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
+                 simulate_qdq: bool = False):
+        """``simulate_qdq`` runs a QDQ graph's quantize/dequantize pairs as written, in float (no fused int8
+        kernels): what a TensorRT QDQ model computes, without the CPU's own int8 arithmetic."""
         import onnxruntime as ort
 
         self.version = ort.__version__
@@ -24,7 +27,8 @@ class OrtRunner:
         self.threads = int(threads or os.cpu_count() or 1)
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if simulate_qdq else \
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         avail = ort.get_available_providers()
         want = [p for p in (providers or ["CPUExecutionProvider"]) if p in avail] or ["CPUExecutionProvider"]
