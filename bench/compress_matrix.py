@@ -41,7 +41,7 @@ from edgekit.evaluate import predict_arrays, top1
 from edgekit.export import ExportContext, export
 from edgekit.export.onnx import export_onnx
 from edgekit.pipeline import get_baseline
-from edgekit.profiling.local import interleaved_latency
+from edgekit.measure.local import interleaved_latency
 from edgekit.runtime import load_runner
 
 

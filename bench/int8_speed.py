@@ -35,7 +35,7 @@ from edgekit.data import load_task
 from edgekit.evaluate import agreement, predict_arrays, top1
 from edgekit.export.onnx import export_onnx
 from edgekit.pipeline import get_baseline
-from edgekit.profiling.local import interleaved_latency, ratio_interval
+from edgekit.measure.local import interleaved_latency, ratio_interval
 from edgekit.runtime import load_runner
 
 

@@ -128,7 +128,7 @@ def measure_round_robin(paths, threads: int, rounds: int, runs: int, warmup: int
     slow spell of the machine (another tenant, a frequency change) lands on every artifact a little
     instead of on the few that happened to run during it; each round's warm-up restores the artifact's
     own cache state, as on a device that runs one model. The measurement is the median of the rounds."""
-    from edgekit.profiling import _runtime_for
+    from edgekit.measure import _runtime_for
     from edgekit.runtime import load_runner
 
     runners = {}

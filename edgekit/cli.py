@@ -337,7 +337,7 @@ def profile(
 ):
     """Latency of ARTIFACT on a device: measured here (local profiles), over SSH (--host or the profile's
     ssh: block), or estimated from the ONNX graph (every other profile)."""
-    from .profiling import profile_artifact
+    from .measure import profile_artifact
 
     progress.enable(sys.stderr.isatty())
     r = profile_artifact(artifact, device, host=host, threads=threads, runs=runs, warmup=warmup)

@@ -142,7 +142,7 @@ Positive = Annotated[float, Field(gt=0, le=1e6)]
 
 
 class LatencyModel(Strict):
-    """Coefficients of the per-operator roofline in ``edgekit.profiling.estimate``.
+    """Coefficients of the per-operator roofline in ``edgekit.estimate``.
 
     Keys of ``efficiency`` / ``overhead_us`` are op categories (conv, pwconv, dwconv, gemm, elementwise,
     activation, pool, data, reshape, quant, layout; conv kinds with ``_nchw`` / ``_tail`` for their slow
@@ -178,7 +178,7 @@ class LatencyModel(Strict):
     calibration: Dict[str, Any] = Field(default_factory=dict, description="where the coefficients came from")
     kernel_tables: Dict[Annotated[int, Field(ge=1, le=MAX_THREADS)], str] = Field(
         default_factory=dict, description="threads -> kernel-timing table "
-                                          "(edgekit.profiling.kernels; a path, or a file beside the built-in "
+                                          "(edgekit.estimate.kernels; a path, or a file beside the built-in "
                                           "profiles); where one exists for the threads asked, ONNX Runtime "
                                           "estimates use per-kernel regression instead of the roofline")
 

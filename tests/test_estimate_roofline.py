@@ -16,7 +16,7 @@ from edgekit.estimate.calibrate import calibrate_local, write_latency_model
 from edgekit.estimate.graph import analyze
 from edgekit.estimate.host import quantize_for
 from edgekit.estimate.micro import Micro, build_micro
-from edgekit.profiling import profile_artifact
+from edgekit.measure import profile_artifact
 from edgekit.results import Latency
 
 

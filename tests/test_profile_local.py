@@ -16,7 +16,7 @@ from edgekit.config import load_device
 from edgekit.deploy import RUNNER_PATH
 from edgekit.errors import EdgekitError
 from edgekit.estimate.micro import Micro, build_micro
-from edgekit.profiling import profile_artifact, profile_local
+from edgekit.measure import profile_artifact, profile_local
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_runner_without_runtime_exits_3(model, tmp_path):
 
 def test_interleaved_rounds_are_paired_and_shuffled():
     """Every variant runs once per round, in a different order from round to round."""
-    from edgekit.profiling.local import interleaved_latency
+    from edgekit.measure.local import interleaved_latency
 
     calls = []
     runs = {k: (lambda x, k=k: calls.append(k)) for k in "abcd"}
@@ -128,7 +128,7 @@ def test_interleaved_rounds_are_paired_and_shuffled():
 
 
 def test_ratio_interval_tells_a_difference_from_noise():
-    from edgekit.profiling.local import ratio_interval
+    from edgekit.measure.local import ratio_interval
 
     rng = np.random.default_rng(1)
     base = rng.lognormal(0, 0.3, 400)  # the machine's noise, shared by both variants of a round

@@ -11,7 +11,7 @@ from edgekit.errors import EdgekitError
 from edgekit.evaluate import agreement, predict_arrays, top1
 from edgekit.export.onnx import export_onnx
 from edgekit.pipeline import get_baseline
-from edgekit.profiling.local import interleaved_latency
+from edgekit.measure.local import interleaved_latency
 from edgekit.runtime import load_runner
 from edgekit.config import load_device as _load_device
 from edgekit.export.onnx import device_quant_config
@@ -121,7 +121,7 @@ def test_latency_search_keeps_the_fastest_accurate_layout(trained):
 
 
 def test_latency_search_times_with_the_timer_it_is_given(trained):
-    """The search imports no profiling: it calls the timer passed in, and without one it is skipped, saying why."""
+    """The search imports no measurement: it calls the timer passed in, and without one it is skipped, saying why."""
     from edgekit.export.onnx_int8 import SEARCH_NEEDS_TIMER, quantize_onnx_auto
 
     fp32, task, d = trained

@@ -15,9 +15,9 @@ import pytest
 
 from edgekit.config import DeviceProfile
 from edgekit.errors import EdgekitError
-from edgekit.profiling import profile_artifact
+from edgekit.measure import profile_artifact
 from edgekit.estimate.micro import Micro, build_micro
-from edgekit.profiling.ssh import parse_target, profile_remote, spec_for_target
+from edgekit.measure.ssh import parse_target, profile_remote, spec_for_target
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_local_files_are_checked_before_connecting(sshd, model, tmp_path):
 _PROFILE = """import json, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the test runner ignores Ctrl-C
 from edgekit.config import SSHSpec
-from edgekit.profiling.ssh import profile_remote
+from edgekit.measure.ssh import profile_remote
 profile_remote(sys.argv[1], SSHSpec(**json.loads(sys.argv[2])), threads=1, warmup=0, runs=int(sys.argv[3]))
 """
 

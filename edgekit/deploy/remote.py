@@ -84,7 +84,7 @@ def agent_program() -> str:
 
 
 def _spec_for(dev: DeviceProfile, host: Optional[str], ssh: Optional[SSHSpec]) -> SSHSpec:
-    from ..profiling.ssh import spec_for_target
+    from ..measure.ssh import spec_for_target
 
     base = ssh if ssh is not None else dev.ssh
     if host:
@@ -98,7 +98,7 @@ def _spec_for(dev: DeviceProfile, host: Optional[str], ssh: Optional[SSHSpec]) -
 def _agent(spec: SSHSpec, args, stdin_path: Optional[Path] = None, what: str = "deploy",
            timeout: Optional[float] = None) -> dict:
     """Run one agent command; its JSON answer, EdgekitError for what the device refused, _Lost when ssh failed."""
-    from ..profiling.ssh import destination, run_ssh
+    from ..measure.ssh import destination, run_ssh
 
     python = shlex.split(spec.python)
     try:
@@ -134,7 +134,7 @@ _MACHINES = {"arm64": "aarch64", "aarch64": "aarch64", "x86_64": "x86_64", "amd6
 
 def preflight(spec: SSHSpec, dev: DeviceProfile) -> dict:
     """One cheap SSH call: the host answers, its python runs, and its CPU is the device profile's arch."""
-    from ..profiling.ssh import destination, run_ssh
+    from ..measure.ssh import destination, run_ssh
 
     dest = destination(spec)
     proc = run_ssh(spec, [*shlex.split(spec.python), "-c", _PREFLIGHT], timeout=spec.command_timeout,
@@ -186,7 +186,7 @@ def _where(root: str, current: Optional[str]) -> str:
 
 def _follow(spec: SSHSpec, root: str, job: str, budget: float, seen: dict) -> dict:
     """Poll the job over fresh connections until it ends; reconnect for LOST_S when calls fail."""
-    from ..profiling.ssh import destination
+    from ..measure.ssh import destination
 
     start = last_ok = time.monotonic()
     misses = unknown = 0
@@ -221,7 +221,7 @@ def _follow(spec: SSHSpec, root: str, job: str, budget: float, seen: dict) -> di
 
 def _interrupted(spec: SSHSpec, root: str, rid: str, job: Optional[str], seen: dict) -> str:
     """Ctrl-C / SIGTERM: stop the device's job before it switches, and say what the device did."""
-    from ..profiling.ssh import destination
+    from ..measure.ssh import destination
 
     dest = destination(spec)
     cur = seen.get("current")
@@ -266,7 +266,7 @@ def deploy(source: str | Path, device: str | DeviceProfile, host: Optional[str] 
     record plus ``action``: ``installed``, ``activated`` (installed before; ``current`` now points at it) or
     ``unchanged``. Interrupted (Ctrl-C, SIGTERM): DeployInterrupted (exit 130) saying what the device did.
     """
-    from ..profiling.ssh import destination, sigterm_as_interrupt
+    from ..measure.ssh import destination, sigterm_as_interrupt
 
     dev = device if isinstance(device, DeviceProfile) else load_device(str(device))
     spec = _spec_for(dev, host, ssh)

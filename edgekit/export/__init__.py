@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..formats import Options
 
 # timer(runs_by_name, x, warmup=, rounds=, description=) -> {name: {"p50": ms, ...}}: how an exporter times
-# candidates on this machine (edgekit.profiling.local.interleaved_latency); exporters never import profiling.
+# candidates on this machine (edgekit.measure.local.interleaved_latency); exporters never import measure.
 Timer = Callable[..., Dict[str, Dict[str, float]]]
 
 

@@ -1,7 +1,7 @@
 """Static int8 post-training quantization with ONNX Runtime: the ``int8`` precision of the ``onnx`` format.
 
 An export option rather than a torch step, so it lives with the exporters (``tensorrt.py`` reuses its
-reader and memo). It never imports ``edgekit.profiling``: the latency search times layouts with the
+reader and memo). It never imports ``edgekit.measure``: the latency search times layouts with the
 ``timer`` its caller passes (``ExportContext.timer``).
 
 edgekit's defaults differ from ``quantize_static``'s on purpose:

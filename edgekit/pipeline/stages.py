@@ -118,8 +118,8 @@ def export_variants(models: Dict[str, nn.Module], specs: Sequence[VariantSpec], 
 def local_timer(device: DeviceProfile) -> Optional[Callable]:
     """The timer exporters may use to choose between candidates (ONNX int8 layouts): only where timing here says
     something about the device."""
-    from ..profiling import measures_here
-    from ..profiling.local import interleaved_latency
+    from ..measure import measures_here
+    from ..measure.local import interleaved_latency
 
     return interleaved_latency if measures_here(device) else None
 
@@ -194,7 +194,7 @@ def measure(variants: Sequence[Variant], runners: Dict[str, Any], device: Device
     """Latency of every variant that ran, decided in one place: measured here side by side (a ``local`` profile), or
     estimated from the ONNX graph (any other device; labelled). Speedups are against the first timed variant when
     it is the run's reference."""
-    from ..profiling import measures_here
+    from ..measure import measures_here
 
     live = [v for v in variants if v.status == OK and v.key in runners]
     if not live:
@@ -223,7 +223,7 @@ def measure(variants: Sequence[Variant], runners: Dict[str, Any], device: Device
 
 def _time_side_by_side(live: List[Variant], runners, device: DeviceProfile, x, runs: int, warmup: int) -> None:
     """Round-robin timing; a variant whose run fails is marked and the rest are timed again without it."""
-    from ..profiling.local import interleaved_latency
+    from ..measure.local import interleaved_latency
 
     x1 = np.ascontiguousarray(x[:1])
     pending = {v.key: v for v in live}

@@ -221,7 +221,7 @@ def _bundle(artifact: Path, runner: Path, into: Path) -> Path:
     return out
 
 
-# ----------------------------------------------------------------------------- profiling
+# ----------------------------------------------------------------------------- measurement
 
 
 def profile_remote(artifact: str | Path, ssh: SSHSpec, threads: Optional[int] = None, warmup: int = 10,
