@@ -278,7 +278,7 @@ def benchmark(
 ):
     """Export MODEL to every format x precision, evaluate and time them side by side (ok / unavailable / failed)."""
     check_names(model, recipe, device)
-    from .benchmark import benchmark as run_benchmark, benchmark_table
+    from .pipeline.benchmark import benchmark as run_benchmark, benchmark_table
 
     if data is not None and not data.is_dir():
         raise EdgekitError(f"Data folder not found: {data}")
@@ -307,7 +307,7 @@ def compare(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full result as JSON."),
 ):
     """Run two artifacts of one model on the same inputs; name the first layer where they diverge."""
-    from .compare import compare_artifacts, render_comparison
+    from .comparison import compare_artifacts, render_comparison
 
     if data is not None and not data.is_dir():
         raise EdgekitError(f"Data folder not found: {data}")
@@ -338,37 +338,39 @@ def profile(
     """Latency of ARTIFACT on a device: measured here (local profiles), over SSH (--host or the profile's
     ssh: block), or estimated from the ONNX graph (every other profile)."""
     from .measure import profile_artifact
+    from .results import ESTIMATED, MEASURED, MEASURED_SSH
 
     progress.enable(sys.stderr.isatty())
-    r = profile_artifact(artifact, device, host=host, threads=threads, runs=runs, warmup=warmup)
+    lat = profile_artifact(artifact, device, host=host, threads=threads, runs=runs, warmup=warmup)
     if as_json:
-        out.print_json(json.dumps(r, default=str))
+        out.print_json(json.dumps(lat.to_json(), default=str))
         return
-    how = {"measured-local": "measured here", "measured-ssh": f"measured on {r.get('host')} over SSH",
-           "estimated": "ESTIMATED by the latency model, not measured"}[r["source"]]
-    table = Table(title=f"{Path(artifact).name} · {r['device']} · {how}", header_style="bold")
-    if r["source"] == "estimated":
+    e = lat.extra
+    how = {MEASURED: "measured here", MEASURED_SSH: f"measured on {e.get('host')} over SSH",
+           ESTIMATED: "ESTIMATED by the latency model, not measured"}[lat.source]
+    table = Table(title=f"{Path(artifact).name} · {lat.device} · {how}", header_style="bold")
+    if lat.source == ESTIMATED:
         for c in ("source", "estimate ms", "threads", "ops", "GMACs", "compute/memory/overhead-bound ops"):
             table.add_column(c, justify="right")
-        b = r.get("bound")  # the per-kernel regression has no roofline bounds
-        table.add_row(r["source"], f"{r['p50']:.3f}", str(r["threads"]), str(r["ops"]), f"{r['gmacs']:.3f}",
+        b = e.get("bound")  # the per-kernel regression has no roofline bounds
+        table.add_row(lat.source, f"{lat.p50:.3f}", str(lat.threads), str(e["ops"]), f"{e['gmacs']:.3f}",
                       f"{b['compute']}/{b['memory']}/{b['overhead']}" if b else "-")
         out.print(table)
-        top = sorted(r["by_category"].items(), key=lambda kv: -kv[1]["ms"])[:5]
+        top = sorted(e["by_category"].items(), key=lambda kv: -kv[1]["ms"])[:5]
         out.print("where the time goes (estimated): " + ", ".join(f"{k} {v['ms']:.3f} ms ({v['ops']} ops)"
                                                                  for k, v in top), highlight=False)
-        cal = r.get("calibration") or {}
+        cal = e.get("calibration") or {}
         where = f"calibrated on {cal['host']} {cal.get('date')}" if cal.get("host") else \
             "defaults, not calibrated for this device"
         out.print(f"coefficients: {where}", highlight=False)
-        for w in r.get("warnings", []):
+        for w in e.get("warnings", []):
             out.print(f"[yellow]warning:[/] {w}", highlight=False)
     else:
         for c in ("source", "p50 ms", "p90 ms", "mean ms", "min ms", "runs", "threads", "runtime", "machine"):
             table.add_column(c, justify="right")
-        table.add_row(r["source"], f"{r['p50']:.3f}", f"{r['p90']:.3f}", f"{r['mean']:.3f}", f"{r['min']:.3f}",
-                      str(r["runs"]), str(r.get("threads") or "default"), f"{r['runtime']} {r.get('version') or ''}",
-                      f"{r.get('machine')} · Python {r.get('python')}")
+        table.add_row(lat.source, f"{lat.p50:.3f}", f"{lat.p90:.3f}", f"{e['mean']:.3f}", f"{e['min']:.3f}",
+                      str(lat.runs), str(lat.threads or "default"), f"{lat.runtime} {lat.runtime_version or ''}",
+                      f"{e.get('machine')} · Python {e.get('python')}")
         out.print(table)
 
 
@@ -388,7 +390,7 @@ def deploy(
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):
     """Bundle a run for a device (installs offline) and/or deploy it over SSH (releases, atomic `current`)."""
-    from .deploy import deploy_cmd
+    from .deployment import deploy_cmd
 
     res = deploy_cmd(run_dir, device, host=host, bundle=bundle, root=root, python_version=python,
                      fetch_wheels=not no_wheels, force=force, bench_runs=runs)
@@ -421,7 +423,7 @@ def docker(
     push: bool = typer.Option(False, "--push", help="Push instead of loading into the local engine."),
 ):
     """Print (or --run) the `docker buildx build` command of a device's runtime image."""
-    from .deploy import docker_cmd
+    from .deployment import docker_cmd
 
     res = docker_cmd(device, bundle=bundle, run=run, tag=tag, push=push)
     if run:

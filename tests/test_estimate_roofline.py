@@ -57,7 +57,7 @@ def test_estimate_is_one_latency_whose_json_keeps_the_report_keys(graphs):
 
 def test_profile_artifact_estimates_for_a_remote_device_without_ssh(graphs):
     r = profile_artifact(graphs[0], "rpi4")
-    assert r["source"] == "estimated" and r["device"] == "rpi4" and r["threads"] == 4
+    assert isinstance(r, Latency) and r.source == "estimated" and r.device == "rpi4" and r.threads == 4
 
 
 def test_fp32_activations_and_residual_fuse_into_convs(graphs):

@@ -12,11 +12,12 @@ import numpy as np
 import onnx
 import pytest
 
-from edgekit.config import load_device
-from edgekit.deploy import RUNNER_PATH
+from edgekit.config import SSHSpec, load_device
+from edgekit.deployment import RUNNER_PATH
 from edgekit.errors import EdgekitError
 from edgekit.estimate.micro import Micro, build_micro
-from edgekit.measure import profile_artifact, profile_local
+from edgekit.measure import latency_source, profile_artifact, profile_local
+from edgekit.results import ESTIMATED, MEASURED, MEASURED_SSH, Latency
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +35,41 @@ def runner(*args, python=sys.executable):
 
 
 def test_local_device_is_measured_here(model):
-    r = profile_artifact(model, "desktop-cpu", threads=1, runs=20, warmup=2)
-    assert r["source"] == "measured-local" and r["device"] == "desktop-cpu"
-    assert r["runtime"] == "onnxruntime" and r["threads"] == 1 and r["runs"] == 20
-    assert 0 < r["min"] <= r["p50"] <= r["p90"]
+    lat = profile_artifact(model, "desktop-cpu", threads=1, runs=20, warmup=2)
+    assert isinstance(lat, Latency) and lat.source == MEASURED and lat.measured and lat.device == "desktop-cpu"
+    assert lat.runtime == "onnxruntime" and lat.threads == 1 and lat.runs == 20
+    assert 0 < lat.extra["min"] <= lat.p50 <= lat.p90
+    r = lat.to_json()  # every key the profile's JSON had before it was typed
+    assert {"source", "p50", "p90", "mean", "min", "runs", "runtime", "version", "threads", "warmup", "machine",
+            "python", "artifact", "device"} <= set(r) and r["source"] == "measured"
+
+
+def test_one_decision_between_here_ssh_and_estimated():
+    here, pi = load_device("desktop-cpu"), load_device("rpi4")
+    with_ssh = pi.model_copy(update={"ssh": SSHSpec(host="pi.local")})
+    assert latency_source(here) == MEASURED and latency_source(pi) == ESTIMATED
+    assert latency_source(here, host="pi@pi.local") == latency_source(pi, host="pi@x") == MEASURED_SSH
+    assert latency_source(with_ssh) == MEASURED_SSH and latency_source(with_ssh, ssh=False) == ESTIMATED
+
+
+def test_cli_profile_prints_the_latency_and_its_json(model):
+    from typer.testing import CliRunner
+
+    from edgekit.cli import app
+
+    res = CliRunner().invoke(app, ["profile", str(model), "--threads", "1", "--runs", "3", "--warmup", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    assert r["source"] == "measured" and r["runs"] == 3 and {"mean", "min", "machine", "artifact"} <= set(r)
+    res = CliRunner().invoke(app, ["profile", str(model), "--runs", "3", "--warmup", "0"])
+    assert res.exit_code == 0 and "measured here" in res.output, res.output
+    res = CliRunner().invoke(app, ["profile", str(model), "--device", "rpi4"])
+    assert res.exit_code == 0 and "ESTIMATED" in res.output, res.output
 
 
 def test_default_threads_come_from_the_profile(model):
-    r = profile_local(model, runs=3, warmup=0)
-    assert r["threads"] >= 1
-    assert profile_artifact(model, "desktop-cpu", runs=3, warmup=0)["threads"] == \
+    assert profile_local(model, runs=3, warmup=0).threads >= 1
+    assert profile_artifact(model, "desktop-cpu", runs=3, warmup=0).threads == \
         load_device("desktop-cpu").resolved_threads()
 
 

@@ -71,12 +71,13 @@ def test_target_overrides_only_the_address(sshd):
 
 
 def test_remote_benchmark_returns_numbers_and_cleans_up(sshd, model):
-    r = profile_remote(model, sshd.spec(python=sys.executable), threads=1, warmup=2, runs=10)
-    assert r["source"] == "measured-ssh"
-    assert r["runtime"] == "onnxruntime" and r["threads"] == 1 and r["runs"] == 10
+    lat = profile_remote(model, sshd.spec(python=sys.executable), threads=1, warmup=2, runs=10)
+    assert lat.source == "measured-ssh" and lat.measured
+    assert lat.runtime == "onnxruntime" and lat.threads == 1 and lat.runs == 10 and lat.runtime_version
+    r = lat.to_json()
     assert 0 < r["min"] <= r["p50"] <= r["p90"]
     assert r["host"] == f"{sshd.user}@127.0.0.1:{sshd.port}"
-    assert r["machine"] and r["python"]
+    assert r["machine"] and r["python"] and r["version"] and r["artifact_bytes"] > 0
     assert _remote_dirs(sshd) == [], "the per-run folder is removed"
 
 
@@ -84,7 +85,7 @@ def test_profile_artifact_with_host_goes_over_ssh(sshd, model):
     dev = DeviceProfile(name="pi-like", arch="aarch64", cores=4, peak_gops={"fp32": 48},
                         ssh=sshd.spec(python=sys.executable, host="unused.invalid", port=22))
     r = profile_artifact(model, dev, host=f"{sshd.user}@127.0.0.1:{sshd.port}", threads=1, runs=5, warmup=1)
-    assert r["source"] == "measured-ssh" and r["device"] == "pi-like"
+    assert r.source == "measured-ssh" and r.device == "pi-like"
 
 
 def test_hostile_names_are_quoted(sshd, tmp_path):
@@ -93,7 +94,7 @@ def test_hostile_names_are_quoted(sshd, tmp_path):
     onnx.save(build_micro(Micro("pwconv", 8, 8, 1, 1)), str(weird))
     workdir = sshd.root / "remote" / "dir with 'quotes' $(touch INJECTED3)"
     r = profile_remote(weird, sshd.spec(python=sys.executable, workdir=str(workdir)), threads=1, warmup=0, runs=2)
-    assert r["runs"] == 2
+    assert r.runs == 2
     assert workdir.is_dir() and list(workdir.iterdir()) == []
     for name in ("INJECTED", "INJECTED2", "INJECTED3"):
         assert not (Path.home() / name).exists() and not list(sshd.root.rglob(name))

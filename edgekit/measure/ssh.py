@@ -33,6 +33,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from ..config import SSHSpec
 from ..errors import EdgekitError
+from ..results import MEASURED_SSH, Latency
 
 REMOTE_MODEL_STEM = "model"
 EXIT_NO_RUNTIME = 3
@@ -225,8 +226,9 @@ def _bundle(artifact: Path, runner: Path, into: Path) -> Path:
 
 
 def profile_remote(artifact: str | Path, ssh: SSHSpec, threads: Optional[int] = None, warmup: int = 10,
-                   runs: int = 100) -> dict:
-    """Benchmark ``artifact`` on the device ``ssh`` points at; p50/p90/mean/min in ms plus what ran it."""
+                   runs: int = 100) -> Latency:
+    """Benchmark ``artifact`` on the device ``ssh`` points at: p50/p90 in ms; mean/min, the host and what ran it in
+    ``extra`` (the runner's whole JSON line)."""
     artifact = Path(artifact)
     if not artifact.is_file():
         raise EdgekitError(f"Model file not found: {artifact}")
@@ -241,8 +243,8 @@ def profile_remote(artifact: str | Path, ssh: SSHSpec, threads: Optional[int] = 
 
 
 def _profile(artifact: Path, ssh: SSHSpec, python, workdir: str, dest: str, t_start: float, threads, warmup: int,
-             runs: int) -> dict:
-    from ..deploy import RUNNER_PATH
+             runs: int) -> Latency:
+    from ..deployment import RUNNER_PATH
 
     with tempfile.TemporaryDirectory(prefix="edgekit-ssh-") as tmp:
         bundle = _bundle(artifact, RUNNER_PATH, Path(tmp))
@@ -264,10 +266,10 @@ def _profile(artifact: Path, ssh: SSHSpec, python, workdir: str, dest: str, t_st
     finally:
         _cleanup(ssh, remote_dir, python=None if finished else python)
     result = _parse_runner_output(proc, ssh)
-    result.update({"source": "measured-ssh", "host": dest, "artifact": str(artifact),
+    result.update({"source": MEASURED_SSH, "host": dest, "artifact": str(artifact),
                    "artifact_bytes": artifact.stat().st_size, "remote_python": ssh.python,
                    "wall_s": round(time.perf_counter() - t_start, 3)})
-    return result
+    return Latency.from_json({**result, "runtime_version": result.get("version")})
 
 
 def _cleanup(ssh: SSHSpec, remote_dir: str, python: Optional[List[str]] = None) -> None:
