@@ -9,7 +9,7 @@
 #   docker buildx build --platform linux/arm64 --target runtime-jetson --build-context bundle=DIR \
 #       --build-arg L4T_BASE=nvcr.io/nvidia/l4t-jetpack:r35.4.1 -t edgekit-runtime:jetson --load .
 #
-# The ARG defaults below are edgekit/deploy/versions.py's values (tests/test_docker.py checks that they agree),
+# The ARG defaults below are edgekit/deployment/versions.py's values (tests/test_docker.py checks that they agree),
 # so images and bundles pin the same runtime versions. Cross-building for linux/arm64 on x86_64 needs QEMU
 # binfmt on the build machine (docker run --privileged --rm tonistiigi/binfmt --install arm64).
 

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekit import zoo
-from edgekit.compress.steps import StepContext, validate_steps
+from edgekit.steps import StepContext, validate_steps
 from edgekit.config import Recipe, TrainSpec, load_device, load_recipe
 from edgekit.data import load_task
 from edgekit.evaluate import predict_arrays, top1

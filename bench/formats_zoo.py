@@ -4,7 +4,7 @@
                                 [--markdown] [--json out.json]
 
 For each model: the baseline trained on the default task (cached, 64x64), then
-``edgekit.benchmark.benchmark`` on it: each format x precision is exported,
+``edgekit.pipeline.benchmark.benchmark`` on it: each format x precision is exported,
 loaded in its runtime here (ONNX Runtime, LiteRT) and evaluated on the
 1,000-image eval split. The TensorRT rows write the fp16 ONNX and the QDQ int8
 ONNX that TensorRT builds its engine from; the int8 one must pass
@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekit import zoo
-from edgekit.benchmark import FAILED, OK, UNAVAILABLE, benchmark
+from edgekit.pipeline.benchmark import FAILED, OK, UNAVAILABLE, benchmark
 from edgekit.config import Recipe, TrainSpec, load_device
 from edgekit.data import load_task
 from edgekit.evaluate import predict_arrays, top1

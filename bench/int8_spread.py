@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from edgekit.compare import compare_artifacts
+from edgekit.comparison import compare_artifacts
 from edgekit.config import Recipe, TrainSpec
 from edgekit.data import load_task
 from edgekit.evaluate import agreement, predict_arrays, top1

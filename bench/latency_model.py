@@ -73,7 +73,7 @@ PRUNED_MAX_MACS = 0.99  # a prune50 left with more of the fp32 MACs is the fp32 
 def _prune50(model, name: str, device):
     """The prune50 recipe's prune step (blocks, then channels) in one shot, no fine-tune (BatchNorm
     re-estimated): the structure is what latency depends on."""
-    from edgekit.compress.steps import StepContext, build_step
+    from edgekit.steps import StepContext, build_step
     from edgekit.config import load_recipe
 
     task = load_task("mnist")

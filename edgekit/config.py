@@ -376,7 +376,7 @@ def parse_yaml_model(cls, path: Path, defaults: Optional[dict] = None):
 
 def _check_step_params(recipe: Recipe, path: Path) -> None:
     """Step params checked with the file's line and the allowed range, which the steps' registry does not know."""
-    from .compress.steps import STEPS
+    from .steps import STEPS
 
     text, data = _read_yaml(path)
     raw_steps = data.get("steps") or []
@@ -435,7 +435,7 @@ def load_recipe(name_or_path: str) -> Recipe:
     path = _resolve("recipes", name_or_path)
     recipe = parse_yaml_model(Recipe, path, {"name": path.stem})
     _check_variants(recipe, path)
-    from .compress.steps import validate_steps
+    from .steps import validate_steps
 
     _check_step_params(recipe, path)
     validate_steps(recipe.steps, where=str(path))

@@ -1,6 +1,6 @@
 """The Raspberry Pi bundle really runs on arm64: Debian's arm64 Python under qemu-user, the bundle's own wheels.
 
-``edgekit/deploy/arm64_sysroot.sh`` assembles a minimal Debian bookworm arm64 userland with CPython 3.11
+``edgekit/deployment/arm64_sysroot.sh`` assembles a minimal Debian bookworm arm64 userland with CPython 3.11
 (cached in the user cache dir; qemu-user-static is apt-installed when missing and we are root). The
 bundle's install.sh then creates a venv with that arm64 Python and installs the bundle's aarch64 wheels
 offline (``--no-index --find-links wheels``), every python call prefixed by ``qemu-aarch64-static -L
@@ -37,7 +37,7 @@ def arm64():
     """(launcher argv prefix, arm64 python path): qemu-user + the cached sysroot, or nothing on an arm64 host."""
     if platform.machine() in ("aarch64", "arm64"):
         return [], shutil.which("python3.11") or shutil.which("python3")
-    from edgekit.deploy import SYSROOT_SCRIPT
+    from edgekit.deployment import SYSROOT_SCRIPT
 
     t0 = time.perf_counter()
     proc = subprocess.run(["sh", str(SYSROOT_SCRIPT), str(user_cache() / "arm64-sysroot-bookworm")],
@@ -65,7 +65,7 @@ def run_dir(tmp_path_factory):
 
 def test_rpi4_bundle_runs_on_arm64(arm64, run_dir, tmp_path):
     from edgekit.data import load_task
-    from edgekit.deploy.bundle import build_bundle, extract_bundle
+    from edgekit.deployment.bundle import build_bundle, extract_bundle
     from edgekit.runtime import load_runner
 
     launcher, python = arm64

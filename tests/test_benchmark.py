@@ -1,4 +1,4 @@
-"""edgekit.benchmark: every format x precision of a model, real exports, real sessions, one timing run."""
+"""edgekit.pipeline.benchmark: every format x precision of a model, real exports, real sessions, one timing run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from edgekit.benchmark import FAILED, OK, UNAVAILABLE, benchmark, benchmark_table
+from edgekit.pipeline.benchmark import FAILED, OK, UNAVAILABLE, benchmark, benchmark_table
 from edgekit.config import Recipe, TrainSpec
 from edgekit.errors import EdgekitError
 

@@ -111,7 +111,7 @@ def arena(tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_verify_bundle_refuses_and_writes_nothing(kind, arena):
-    from edgekit.deploy.bundle import verify_bundle
+    from edgekit.deployment.bundle import verify_bundle
 
     work, escaped = arena
     tar = write(work / "evil.tar.gz", hostile(kind, len(work.parts)))
@@ -163,7 +163,7 @@ def test_size_cap_is_checked_from_the_headers():
 
 def test_docker_context_never_replaces_a_folder_edgekit_did_not_write(tmp_path):
     """``edgekit docker --bundle X.tar.gz`` extracts to X.docker-context: a folder of the user's there is kept."""
-    from edgekit.deploy import _bundle_context
+    from edgekit.deployment import _bundle_context
 
     manifest, body = _manifest()
     tar = write(tmp_path / "x.tar.gz", [_info("manifest.json", data=manifest), _info("ok.txt", data=body)])

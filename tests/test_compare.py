@@ -8,7 +8,7 @@ import torch
 from rich.console import Console
 
 from edgekit import zoo
-from edgekit.compare import compare_artifacts, render_comparison
+from edgekit.comparison import compare_artifacts, render_comparison
 from edgekit.export.onnx_int8 import OrtQuantConfig, quantize_onnx
 from edgekit.config import Recipe, TrainSpec, load_device
 from edgekit.errors import EdgekitError
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.xdist_group("compare")  # one worker builds this module
 
 @pytest.fixture(scope="module")
 def artifacts(mnist_task, tmp_path_factory):
-    from edgekit.benchmark import baseline_model
+    from edgekit.pipeline.benchmark import baseline_model
 
     d = tmp_path_factory.mktemp("compare")
     calib, _ = mnist_task.arrays("calib")

@@ -42,14 +42,14 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rpi_bundle(run_dir, tmp_path_factory):
-    from edgekit.deploy.bundle import build_bundle
+    from edgekit.deployment.bundle import build_bundle
 
     return build_bundle(run_dir, "rpi4", tmp_path_factory.mktemp("b") / "rpi4.tar.gz", wheel_cache=wheel_cache())
 
 
 @pytest.fixture(scope="module")
 def desktop_bundle(run_dir, tmp_path_factory):
-    from edgekit.deploy.bundle import build_bundle
+    from edgekit.deployment.bundle import build_bundle
 
     return build_bundle(run_dir, "desktop-cpu", tmp_path_factory.mktemp("b") / "desktop.tar.gz",
                         wheel_cache=wheel_cache())
@@ -76,8 +76,8 @@ def write_tar(path: Path, files: dict, extra=()) -> Path:
 
 
 def test_rpi_bundle_contents_and_manifest(rpi_bundle, run_dir):
-    from edgekit.deploy import versions
-    from edgekit.deploy.bundle import read_manifest, sha256_file
+    from edgekit.deployment import versions
+    from edgekit.deployment.bundle import read_manifest, sha256_file
 
     files = members(rpi_bundle)
     m, rid = read_manifest(rpi_bundle)
@@ -121,7 +121,7 @@ def test_rpi_bundle_contents_and_manifest(rpi_bundle, run_dir):
 
 
 def test_bundle_is_reproducible(rpi_bundle, run_dir, tmp_path):
-    from edgekit.deploy.bundle import build_bundle, sha256_file
+    from edgekit.deployment.bundle import build_bundle, sha256_file
 
     again = build_bundle(run_dir, "rpi4", tmp_path / "again.tar.gz", wheel_cache=wheel_cache())
     assert sha256_file(again) == sha256_file(rpi_bundle)
@@ -130,7 +130,7 @@ def test_bundle_is_reproducible(rpi_bundle, run_dir, tmp_path):
 
 
 def test_extract_bundle_verifies_and_is_atomic(rpi_bundle, tmp_path):
-    from edgekit.deploy.bundle import extract_bundle
+    from edgekit.deployment.bundle import extract_bundle
 
     dest = extract_bundle(rpi_bundle, tmp_path / "x")
     assert (dest / "manifest.json").is_file() and (dest / "wheels").is_dir()
@@ -144,7 +144,7 @@ def test_extract_bundle_verifies_and_is_atomic(rpi_bundle, tmp_path):
 
 
 def test_tampered_bundle_is_refused_before_anything_is_placed(rpi_bundle, tmp_path):
-    from edgekit.deploy.bundle import extract_bundle, verify_bundle
+    from edgekit.deployment.bundle import extract_bundle, verify_bundle
 
     files = members(rpi_bundle)
     model = bytearray(files["model.int8.onnx"])
@@ -196,7 +196,7 @@ def _link(name, target, kind=tarfile.SYMTYPE):
     ([_link("dev", "", tarfile.CHRTYPE)], "not a regular file"),
 ])
 def test_traversal_entries_are_refused(rpi_bundle, tmp_path, entry, why):
-    from edgekit.deploy.bundle import extract_bundle
+    from edgekit.deployment.bundle import extract_bundle
 
     files = {"manifest.json": members(rpi_bundle)["manifest.json"]}
     extra = ()
@@ -214,7 +214,7 @@ def test_traversal_entries_are_refused(rpi_bundle, tmp_path, entry, why):
 
 
 def test_bad_inputs(run_dir, tmp_path):
-    from edgekit.deploy.bundle import build_bundle
+    from edgekit.deployment.bundle import build_bundle
 
     with pytest.raises(EdgekitError, match="Unknown device 'rpi9'"):
         build_bundle(run_dir, "rpi9", tmp_path / "b.tar.gz")
@@ -254,7 +254,7 @@ def test_injected_report_values_are_refused_or_inert(run_dir, tmp_path, inject):
     every other string travels as data, and the generated install.sh and run.sh run without executing it."""
     import shutil
 
-    from edgekit.deploy.bundle import build_bundle, extract_bundle
+    from edgekit.deployment.bundle import build_bundle, extract_bundle
 
     sentinel = tmp_path / "pwned"
     payload = inject.format(s=sentinel)
@@ -291,7 +291,7 @@ def test_injected_report_values_are_refused_or_inert(run_dir, tmp_path, inject):
 
 
 def test_jetson_bundle_builds_the_engine_on_the_device(run_dir, tmp_path):
-    from edgekit.deploy.bundle import build_bundle, extract_bundle, read_manifest
+    from edgekit.deployment.bundle import build_bundle, extract_bundle, read_manifest
 
     tar = build_bundle(run_dir, "jetson-orin-nano", tmp_path / "jetson.tar.gz", fetch_wheels=False)
     m, _ = read_manifest(tar)
@@ -326,7 +326,7 @@ def _listing(root: Path) -> dict:
 def test_unreachable_host_and_missing_host(desktop_bundle, sshd, tmp_path):
     import socket
 
-    from edgekit.deploy import deploy
+    from edgekit.deployment import deploy
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -342,8 +342,8 @@ def test_unreachable_host_and_missing_host(desktop_bundle, sshd, tmp_path):
 
 
 def test_ssh_deploy_idempotent_and_atomic(desktop_bundle, rpi_bundle, run_dir, sshd, tmp_path):
-    from edgekit.deploy import deploy_cmd
-    from edgekit.deploy.bundle import build_bundle, read_manifest
+    from edgekit.deployment import deploy_cmd
+    from edgekit.deployment.bundle import build_bundle, read_manifest
 
     root = sshd.root / "remote" / "edgekit-deploy"
     spec = sshd.spec()
@@ -420,8 +420,8 @@ def test_ssh_deploy_idempotent_and_atomic(desktop_bundle, rpi_bundle, run_dir, s
 
 def test_remote_agent_refuses_corrupted_upload(desktop_bundle, sshd, tmp_path):
     """The device checks the upload's sha256 itself (a cut or corrupted transfer installs nothing)."""
-    from edgekit.deploy.bundle import read_manifest
-    from edgekit.deploy.remote import _agent
+    from edgekit.deployment.bundle import read_manifest
+    from edgekit.deployment.remote import _agent
 
     root = tmp_path / "r"
     _, rid = read_manifest(desktop_bundle)
@@ -434,7 +434,7 @@ def test_remote_agent_refuses_corrupted_upload(desktop_bundle, sshd, tmp_path):
 
 
 def test_deploy_cmd_needs_a_target(run_dir, tmp_path):
-    from edgekit.deploy import deploy_cmd
+    from edgekit.deployment import deploy_cmd
 
     with pytest.raises(EdgekitError, match="Nothing to do"):
         deploy_cmd(run_dir, "rpi4")

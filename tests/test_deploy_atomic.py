@@ -1,4 +1,4 @@
-"""Deploys are atomic from the user's point of view (edgekit/deploy/remote.py, edgekit/device/agent.py).
+"""Deploys are atomic from the user's point of view (edgekit/deployment/remote.py, edgekit/device/agent.py).
 
 The first tests run the device agent as the plain file it is (no ssh): time limits, recovery after a dead job,
 pruning, the lock. The slow ones run ``edgekit deploy`` against the real sshd of conftest.py and interrupt it at
@@ -194,7 +194,7 @@ def variant_bundle(run_dir, tmp_path_factory):  # noqa: F811
     """Another release of the same run (a report.json that differs): another bundle id."""
     import shutil
 
-    from edgekit.deploy.bundle import build_bundle
+    from edgekit.deployment.bundle import build_bundle
 
     other = tmp_path_factory.mktemp("variant") / "run"
     shutil.copytree(run_dir, other)
@@ -208,7 +208,7 @@ def variant_bundle(run_dir, tmp_path_factory):  # noqa: F811
 def third_bundle(run_dir, tmp_path_factory):  # noqa: F811
     import shutil
 
-    from edgekit.deploy.bundle import build_bundle
+    from edgekit.deployment.bundle import build_bundle
 
     other = tmp_path_factory.mktemp("third") / "run"
     shutil.copytree(run_dir, other)
@@ -221,7 +221,7 @@ def third_bundle(run_dir, tmp_path_factory):  # noqa: F811
 @pytest.fixture(scope="module")
 def device(sshd, variant_bundle, tmp_path_factory):
     """A device profile pointing at the sshd, and a root whose current release is the variant bundle."""
-    from edgekit.deploy import deploy
+    from edgekit.deployment import deploy
 
     dev = tmp_path_factory.mktemp("dev") / "sshdev.yaml"
     text = (Path(__file__).resolve().parents[1] / "devices" / "desktop-cpu.yaml").read_text()

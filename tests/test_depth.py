@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekit.compress import depth
-from edgekit.compress.steps import build_step
+from edgekit.steps import depth
+from edgekit.steps import build_step
 from edgekit.errors import EdgekitError
 from test_prune import _ctx, _fresh, _prune, assert_onnx_matches
 
@@ -113,8 +113,8 @@ def test_without_a_task_blocks_are_ranked_on_random_inputs(small_task):
 def test_no_plan_leaves_a_grouped_conv_with_channels_its_groups_cannot_divide():
     # Seen on ShuffleNetV1 g3 at 64 px after block removal: a group mis-mapped through the shuffles took 8 of a
     # groups=3 conv's 144 outputs (136 left: a multiple of round_to, not of 3) and the model no longer ran.
-    from edgekit.compress.prune import Op
-    from edgekit.compress.prune.plan import _group_ok
+    from edgekit.steps.prune import Op
+    from edgekit.steps.prune.plan import _group_ok
 
     model = nn.Sequential(nn.Conv2d(24, 48, 1, groups=3), nn.Conv2d(48, 48, 1, groups=3))
     out8 = Op("0", None, 0, True, False, [(i, i) for i in range(8)])

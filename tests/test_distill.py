@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from edgekit import zoo
-from edgekit.compress.steps import StepContext, build_step
+from edgekit.steps import StepContext, build_step
 from edgekit.errors import EdgekitError
 from edgekit.evaluate import agreement, top1
 from edgekit.train import FitConfig, fit, predict

@@ -183,7 +183,7 @@ def test_every_copy_source_exists(parsed):
 
 
 def test_arg_defaults_are_the_bundle_versions(parsed):
-    from edgekit.deploy import versions
+    from edgekit.deployment import versions
 
     global_args, stages, _ = parsed
     defaults = arg_defaults(global_args)
@@ -211,7 +211,7 @@ def test_arg_defaults_are_the_bundle_versions(parsed):
     ("desktop-cpu", "linux/amd64", "runtime"),
 ])
 def test_docker_command_per_device(parsed, device, platform, target):
-    from edgekit.deploy import docker_cmd, docker_command, versions
+    from edgekit.deployment import docker_cmd, docker_command, versions
 
     argv = docker_command(device)
     assert argv[:3] == ["docker", "buildx", "build"]
@@ -250,8 +250,8 @@ def tiny_run(tmp_path):
 
 
 def test_docker_command_with_a_bundle(tiny_run, tmp_path):
-    from edgekit.deploy import docker_command
-    from edgekit.deploy.bundle import build_bundle
+    from edgekit.deployment import docker_command
+    from edgekit.deployment.bundle import build_bundle
 
     tar = build_bundle(tiny_run, "rpi4", tmp_path / "rpi4.tar.gz", fetch_wheels=False)
     argv = docker_command("rpi4", bundle=tar)

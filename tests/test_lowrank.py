@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from edgekit import zoo
-from edgekit.compress.lowrank import factorize
-from edgekit.compress.steps import StepContext, build_step
+from edgekit.steps.lowrank import factorize
+from edgekit.steps import StepContext, build_step
 from edgekit.config import DeviceProfile
 from edgekit.errors import EdgekitError
 from test_prune import _fresh, assert_onnx_matches

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from edgekit import zoo
-from edgekit.compress.prune import layer_widths
-from edgekit.compress.steps import STEPS, StepContext, build_step
+from edgekit.steps.prune import layer_widths
+from edgekit.steps import STEPS, StepContext, build_step
 from edgekit.config import DeviceProfile, load_recipe
 from edgekit.errors import EdgekitError
 from edgekit.export.onnx import export_onnx

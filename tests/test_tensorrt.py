@@ -41,7 +41,7 @@ def _ort(path, x, simulate_qdq=False):
 @pytest.fixture(scope="module")
 def quantized(mnist_task, tmp_path_factory):
     """Per model: fp32 ONNX, TensorRT QDQ ONNX, edgekit's own int8 ONNX, and their eval logits."""
-    from edgekit.benchmark import baseline_model
+    from edgekit.pipeline.benchmark import baseline_model
 
     x, y = mnist_task.arrays("eval")
     x_train, _ = mnist_task.arrays("train")

@@ -23,7 +23,7 @@ MODELS = ("shufflenetv2", "mobilenetv2")
 
 
 def _trained(name, task):
-    from edgekit.benchmark import baseline_model
+    from edgekit.pipeline.benchmark import baseline_model
 
     return baseline_model(name, task, recipe=SHORT)
 

@@ -2,7 +2,7 @@
 
 tflite-runtime 2.14 (the last release; Raspberry Pi OS and older Jetson images still use it) needs
 numpy<2, so it cannot share this environment with ai-edge-litert. The test installs it from PyPI
-into a fresh venv, runs ``edgekit/deploy/runner.py`` there on .tflite files converted here by
+into a fresh venv, runs ``edgekit/deployment/runner.py`` there on .tflite files converted here by
 litert-torch, and compares with ai-edge-litert in this process.
 """
 

@@ -1,7 +1,7 @@
 """The deploy agent: runs on the device with the device's python, standard library only, never imports edgekit.
 
 The host sends this file, releases.py and bundlecheck.py as one ``python3 -c`` program
-(edgekit.deploy.remote.agent_program); as a plain file it runs as ``python3 agent.py COMMAND ...`` with the other
+(edgekit.deployment.remote.agent_program); as a plain file it runs as ``python3 agent.py COMMAND ...`` with the other
 two beside it. Layout under ROOT::
 
     releases/<id>/         one folder per bundle; ``.edgekit-release.json`` marks a release that passed every check

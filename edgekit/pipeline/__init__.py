@@ -1,7 +1,7 @@
 """The compress pipeline as public stages: baseline -> apply_steps -> export_variants -> evaluate -> measure ->
 assemble_report.
 
-``compress`` runs them end to end; ``edgekit.benchmark``, the bench scripts and the zoo tests call the same stages
+``compress`` runs them end to end; ``edgekit.pipeline.benchmark``, the bench scripts and the zoo tests call the same stages
 rather than rewiring them. Records are :class:`edgekit.results.Variant` and :class:`edgekit.results.Latency`.
 """
 

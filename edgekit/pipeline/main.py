@@ -23,7 +23,7 @@ from .stages import apply_steps, local_timer, drop_intermediates, evaluate, expo
 
 @dataclass
 class CompressResult:
-    """What ``edgekit.compress`` returns: the report (``to_json()`` is report.json) and typed variants by name."""
+    """What ``edgekit.steps`` returns: the report (``to_json()`` is report.json) and typed variants by name."""
 
     report: Dict[str, Any]
     variants: Dict[str, Variant] = field(default_factory=dict)
@@ -59,7 +59,7 @@ def compress(model: str, recipe: str | Recipe = "int8", device: str | DeviceProf
     spec = zoo.get_spec(model)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     dev = device if isinstance(device, DeviceProfile) else load_device(device)
-    from ..compress.steps import step_tag, validate_steps
+    from ..steps import step_tag, validate_steps
 
     validate_steps(rec.steps, where=f"recipe {rec.name}")
     if data is not None and not Path(data).is_dir():

@@ -58,7 +58,7 @@ def plan_variants(recipe: Recipe, tag: Optional[str]) -> List[VariantSpec]:
 def apply_steps(baseline: nn.Module, recipe: Recipe, task: Task, device: DeviceProfile, model_name: str,
                 seed: int = 0, notes: Optional[List[str]] = None) -> Tuple[Optional[nn.Module], List[dict]]:
     """The recipe's steps in order on a copy of ``baseline``; (final model or None without steps, per-step facts)."""
-    from ..compress.steps import StepContext, validate_steps
+    from ..steps import StepContext, validate_steps
 
     steps = validate_steps(recipe.steps, where=f"recipe {recipe.name}")
     if not steps:

@@ -27,7 +27,7 @@ plans the channels itself so that it can
   (1x1 -> dw3x3 -> 1x1) and the ``conv5`` channels are pruned, each part traced
   on its own, and block inputs and outputs keep their widths (``ADAPTERS``).
 
-With ``blocks`` the step first removes whole blocks (``edgekit.compress.depth``:
+With ``blocks`` the step first removes whole blocks (``edgekit.steps.depth``:
 residual blocks and ShuffleNetV2 stride-1 units, least harmful first), then prunes
 channels for the rest of the budget: at small inputs a block's fixed per-kernel
 costs are a large part of its latency, and thinning channels keeps them all.
@@ -38,7 +38,7 @@ are re-estimated) or, with ``finetune_epochs: 0``, by BatchNorm recalibration on
 
 Modules: ``step`` (the registered step and its parameters), ``graph`` (adapters,
 tracing, groups), ``plan`` (how much to prune where), ``check`` (the dependency
-check). Helpers other steps share live in ``edgekit.compress.common``.
+check). Helpers other steps share live in ``edgekit.steps.common``.
 """
 
 from ..common import CUSTOM_PRUNERS

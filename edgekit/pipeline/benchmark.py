@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import EdgekitError
-from .results import FAILED, OK, STATUS_MARK, UNAVAILABLE, Variant  # noqa: F401 - the status words
+from ..errors import EdgekitError
+from ..results import FAILED, OK, STATUS_MARK, UNAVAILABLE, Variant  # noqa: F401 - the status words
 
 ORDER = ("onnx", "tflite", "tensorrt")  # table order; formats added later follow in name order
 REFERENCE = ("onnx", "fp32")  # speedups are relative to this row
@@ -49,7 +49,7 @@ class BenchmarkResult:
 
 def baseline_model(model_name: str, task, weights: Optional[str] = None, recipe=None, seed: int = 0) -> nn.Module:
     """The trained fp32 model to benchmark: the pipeline's cached baseline (trained on ``task`` if needed)."""
-    from .pipeline import get_baseline
+    from .baseline import get_baseline
 
     torch.manual_seed(seed)  # the fresh model's initial weights must not depend on what ran before
     model, _info = get_baseline(model_name, task, weights=weights, recipe=recipe, seed=seed)
@@ -70,10 +70,10 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
     ``"format:precision"``. ``out_dir``: keep the artifacts there (default: a temporary folder, removed after).
     ``threads``: runtime threads (default: the device profile's).
     """
-    from .config import DeviceProfile, Recipe, load_device, load_recipe
-    from .data import load_task
-    from .formats import FORMATS
-    from .pipeline import (VariantSpec, apply_steps, evaluate, export_variants, load_runners, local_timer,
+    from ..config import DeviceProfile, Recipe, load_device, load_recipe
+    from ..data import load_task
+    from ..formats import FORMATS
+    from .stages import (VariantSpec, apply_steps, evaluate, export_variants, load_runners, local_timer,
                            measure)
 
     dev = device if isinstance(device, DeviceProfile) else load_device(device)

@@ -230,7 +230,7 @@ def _build_graphs(model: nn.Module, adapter: Adapter, x: torch.Tensor):
                     raise EdgekitError(
                         f"prune: Torch-Pruning cannot trace {type(scope.module).__name__} "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). "
-                        "Use the svd step, or add an adapter for this architecture to edgekit.compress.prune.ADAPTERS"
+                        "Use the svd step, or add an adapter for this architecture to edgekit.steps.prune.ADAPTERS"
                     ) from None
             graphs.append((scope, dg))
     finally:

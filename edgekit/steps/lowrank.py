@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import EdgekitError
-from .steps import Step, StepContext, StepParams, register_step
+from .registry import Step, StepContext, StepParams, register_step
 
 KINDS = ("pointwise", "spatial", "linear")
 

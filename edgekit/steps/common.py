@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import EdgekitError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .steps import StepContext
+    from .registry import StepContext
 
 
 def forward_with_hooks(model: nn.Module, x: torch.Tensor, modules: Sequence[nn.Module], hook: Callable, *,

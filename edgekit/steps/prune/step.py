@@ -13,7 +13,7 @@ from torch import nn
 
 from ...errors import EdgekitError
 from ..common import default_lr, example_shape, find_classifier, output_layer, record, resolve_ignored
-from ..steps import Step, StepContext, StepParams, register_step
+from ..registry import Step, StepContext, StepParams, register_step
 from .check import find_bad_groups
 from .graph import _ghost_ignored, adapter_for, collect_candidates
 from .plan import _metric, plan, prune_to
@@ -172,7 +172,7 @@ class Prune(Step):
             ctx.notes.append(f"prune: no channel group of {ctx.model_name} can be pruned safely (its layers are "
                              "custom modules Torch-Pruning cannot follow, sealed and kept whole, or every group "
                              "failed the dependency check); register a pruner for them in "
-                             "edgekit.compress.prune.CUSTOM_PRUNERS, or use the svd step")
+                             "edgekit.steps.prune.CUSTOM_PRUNERS, or use the svd step")
         if not reached:
             ctx.notes.append(f"prune: {ctx.model_name} could only be pruned to "
                              f"{after[kind] / before[kind]:.0%} of its {kind} (asked {keep:.0%}); "
@@ -184,7 +184,7 @@ class Prune(Step):
         return model
 
     def _remove_blocks(self, model: nn.Module, ctx: StepContext, kind: str, floor: int, shape) -> dict:
-        """Depth pruning (``edgekit.compress.depth``), in place, before the channel pruning."""
+        """Depth pruning (``edgekit.steps.depth``), in place, before the channel pruning."""
         from .. import depth
 
         p: PruneParams = self.params

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..errors import EdgekitError, did_you_mean
-from .steps import Step, StepContext, StepParams, register_step
+from .registry import Step, StepContext, StepParams, register_step
 
 
 class DistillParams(StepParams):

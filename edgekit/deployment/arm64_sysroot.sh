@@ -2,7 +2,7 @@
 # Assemble a minimal arm64 (aarch64) Debian bookworm userland with CPython 3.11, to run a Raspberry Pi / Jetson
 # bundle's runner on an x86_64 machine under qemu-user, without binfmt_misc and without root for the sysroot:
 #
-#   sh edgekit/deploy/arm64_sysroot.sh [DEST]        # prints DEST on its last line
+#   sh edgekit/deployment/arm64_sysroot.sh [DEST]        # prints DEST on its last line
 #   qemu-aarch64-static -L DEST DEST/usr/bin/python3.11 -c 'import platform; print(platform.machine())'
 #
 # DEST defaults to ${EDGEKIT_SYSROOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgekit}/arm64-sysroot-bookworm.

@@ -1,8 +1,8 @@
 """Deployment: the standalone device runner, bundles for a device, SSH deploys and Docker runtime images.
 
-- :mod:`edgekit.deploy.bundle`   ``build_bundle`` / ``extract_bundle``: an offline-installable .tar.gz
-- :mod:`edgekit.deploy.remote`   ``deploy``: releases on a device over SSH, ``current`` switched atomically
-- :mod:`edgekit.deploy.versions` runtime versions shared by bundles and the Dockerfile
+- :mod:`edgekit.deployment.bundle`   ``build_bundle`` / ``extract_bundle``: an offline-installable .tar.gz
+- :mod:`edgekit.deployment.remote`   ``deploy``: releases on a device over SSH, ``current`` switched atomically
+- :mod:`edgekit.deployment.versions` runtime versions shared by bundles and the Dockerfile
 """
 
 from __future__ import annotations
@@ -21,21 +21,21 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_bundle(*args, **kw):
-    """See :func:`edgekit.deploy.bundle.build_bundle`."""
+    """See :func:`edgekit.deployment.bundle.build_bundle`."""
     from .bundle import build_bundle as _build
 
     return _build(*args, **kw)
 
 
 def extract_bundle(*args, **kw):
-    """See :func:`edgekit.deploy.bundle.extract_bundle`."""
+    """See :func:`edgekit.deployment.bundle.extract_bundle`."""
     from .bundle import extract_bundle as _extract
 
     return _extract(*args, **kw)
 
 
 def deploy(*args, **kw):
-    """See :func:`edgekit.deploy.remote.deploy`."""
+    """See :func:`edgekit.deployment.remote.deploy`."""
     from .remote import deploy as _deploy
 
     return _deploy(*args, **kw)

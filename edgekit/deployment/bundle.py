@@ -20,7 +20,7 @@ every file's hash; remote releases are named after it.
 Extraction (:func:`extract_bundle`) checks every member before writing anything (no absolute paths, no
 ``..``, no links leaving the bundle, no device files, no duplicates), extracts into a temporary folder next
 to the destination, verifies every manifest hash and that no unlisted file exists, and only then renames
-the folder into place. The checking functions use only the standard library: ``edgekit.deploy.remote``
+the folder into place. The checking functions use only the standard library: ``edgekit.deployment.remote``
 sends their source to the device, so the device checks with the same code.
 """
 

@@ -1,0 +1,7 @@
+"""Compression steps on the torch model (prune, distill, svd, ...); ONNX int8 is an export option (edgekit.export).
+
+The registry (``edgekit.steps.registry``): one ``Step`` class per kind, each with its pydantic ``Params``.
+"""
+
+from .registry import (STEPS, Step, StepContext, StepParams, build_step, register_step, step_tag,  # noqa: F401
+                       validate_steps)
