@@ -21,7 +21,6 @@ than fp32 are flagged.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -34,27 +33,13 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekit import zoo
-from edgekit.steps import StepContext, validate_steps
 from edgekit.config import Recipe, TrainSpec, load_device, load_recipe
 from edgekit.data import load_task
-from edgekit.evaluate import predict_arrays, top1
-from edgekit.export import ExportContext, export
 from edgekit.export.onnx import export_onnx
-from edgekit.pipeline import get_baseline
 from edgekit.measure.local import interleaved_latency
+from edgekit.pipeline import (VariantSpec, apply_steps, evaluate, export_variants, get_baseline, load_runners,
+                              local_timer, measure)
 from edgekit.runtime import load_runner
-
-
-def _accuracy(runner, x, y) -> float:
-    return top1(predict_arrays(runner.run, x, batch_size=1, description="evaluate"), y)
-
-
-def _variant(model, recipe: Recipe, dev, task, d: Path, tag: str) -> tuple[Path, dict]:
-    """The recipe's last variant, made as ``edgekit compress`` makes it (its int8 search included)."""
-    v = recipe.variants[-1]
-    ctx = ExportContext(out_dir=d, task=task, device=dev, input_shape=task.input_shape,
-                        name=f"{tag}.{v.format}-{v.precision}", timer=interleaved_latency)
-    return export(v.format, model, v.precision, dict(v.options), ctx), ctx.info
 
 
 def main() -> int:
@@ -77,8 +62,6 @@ def main() -> int:
     recipes = {Path(r).stem if r.endswith((".yaml", ".yml")) else r: load_recipe(r)
                for r in args.recipes.split(",") if r}
     task = load_task("mnist")
-    x, y = task.arrays("eval")
-    x1 = np.ascontiguousarray(x[:1])
     rows = []
     console = Console(width=220)
     for name in names:
@@ -86,61 +69,55 @@ def main() -> int:
         baseline, _ = get_baseline(spec.name, task, recipe=Recipe(name="bench", train=TrainSpec(epochs=args.epochs)),
                                    seed=args.seed)
         base_stats = zoo.model_stats(baseline, task.input_shape[1:])
-        with tempfile.TemporaryDirectory() as tmp:
-            d = Path(tmp)
-            base_path = export_onnx(baseline, d / "baseline.onnx", task.input_shape)
-            base_run = load_runner("onnxruntime", base_path, threads=args.threads)
-            base_acc = _accuracy(base_run, x, y)
-            done = {}  # recipes with the same steps (prune50 and edge) share one compressed model
-            for rname, rec in recipes.items():
-                row = {"model": spec.name, "recipe": rname, "acc_fp32": base_acc,
-                       "macs_fp32": base_stats["macs"], "params_fp32": base_stats["params"]}
-                t0 = time.time()
-                try:
-                    key = json.dumps([s.model_dump() for s in rec.steps], sort_keys=True)
-                    if key in done:
-                        model, ctx, secs = done[key]
-                        row["steps_shared_with"] = ctx.info["_recipe"]
-                    else:
-                        ctx = StepContext(task=task, baseline=baseline, model_name=spec.name, device=dev,
-                                          seed=args.seed)
-                        model = copy.deepcopy(baseline)
-                        for step in validate_steps(rec.steps, where=f"recipe {rname}"):
-                            model = step.apply(model, ctx).eval()
-                        secs = round(time.time() - t0, 1)
-                        ctx.info["_recipe"] = rname
-                        done[key] = (model, ctx, secs)
-                    row["step_seconds"] = secs
-                    stats = zoo.model_stats(model, task.input_shape[1:])
-                    row["macs_ratio"] = stats["macs"] / base_stats["macs"]
-                    row["params_ratio"] = stats["params"] / base_stats["params"]
-                    row["variant"] = f"{rec.variants[-1].format} {rec.variants[-1].precision}"
-                    path, info = _variant(model, rec, dev, task, d, rname)
-                    if "quantization" in info:
-                        row["int8_config"] = info["quantization"].get("config")
-                    run = load_runner("onnxruntime", path, threads=args.threads)
-                    row["acc"] = _accuracy(run, x, y)
-                    lat = interleaved_latency({"fp32": base_run.run, "variant": run.run}, x1, warmup=10,
-                                              rounds=args.rounds, description=f"{name} {rname}")
-                    row["ms_fp32"], row["ms"] = lat["fp32"]["p50"], lat["variant"]["p50"]
-                    row["speedup"] = row["ms_fp32"] / row["ms"]
+        done = {}  # recipes with the same steps (prune50 and edge) share one compressed model
+        for rname, rec in recipes.items():
+            row = {"model": spec.name, "recipe": rname, "macs_fp32": base_stats["macs"],
+                   "params_fp32": base_stats["params"]}
+            t0 = time.time()
+            try:
+                key = json.dumps([s.model_dump() for s in rec.steps], sort_keys=True)
+                if key not in done:
+                    notes: list = []
+                    model, _ = apply_steps(baseline, rec, task, dev, spec.name, args.seed, notes)
+                    done[key] = (model if model is not None else baseline, notes, round(time.time() - t0, 1), rname)
+                model, notes, row["step_seconds"], first = done[key]
+                if first != rname:
+                    row["steps_shared_with"] = first
+                stats = zoo.model_stats(model, task.input_shape[1:])
+                row["macs_ratio"] = stats["macs"] / base_stats["macs"]
+                row["params_ratio"] = stats["params"] / base_stats["params"]
+                v = rec.variants[-1]
+                row["variant"] = f"{v.format} {v.precision}"
+                with tempfile.TemporaryDirectory() as tmp:  # the stages compress runs, as compress runs them
+                    specs = [VariantSpec("baseline", "onnx", "fp32"),
+                             VariantSpec("compressed", v.format, v.precision, dict(v.options))]
+                    variants = export_variants({"baseline": baseline, "compressed": model}, specs, task, dev,
+                                               Path(tmp), timer=local_timer(dev), model_label=spec.name)
+                    runners = load_runners(variants, args.threads)
+                    x = evaluate(variants, runners, task)
+                    measure(variants, runners, dev, x, runs=args.rounds)
+                    ref, var = variants
+                    if var.status != "ok":
+                        raise RuntimeError(var.error)
+                    row["int8_config"] = var.info.get("quantization", {}).get("config")
+                    row.update(acc_fp32=ref.accuracy, acc=var.accuracy, ms_fp32=ref.latency.p50, ms=var.latency.p50,
+                               speedup=var.speedup)
                     if args.size224:
+                        d = Path(tmp)
                         shape = (1, task.in_chans, 224, 224)
-                        p0 = export_onnx(baseline, d / "baseline224.onnx", shape)
-                        p1 = export_onnx(model, d / f"{rname}224.onnx", shape)
-                        r0 = load_runner("onnxruntime", p0, threads=args.threads)
-                        r1 = load_runner("onnxruntime", p1, threads=args.threads)
+                        r0, r1 = (load_runner("onnxruntime", export_onnx(m, d / f"{tag}224.onnx", shape),
+                                              threads=args.threads) for m, tag in ((baseline, "b"), (model, "c")))
                         xb = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
                         lat224 = interleaved_latency({"fp32": r0.run, "variant": r1.run}, xb, warmup=5,
                                                      rounds=max(20, args.rounds // 3), description="224")
                         row["ms_fp32_224"], row["ms_224"] = lat224["fp32"]["p50"], lat224["variant"]["p50"]
                         row["speedup_224"] = row["ms_fp32_224"] / row["ms_224"]
-                    row["notes"] = [n for n in ctx.notes]
-                    row["status"] = "ok"
-                except Exception as exc:  # one failing cell must not hide the rest of the matrix
-                    row.update(status="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-                rows.append(row)
-                console.print(_line(row))
+                row["notes"] = list(notes)
+                row["status"] = "ok"
+            except Exception as exc:  # one failing cell must not hide the rest of the matrix
+                row.update(status="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            rows.append(row)
+            console.print(_line(row))
     _print(rows, console, args.markdown, args.size224)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
