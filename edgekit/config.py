@@ -375,13 +375,13 @@ def parse_yaml_model(cls, path: Path, defaults: Optional[dict] = None):
 
 
 def _check_step_params(recipe: Recipe, path: Path) -> None:
-    """Step params checked with the file's line and the allowed range, which the steps' registry does not know."""
-    from .steps import STEPS
+    """Step params checked against each step's schema (torch-free: ``edgekit.steps.params``), with the file's line."""
+    from .steps.params import STEP_PARAMS
 
     text, data = _read_yaml(path)
     raw_steps = data.get("steps") or []
     for i, spec in enumerate(recipe.steps):
-        params_model = STEPS.get(spec.kind).Params
+        params_model = STEP_PARAMS.get(spec.kind)
         try:
             params_model.model_validate(spec.params)
         except ValidationError as exc:
@@ -435,10 +435,7 @@ def load_recipe(name_or_path: str) -> Recipe:
     path = _resolve("recipes", name_or_path)
     recipe = parse_yaml_model(Recipe, path, {"name": path.stem})
     _check_variants(recipe, path)
-    from .steps import validate_steps
-
     _check_step_params(recipe, path)
-    validate_steps(recipe.steps, where=str(path))
     return recipe
 
 

@@ -22,7 +22,12 @@ class Runner(Protocol):
     def run(self, x: np.ndarray) -> np.ndarray: ...
 
 
-RUNTIMES: Registry[Callable[..., Runner]] = Registry("runtime")
+def _load_runners() -> None:
+    """Importing the runner modules fills the table (each imports its runtime library only when it loads a model)."""
+    from . import litert, onnxruntime, tensorrt  # noqa: F401
+
+
+RUNTIMES: Registry[Callable[..., Runner]] = Registry("runtime", loader=_load_runners)
 
 
 def check_input(x: np.ndarray, expected: Tuple, artifact: str) -> None:

@@ -14,57 +14,16 @@ mean square). The adapter is trained with the student and discarded afterwards.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from ..errors import EdgekitError, did_you_mean
-from .registry import Step, StepContext, StepParams, register_step
-
-
-class DistillParams(StepParams):
-    teacher: Optional[str] = Field(None, description="zoo model to learn from (default: the fp32 baseline)")
-    teacher_weights: Optional[str] = Field(None, description="state dict for the named teacher (skips its training)")
-    teacher_epochs: float = Field(4, gt=0, le=10_000, allow_inf_nan=False,
-                                  description="training of a named teacher on the task")
-    teacher_lr: Optional[float] = Field(None, gt=0, le=10, allow_inf_nan=False,
-                                        description="default: the teacher's zoo training lr, else 1e-2")
-    epochs: float = Field(2, gt=0, le=10_000, allow_inf_nan=False)
-    lr: Optional[float] = Field(None, gt=0, le=10, allow_inf_nan=False,
-                                description="default: the student's training lr, at most 3e-3")
-    temperature: float = Field(4.0, gt=0, le=1000, allow_inf_nan=False)
-    alpha: float = Field(0.7, ge=0, le=1, allow_inf_nan=False,
-                         description="weight of the soft-target loss (1 - alpha: labels)")
-    feature_weight: float = Field(0.0, ge=0, le=1000, allow_inf_nan=False,
-                                  description="weight of the pooled last-stage feature MSE (0: off)")
-    batch_size: int = Field(64, ge=1, le=65_536)
-    evaluate: bool = Field(True, description="record accuracy and teacher agreement before and after")
-
-    @field_validator("teacher")
-    @classmethod
-    def _in_zoo(cls, v: Optional[str]) -> Optional[str]:
-        if v is None:
-            return v
-        from ..zoo.registry import MODELS
-
-        if v not in MODELS:
-            names = [s for s, _ in MODELS.items()]
-            raise ValueError(f"{v!r} is not a zoo model.{did_you_mean(v, names)} Known: {', '.join(sorted(names))}")
-        return v
-
-    @model_validator(mode="after")
-    def _weights_need_teacher(self) -> "DistillParams":
-        if self.teacher_weights is not None:
-            if self.teacher is None:
-                raise ValueError("'teacher_weights' needs 'teacher' (the zoo model they belong to)")
-            if not Path(self.teacher_weights).expanduser().is_file():
-                raise ValueError(f"teacher_weights file not found: {self.teacher_weights}")
-        return self
+from ..errors import EdgekitError
+from .params import DistillParams
+from .registry import Step, StepContext, register_step
 
 
 # ----------------------------------------------------------------------------- feature taps

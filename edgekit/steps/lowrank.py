@@ -20,38 +20,14 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import EdgekitError
-from .registry import Step, StepContext, StepParams, register_step
-
-KINDS = ("pointwise", "spatial", "linear")
-
-
-class SVDParams(StepParams):
-    energy: Optional[float] = Field(None, gt=0, lt=1, allow_inf_nan=False,
-                                    description="share of squared singular values kept per layer")
-    macs: Optional[float] = Field(None, gt=0, lt=1, allow_inf_nan=False,
-                                  description="fraction of the model's MACs to keep")
-    round_to: Optional[int] = Field(None, ge=1, le=1024,
-                                    description="ranks are multiples of this (default: device prune_round_to)")
-    layers: List[Literal["pointwise", "spatial", "linear"]] = Field(
-        default_factory=lambda: list(KINDS), description="which layers may be factorized")
-    ignore: List[str] = Field(default_factory=list, description="layer names or patterns left alone")
-    min_saving: float = Field(0.1, ge=0, lt=1, allow_inf_nan=False,
-                              description="factorize a layer only if it saves this share of its MACs")
-
-    @model_validator(mode="after")
-    def _one_target(self) -> "SVDParams":
-        if self.energy is not None and self.macs is not None:
-            raise ValueError("give one rank rule, 'energy' or 'macs', not both")
-        if self.energy is None and self.macs is None:
-            self.energy = 0.9
-        return self
+from .params import KINDS, SVDParams
+from .registry import Step, StepContext, register_step
 
 
 @dataclass

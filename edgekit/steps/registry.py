@@ -1,23 +1,23 @@
 """The step registry: torch-level compression steps applied in recipe order.
 
-Each step declares its own parameter schema (a pydantic model, as Olive's
-passes do) and implements ``apply(model, ctx) -> model``.
+Each step declares its own parameter schema (a pydantic model in ``params.py``, torch-free, as Olive's passes do) and
+implements ``apply(model, ctx) -> model``. ``STEPS`` fills itself on the first lookup by importing the step modules
+(they import torch); this module does not import torch, so checking a recipe never does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Type
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Type
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-from torch import nn
+from pydantic import ValidationError
 
 from ..errors import EdgekitError
 from ..registry import Registry
+from .params import STEP_PARAMS, StepParams
 
-
-class StepParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
@@ -44,10 +44,21 @@ class Step:
         raise NotImplementedError
 
 
-STEPS: Registry[Type[Step]] = Registry("step")
+def _load_steps() -> None:
+    """Importing the step modules fills the table (each registers itself with ``register_step``)."""
+    from . import distill, lowrank, prune  # noqa: F401
+
+
+STEPS: Registry[Type[Step]] = Registry("step", loader=_load_steps)
 
 
 def register_step(cls: Type[Step]) -> Type[Step]:
+    """Add a step class; its ``Params`` become the kind's schema in ``STEP_PARAMS`` (the built-in steps use the one
+    already there: a different model for the same kind is an error)."""
+    if cls.name not in STEP_PARAMS:
+        STEP_PARAMS.add(cls.name, cls.Params)
+    elif STEP_PARAMS.get(cls.name) is not cls.Params:
+        raise ValueError(f"step {cls.name!r}: its Params is not edgekit.steps.params.STEP_PARAMS[{cls.name!r}]")
     STEPS.add(cls.name, cls)
     return cls
 
@@ -70,7 +81,3 @@ def step_tag(specs) -> Optional[str]:
     """Short name for what the steps did (``prune-distill``), or None for no steps."""
     return "-".join(s.kind for s in specs) or None
 
-
-# The step modules register themselves; importing them here means any user of the
-# registry (config validation, the pipeline) sees every step.
-from . import distill as _distill, lowrank as _lowrank, prune as _prune  # noqa: E402,F401

@@ -4,55 +4,19 @@
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
 from ...errors import EdgekitError
 from ..common import default_lr, example_shape, find_classifier, output_layer, record, resolve_ignored
-from ..registry import Step, StepContext, StepParams, register_step
+from ..params import PruneParams
+from ..registry import Step, StepContext, register_step
 from .check import find_bad_groups
 from .graph import _ghost_ignored, adapter_for, collect_candidates
 from .plan import _metric, plan, prune_to
-
-
-class PruneParams(StepParams):
-    macs: Optional[float] = Field(None, gt=0, lt=1, allow_inf_nan=False,
-                                  description="fraction of the MACs to keep (0.5: half)")
-    params: Optional[float] = Field(None, gt=0, lt=1, allow_inf_nan=False,
-                                    description="fraction of the parameters to keep")
-    scope: Literal["global", "per-layer"] = Field(
-        "global", description="global: rank channels of all layers together; per-layer: the same share in each")
-    criterion: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
-    iterations: int = Field(1, ge=1, le=20, description="prune in this many steps, fine-tuning after each")
-    finetune_epochs: float = Field(1.0, ge=0, le=10_000, allow_inf_nan=False,
-                                   description="fine-tune after each iteration (0: BN recalibration only)")
-    finetune_lr: Optional[float] = Field(None, gt=0, le=10, allow_inf_nan=False,
-                                         description="default: the model's training lr, at most 3e-3")
-    finetune_alpha: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
-                                  description="weight of distillation from the baseline in fine-tunes")
-    round_to: Optional[int] = Field(None, ge=1, le=1024, description="default: the device profile's prune_round_to")
-    ignore: List[str] = Field(default_factory=list, description="layer names or patterns whose outputs stay")
-    max_layer_ratio: float = Field(0.9, gt=0, lt=1, allow_inf_nan=False,
-                                   description="at most this share of one layer's channels goes")
-    taylor_batches: int = Field(4, ge=1, le=100_000,
-                                description="training batches whose gradients the taylor criterion uses")
-    recalibrate: bool = True
-    blocks: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False, description=(
-        "share of the removable blocks (residual blocks, ShuffleNetV2 stride-1 units) to remove before channels "
-        "are pruned, least harmful first; the rest of the budget is met by channel pruning"))
-    block_samples: int = Field(128, ge=8, le=100_000, description="calibration images that rank the blocks")
-
-    @model_validator(mode="after")
-    def _one_target(self) -> "PruneParams":
-        if self.macs is not None and self.params is not None:
-            raise ValueError("give one budget, 'macs' or 'params', not both")
-        if self.macs is None and self.params is None:
-            self.macs = 0.5
-        return self
 
 
 def _taylor_gradients(model: nn.Module, task, batches: int, seed: int) -> None:
