@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__, progress
 from .errors import EdgekitError
@@ -39,6 +40,7 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        mode = progress.mode()  # commands turn progress on; callers in the same process (tests) get it back as it was
         try:
             return fn(*args, **kwargs)
         except EdgekitError as exc:
@@ -47,6 +49,8 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             err.print("[yellow]interrupted; nothing was written[/]")
             raise typer.Exit(130)
+        finally:
+            progress.enable(mode)
 
     return wrapper
 
@@ -62,6 +66,113 @@ def check_names(model: Optional[str] = None, recipe: Optional[str] = None, devic
         resolve_file("recipes", recipe)
     if device is not None:
         load_device(device)
+
+
+def check_inputs(data: Optional[Path] = None, weights: Optional[str] = None) -> None:
+    """--data and --weights mistakes answered before any work, with what to give instead."""
+    if data is not None and not data.is_dir():
+        if data.exists():
+            raise EdgekitError(f"--data must be a folder of class sub-folders (<folder>/<class>/<image>.jpg, or "
+                               f"<folder>/train and <folder>/val), not a file: {data}")
+        raise EdgekitError(f"Data folder not found: {data}")
+    if weights is not None and weights != "pretrained" and not Path(weights).is_file():
+        raise EdgekitError(f"Weights file not found: {weights}. --weights takes 'pretrained' (the zoo's pretrained "
+                           f"ImageNet weights: --weights pretrained) or a state-dict .pth file")
+
+
+def _plain(cell) -> str:
+    """A cell's text as shown (rich reads str cells as markup)."""
+    from rich.errors import MarkupError
+
+    try:
+        return Text.from_markup(cell).plain if isinstance(cell, str) else str(cell)
+    except MarkupError:
+        return str(cell)
+
+
+def fit_table(table: Table, console: Optional[Console] = None):
+    """``table`` if ``console`` is wide enough for every cell's longest word, else one block per row of "header: value"
+    pairs: rich would otherwise cut numbers to '1.…' in an 80-column terminal. Wrapping columns to fit, widest first,
+    never below a column's longest word."""
+    from rich.cells import cell_len
+
+    console = console or out
+    cols = table.columns
+    texts = [[_plain(c.header)] + [_plain(x) for x in c.cells] for c in cols]
+    hi = [max((cell_len(line) for t in ts for line in t.splitlines()), default=0) for ts in texts]
+    lo = [max((cell_len(w) for t in ts for w in t.split()), default=0) for ts in texts]
+    left, right = table.padding[3], table.padding[1]
+    overhead = (left + right) * len(cols) + (len(cols) + 1 if table.box and table.show_edge else len(cols) - 1)
+    room = console.width - overhead
+    if sum(hi) <= room:
+        return table
+    if sum(lo) <= room:
+        widths = list(hi)
+        while sum(widths) > room:  # narrow the widest column that can still wrap
+            i = max((j for j in range(len(cols)) if widths[j] > lo[j]), key=lambda j: widths[j])
+            widths[i] -= 1
+        for c, w in zip(cols, widths):
+            c.width, c.no_wrap, c.overflow = w, False, "fold"
+        return table
+    return _blocks(table, texts, console.width)
+
+
+def _blocks(table: Table, texts: List[List[str]], width: int) -> Group:
+    """The narrow layout: per row its first cell as a heading, then "header: value" pairs packed into lines."""
+    from rich.cells import cell_len
+
+    heads = [" ".join(ts[0].split()) for ts in texts]
+    # the heading: the first cell and the left-aligned names after it (variant · format · precision)
+    n = 1
+    while n < len(texts) and table.columns[n].justify == "left":
+        n += 1
+    lines: List[Text] = []
+    if table.title:
+        lines.append(Text(_plain(table.title), style="bold"))
+    for r in range(len(texts[0]) - 1 if texts else 0):
+        lines.append(Text(" · ".join(ts[r + 1] for ts in texts[:n] if ts[r + 1]) or "—", style="bold"))
+        row, cur = [], ""
+        for h, ts in zip(heads[n:], texts[n:]):
+            value = " ".join(ts[r + 1].split())
+            if not value:
+                continue
+            pair = f"{h}: {value}"
+            if cur and cell_len(cur) + 3 + cell_len(pair) > width - 2:
+                row.append(cur)
+                cur = pair
+            else:
+                cur = f"{cur} · {pair}" if cur else pair
+        if cur:
+            row.append(cur)
+        lines += [Text("  " + x) for x in row]
+    if table.caption:
+        lines.append(Text(_plain(table.caption), style="dim"))
+    return Group(*lines)
+
+
+def show_report(report: dict, console: Optional[Console] = None) -> None:
+    """compress's terminal output: the results table (blocks when the terminal is narrow) and the summary."""
+    from .report import summary_lines
+
+    console = console or out
+    console.print(fit_table(results_table(report, title=f"{report['model']} · {report['recipe']} · "
+                                                        f"{report['device']}"), console))
+    for line in summary_lines(report):
+        flag = any(w in line for w in ("SLOWER", "loses", "failed", "uncalibrated"))
+        console.print(("[bold yellow]! [/]" if flag else "• ") + escape(line.replace("**", "")), highlight=False)
+
+
+def show_benchmark(rows, table: Table, device: str, console: Optional[Console] = None) -> None:
+    """benchmark's terminal output: its table (blocks when narrow) and what its estimated latencies are."""
+    console = console or out
+    console.print(fit_table(table, console))
+    estimated = [v.latency for v in rows if v.latency is not None and not v.latency.measured]
+    if estimated:
+        from .report import latency_basis
+
+        bases = "; ".join(sorted({latency_basis(lat.to_json()) for lat in estimated}))
+        console.print(f"[bold yellow]! [/]Latency noted 'latency estimated' is {escape(bases)}: the latency model's "
+                      f"prediction for {escape(device)}, not timed on it.", highlight=False)
 
 
 def results_table(report: dict, title: Optional[str] = None) -> Table:
@@ -83,7 +194,8 @@ def compress(
     device: str = typer.Option("desktop-cpu", "--device", "-d", help="Device profile name or YAML path."),
     data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree (default: embedded MNIST task)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="'pretrained' or a state-dict .pth file."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default export/<model>-<recipe>)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default export/<model>-<recipe>"
+                                         "[-<device>][-<data folder>])."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     target_ms: Optional[float] = typer.Option(None, "--target-ms", help="Latency target (default: the device's)."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size (default: the task's)."),
@@ -94,18 +206,14 @@ def compress(
 ):
     """Compress MODEL with a recipe, export, evaluate and measure every variant."""
     check_names(model, recipe, device)  # a typo is answered before torch is imported
+    check_inputs(data, weights)
     from .pipeline import run
 
-    progress.enable(sys.stderr.isatty())
+    progress.enable_for(sys.stderr)
     report = run(model, recipe, device, data=str(data) if data else None, weights=weights, out=out_dir,
                  force=force, seed=seed, target_ms=target_ms, input_size=input_size, runs=runs,
                  skip_bad_images=skip_bad_images)
-    from .report import summary_lines
-
-    out.print(results_table(report, title=f"{report['model']} · {report['recipe']} · {report['device']}"))
-    for line in summary_lines(report):
-        out.print(("[bold yellow]! [/]" if "SLOWER" in line or "loses" in line or "failed" in line else "• ")
-                  + line.replace("**", ""), highlight=False)
+    show_report(report)
     if report["task"].get("skipped_images"):
         out.print(f"[bold yellow]! [/]skipped {report['task']['skipped_images']} unreadable image(s) of --data "
                   "(listed in report.json under task.skipped)", highlight=False)
@@ -187,7 +295,7 @@ def devices_calibrate(
     the profile at it, so estimates for this machine come from this machine."""
     from .estimate.kernels.calibrate import calibrate_device, reprobe_cold
 
-    progress.enable(sys.stderr.isatty())
+    progress.enable_for(sys.stderr)
     if cold_only:
         from .config import load_device
         from .estimate.tables import kernel_table_for
@@ -225,7 +333,7 @@ def devices_check(
     from .estimate.check import speed_check
     from .estimate.tables import kernel_table_for
 
-    progress.enable(sys.stderr.isatty())
+    progress.enable_for(sys.stderr)
     dev = load_device(device)
     if not dev.local:
         raise EdgekitError(f"A speed check times this machine; device {dev.name} is not local: true")
@@ -280,13 +388,12 @@ def benchmark(
     check_names(model, recipe, device)
     from .pipeline.benchmark import benchmark as run_benchmark, benchmark_table
 
-    if data is not None and not data.is_dir():
-        raise EdgekitError(f"Data folder not found: {data}")
-    progress.enable(sys.stderr.isatty())
+    check_inputs(data, weights)
+    progress.enable_for(sys.stderr)
     result = run_benchmark(model, recipe=recipe, device=device, data=str(data) if data else None, weights=weights,
                            formats=formats or None, out_dir=out_dir, threads=threads, runs=runs,
                            input_size=input_size, skip_bad_images=skip_bad_images)
-    out.print(benchmark_table(result, title=f"{model} on {device}"))
+    show_benchmark(result, benchmark_table(result, title=f"{model} on {device}"), device)
     if result.skipped_images:
         out.print(f"[bold yellow]! [/]skipped {result.skipped_images} unreadable image(s) of --data", highlight=False)
     if json_out is not None:
@@ -309,12 +416,11 @@ def compare(
     """Run two artifacts of one model on the same inputs; name the first layer where they diverge."""
     from .comparison import compare_artifacts, render_comparison
 
-    if data is not None and not data.is_dir():
-        raise EdgekitError(f"Data folder not found: {data}")
+    check_inputs(data)
     result = compare_artifacts(a, b, data=str(data) if data else None, per_layer=per_layer, model=model,
                                limit=limit, threshold_db=threshold_db)
     for table in render_comparison(result, max_layers=max_layers):
-        out.print(table)
+        out.print(fit_table(table))
     first = result.get("first_divergence")
     if result.get("layers") is not None:
         out.print(f"first layer below {threshold_db} dB: " + (f"{first['node']} ({first['op']}, "
@@ -340,7 +446,7 @@ def profile(
     from .measure import profile_artifact
     from .results import ESTIMATED, MEASURED, MEASURED_SSH
 
-    progress.enable(sys.stderr.isatty())
+    progress.enable_for(sys.stderr)
     lat = profile_artifact(artifact, device, host=host, threads=threads, runs=runs, warmup=warmup)
     if as_json:
         out.print_json(json.dumps(lat.to_json(), default=str))

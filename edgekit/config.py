@@ -202,6 +202,9 @@ class LatencyModel(Strict):
 class DeviceProfile(Strict):
     name: str
     description: str = ""
+    # Names people type for this device (raspberrypi4, pi4): an unknown --device close to one is answered with this
+    # profile's name. Suggestions only, never resolved silently; left out of report.json.
+    aliases: List[str] = Field(default_factory=list, exclude=True)
     kind: Literal["cpu", "gpu"] = "cpu"
     arch: Literal["x86_64", "aarch64", "armv7l"] = "x86_64"
     local: bool = Field(False, description="this machine itself: latency is measured here")
@@ -411,9 +414,37 @@ def _resolve(kind: str, name_or_path: str) -> Path:
     builtin = _builtin_dir(kind) / f"{name_or_path}.yaml"
     if not builtin.is_file():
         names = builtin_names(kind)
-        raise EdgekitError(f"Unknown {kind[:-1]} {name_or_path!r}.{did_you_mean(name_or_path, names)} "
+        close = did_you_mean(name_or_path, names)
+        if kind == "devices":
+            near = _devices_by_alias(name_or_path)
+            if near:
+                close = f" Did you mean: {', '.join(near)}?"
+        raise EdgekitError(f"Unknown {kind[:-1]} {name_or_path!r}.{close} "
                            f"Built in: {', '.join(names)}; or give a path to a .yaml file.")
     return builtin
+
+
+def _norm(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def _devices_by_alias(name: str) -> List[str]:
+    """Built-in devices whose name or ``aliases`` are close to ``name`` (raspberrypi -> rpi4, rpi5): close by
+    difflib, or containing it (3 characters or more). The YAMLs are read raw: an error path, no validation."""
+    import difflib
+
+    key, scores = _norm(name), {}
+    for stem in builtin_names("devices"):
+        try:
+            aliases = (yaml.safe_load((_builtin_dir("devices") / f"{stem}.yaml").read_text()) or {}).get("aliases")
+        except (OSError, yaml.YAMLError, AttributeError):
+            aliases = None
+        words = [_norm(w) for w in [stem, *(aliases or [])] if isinstance(w, str)]
+        best = max((difflib.SequenceMatcher(None, key, w).ratio() for w in words), default=0.0)
+        if best >= 0.75 or (len(key) >= 3 and any(key in w for w in words)):
+            scores[stem] = best
+    exact = [s for s, v in scores.items() if v == 1.0]  # an alias of these: the others are only near
+    return exact or sorted(scores, key=lambda s: (-scores[s], s))
 
 
 def resolve_file(kind: str, name_or_path: str) -> Path:

@@ -136,7 +136,8 @@ def summary_lines(report: dict) -> List[str]:
     estimated = _estimated(report)
     if estimated:
         bases = "; ".join(sorted({latency_basis(lat) for lat in estimated}))
-        lines.append(f"Latency marked (est.) is {bases}: a model's prediction for {report['device']}, not a timed run.")
+        lines.append(f"Latency marked (est.): {bases} — the latency model's prediction for {report['device']}, "
+                     f"not timed on it.")
     lines += report.get("notes", [])
     return lines
 

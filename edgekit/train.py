@@ -14,7 +14,7 @@ from torch import nn
 
 from .data import Task
 from .data.tasks import read
-from .progress import track
+from . import progress
 
 
 @dataclass
@@ -71,24 +71,26 @@ def fit(model: nn.Module, task: Task, cfg: FitConfig, teacher: Optional[nn.Modul
 
     try:
         it = batches()
-        for _ in track(range(steps), description, total=steps):
-            x, y = next(it)
-            if task.augment is not None:
-                x = task.augment(x)
-            if x.dim() == 4:
-                x = x.contiguous(memory_format=layout)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            if teacher is not None and cfg.alpha > 0:
-                with torch.no_grad():
-                    t_logits = teacher(x)
-                loss = cfg.alpha * kd_loss(logits, t_logits, cfg.temperature) + (1 - cfg.alpha) * loss
-            if extra_loss is not None:
-                loss = loss + extra_loss(model)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        with progress.task(description, total=steps, unit="batches", rate_unit="img") as bar:
+            for _ in range(steps):  # the bar advances per batch, with images/s
+                x, y = next(it)
+                if task.augment is not None:
+                    x = task.augment(x)
+                if x.dim() == 4:
+                    x = x.contiguous(memory_format=layout)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                if teacher is not None and cfg.alpha > 0:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                    loss = cfg.alpha * kd_loss(logits, t_logits, cfg.temperature) + (1 - cfg.alpha) * loss
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.advance(1, len(y))
     finally:  # also on an interrupt: the caller's model never stays in the training layout
         for m in nets:
             m.to(memory_format=torch.contiguous_format)

@@ -41,8 +41,14 @@ class CompressResult:
         return self.report[key]
 
 
-def default_out_dir(model: str, recipe: str, device: Optional[str]) -> Path:
+def default_out_dir(model: str, recipe: str, device: Optional[str], data: Optional[str] = None) -> Path:
+    """export/<model>-<recipe>[-<device>][-<data folder>]: a run on --data never lands in the MNIST run's folder."""
     name = f"{model}-{recipe}" + (f"-{device}" if device and device != "desktop-cpu" else "")
+    if data is not None:
+        import re
+
+        folder = re.sub(r"[^\w.-]+", "-", Path(data).resolve().name).strip("-.") or "data"
+        name += f"-{folder}"
     return Path("export") / name
 
 
@@ -68,7 +74,7 @@ def compress(model: str, recipe: str | Recipe = "int8", device: str | DeviceProf
         raise EdgekitError(f"Weights file not found: {weights}")
     if target_ms is not None and target_ms <= 0:
         raise EdgekitError("--target-ms must be positive")
-    out_dir = Path(out) if out is not None else default_out_dir(spec.name, rec.name, dev.name)
+    out_dir = Path(out) if out is not None else default_out_dir(spec.name, rec.name, dev.name, data)
     check_replaceable(out_dir, force)
     task_kw: Dict[str, Any] = {"seed": seed}
     if input_size is not None:
