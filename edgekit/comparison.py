@@ -305,23 +305,27 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
     return format(v, spec)
 
 
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
 def render_comparison(result: dict, max_layers: int = 40):
     """Rich renderables for the CLI: the outputs table, then the per-layer table around the divergence."""
     from rich.table import Table
 
     out = Table(title=f"{Path(result['a']['path']).name} vs {Path(result['b']['path']).name} "
                       f"({result['num_inputs']} inputs: {result['inputs']})")
-    cols = ["output", "agreement", "cosine", "max abs", "SQNR dB"]
+    cols = ["output", "agreement %", "cosine", "max abs", "SQNR dB"]
     has_acc = "accuracy_a" in result["outputs"][0]
     if has_acc:
-        cols += ["acc a", "acc b"]
+        cols += ["accuracy a %", "accuracy b %"]
     for c in cols:
         out.add_column(c, justify="left" if c == "output" else "right")
     for r in result["outputs"]:
-        cells = [r["output"], _fmt(r["agreement"]), _fmt(r["cosine"], ".6f"), _fmt(r["max_abs"], ".3g"),
+        cells = [r["output"], _pct(r["agreement"]), _fmt(r["cosine"], ".6f"), _fmt(r["max_abs"], ".3g"),
                  _fmt(r["sqnr_db"], ".1f")]
         if has_acc:
-            cells += [_fmt(r["accuracy_a"]), _fmt(r["accuracy_b"])]
+            cells += [_pct(r["accuracy_a"]), _pct(r["accuracy_b"])]
         out.add_row(*cells)
     tables = [out]
     layers = result.get("layers")
