@@ -1,0 +1,77 @@
+"""Getting a run onto a device: deploy, docker, and the version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .. import __version__
+from .base import app, err, handle_errors, out
+
+
+@app.command()
+@handle_errors
+def deploy(
+    run_dir: Path = typer.Argument(..., help="A run folder from `edgekit compress`, or a bundle .tar.gz to deploy."),
+    device: str = typer.Option(..., "--device", "-d", help="Device profile: rpi4, rpi5, jetson-orin-nano, ... or a "
+                                                           "YAML path."),
+    host: Optional[str] = typer.Option(None, "--host", help="Deploy over SSH to user@address[:port]."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Write the bundle (.tar.gz) here."),
+    python: str = typer.Option("3.11", "--python", help="The device's Python version; the wheels are fetched for it."),
+    root: str = typer.Option("~/edgekit", "--root", help="Folder on the device for releases/ and current."),
+    no_wheels: bool = typer.Option(False, "--no-wheels", help="Bundle no wheels (install.sh then uses the index)."),
+    runs: int = typer.Option(20, "--runs", help="Benchmark runs on the device after installing."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --bundle file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+):
+    """Bundle a run for a device (installs offline) and/or deploy it over SSH (releases, atomic `current`)."""
+    from ..deployment import deploy_cmd
+
+    res = deploy_cmd(run_dir, device, host=host, bundle=bundle, root=root, python_version=python,
+                     fetch_wheels=not no_wheels, force=force, bench_runs=runs)
+    if as_json:
+        typer.echo(json.dumps(res, default=str))
+        return
+    if res.get("bundle"):
+        out.print(f"bundle [bold]{res['bundle']}[/] ({res.get('size_mb', '?')} MiB, id {res['release']}): "
+                  f"{res.get('artifact')} for {res.get('device')}"
+                  + (f", fallback {res['fallback']}" if res.get("fallback") else ""), highlight=False)
+    if res.get("action") in ("installed", "activated", "unchanged"):
+        out.print(f"[bold green]{res['action']}[/]: {res['message']}", highlight=False)
+        smoke, bench = res.get("smoke") or {}, res.get("bench") or {}
+        if smoke.get("checks"):
+            out.print(f"smoke test: {len(smoke['checks'])} samples, "
+                      f"{'match the host' if smoke.get('matches_host') else 'ran (no host reference)'}")
+        if bench.get("p50") is not None:
+            out.print(f"on the device: p50 {bench['p50']:.3f} ms, p90 {bench['p90']:.3f} ms "
+                      f"({bench.get('runtime')} {bench.get('version')}, {bench.get('machine')})")
+
+
+@app.command()
+@handle_errors
+def docker(
+    device: str = typer.Option(..., "--device", "-d", help="Device profile: rpi4, jetson-orin-nano, desktop-cpu ..."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="A bundle .tar.gz (or extracted folder) to put "
+                                                                 "in the image."),
+    tag: Optional[str] = typer.Option(None, "--tag", "-t", help="Image tag (default edgekit-runtime:DEVICE)."),
+    run: bool = typer.Option(False, "--run", help="Run the build (needs docker buildx) instead of printing it."),
+    push: bool = typer.Option(False, "--push", help="Push instead of loading into the local engine."),
+):
+    """Print (or --run) the `docker buildx build` command of a device's runtime image."""
+    from ..deployment import docker_cmd
+
+    res = docker_cmd(device, bundle=bundle, run=run, tag=tag, push=push)
+    if run:
+        out.print(f"[bold green]built[/] {res['argv'][res['argv'].index('-t') + 1]}", highlight=False)
+    else:
+        err.print(f"# run in {res['cwd']}", highlight=False)
+        typer.echo(res["command"])
+
+
+@app.command()
+def version():
+    """Print edgekit's version."""
+    out.print(f"edgekit {__version__}")
