@@ -98,7 +98,7 @@ def _spec_for(dev: DeviceProfile, host: Optional[str], ssh: Optional[SSHSpec]) -
 def _agent(spec: SSHSpec, args, stdin_path: Optional[Path] = None, what: str = "deploy",
            timeout: Optional[float] = None) -> dict:
     """Run one agent command; its JSON answer, EdgekitError for what the device refused, _Lost when ssh failed."""
-    from ..measure.ssh import destination, run_ssh
+    from ..measure.ssh import destination, last_json_line, run_ssh
 
     python = shlex.split(spec.python)
     try:
@@ -106,13 +106,7 @@ def _agent(spec: SSHSpec, args, stdin_path: Optional[Path] = None, what: str = "
                        timeout=timeout or spec.command_timeout, what=what)
     except EdgekitError as exc:
         raise _Lost(str(exc)) from None
-    payload = None
-    for line in reversed(proc.stdout.strip().splitlines()):
-        try:
-            payload = json.loads(line)
-            break
-        except ValueError:
-            continue
+    payload = last_json_line(proc.stdout)
     dest = destination(spec)
     if proc.returncode == 127 or (payload is None and "not found" in proc.stderr):
         raise EdgekitError(f"The device python {spec.python!r} was not found on {dest}: set ssh.python in the "

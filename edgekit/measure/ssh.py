@@ -284,15 +284,19 @@ def _cleanup(ssh: SSHSpec, remote_dir: str, python: Optional[List[str]] = None) 
         pass
 
 
-def _parse_runner_output(proc: subprocess.CompletedProcess, ssh: SSHSpec) -> dict:
-    dest = destination(ssh)
-    payload = None
-    for line in reversed(proc.stdout.strip().splitlines()):
+def last_json_line(text: str):
+    """The last line of a remote program's stdout that parses as JSON (what it answered), or None."""
+    for line in reversed(text.strip().splitlines()):
         try:
-            payload = json.loads(line)
-            break
+            return json.loads(line)
         except ValueError:
             continue
+    return None
+
+
+def _parse_runner_output(proc: subprocess.CompletedProcess, ssh: SSHSpec) -> dict:
+    dest = destination(ssh)
+    payload = last_json_line(proc.stdout)
     if proc.returncode == 127 or (payload is None and "not found" in proc.stderr and proc.returncode != 0):
         raise EdgekitError(f"The device python {ssh.python!r} was not found on {dest}: set ssh.python in the "
                            f"device profile ({proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''})")
