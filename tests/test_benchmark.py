@@ -14,7 +14,7 @@ from edgekit.config import Recipe, TrainSpec
 from edgekit.errors import EdgekitError
 
 SHORT = Recipe(name="test-short", train=TrainSpec(epochs=1))  # same cache key as the other test files
-pytestmark = pytest.mark.xdist_group("benchmark")  # one worker builds this module's artifacts once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("benchmark")]  # one worker builds this module's artifacts once
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 # ONNX int8 without the latency search (a dozen more quantizations, timed): these tests are about the rows;
 # test_quantize.py and test_cli.py run the search.

@@ -37,8 +37,22 @@ def _manifest():
                                                                         "size": len(body)}}}).encode(), body
 
 
-def hostile(kind: str, depth: int) -> list:
-    """Entries of one attack; ``depth`` is how many folders up the temp folder sits from /."""
+def under(folder: str, entries: list) -> list:
+    """The entries with every name (not link targets) under ``folder``, as a bundle's top-level folder puts them."""
+    if not folder:
+        return entries
+    for ti, _ in entries:
+        ti.name = f"{folder}/{ti.name}"
+    return entries
+
+
+def hostile(kind: str, depth: int, folder: str = "") -> list:
+    """Entries of one attack (under the top-level ``folder`` when given); ``depth`` is how many folders up the temp
+    folder sits from /."""
+    return under(folder, _hostile(kind, depth + (1 if folder else 0)))
+
+
+def _hostile(kind: str, depth: int) -> list:
     manifest, body = _manifest()
     good = [_info("manifest.json", data=manifest), _info("ok.txt", data=body)]
     up = "/".join([".."] * (depth + 2))
@@ -109,34 +123,94 @@ def arena(tmp_path):
     return work, escaped
 
 
+TOP = "edgekit-m-rpi4-0123abcd"  # bundles keep their files under one top-level folder, which extraction drops
+
+
+@pytest.mark.parametrize("folder", ["", TOP])
 @pytest.mark.parametrize("kind", KINDS)
-def test_verify_bundle_refuses_and_writes_nothing(kind, arena):
+def test_verify_bundle_refuses_and_writes_nothing(kind, folder, arena):
     from edgekit.deployment.bundle import verify_bundle
 
     work, escaped = arena
-    tar = write(work / "evil.tar.gz", hostile(kind, len(work.parts)))
+    tar = write(work / "evil.tar.gz", hostile(kind, len(work.parts), folder))
     with pytest.raises(EdgekitError, match="Refusing bundle"):
         verify_bundle(tar)
     assert escaped() == []
     assert sorted(os.listdir(work)) == ["evil.tar.gz"]
 
 
+DEVICE_EXTRACT = ("import runpy, sys; g = runpy.run_path(sys.argv[1]); "
+                  "assert 'edgekit' not in sys.modules\n"
+                  "try:\n g['extract_members'](sys.argv[2], sys.argv[3]); g['verify_tree'](sys.argv[3])\n"
+                  "except g['BundleError'] as e:\n print('REFUSED', e); sys.exit(7)\n")
+
+
+def device_extract(tar: Path, into: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """bundlecheck.py's extract_members + verify_tree as the device agent runs them: a plain file, no edgekit."""
+    return subprocess.run([sys.executable, "-I", "-S", "-c", DEVICE_EXTRACT, str(DEVICE_DIR / "bundlecheck.py"),
+                           str(tar), str(into)], capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+@pytest.mark.parametrize("folder", ["", TOP])
 @pytest.mark.parametrize("kind", KINDS)
-def test_device_side_extractor_refuses_without_edgekit(kind, arena):
+def test_device_side_extractor_refuses_without_edgekit(kind, folder, arena):
     """The device agent's extractor is bundlecheck.py run as a plain file, with edgekit not importable."""
     work, escaped = arena
-    tar = write(work / "evil.tar.gz", hostile(kind, len(work.parts)))
+    tar = write(work / "evil.tar.gz", hostile(kind, len(work.parts), folder))
     into = work / "into"
     into.mkdir()
-    code = ("import runpy, sys; g = runpy.run_path(sys.argv[1]); "
-            "assert 'edgekit' not in sys.modules\n"
-            "try:\n g['extract_members'](sys.argv[2], sys.argv[3])\n"
-            "except g['BundleError'] as e:\n print('REFUSED', e); sys.exit(7)\n")
-    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(DEVICE_DIR / "bundlecheck.py"), str(tar),
-                           str(into)], capture_output=True, text=True, cwd=work, timeout=60)
+    proc = device_extract(tar, into, work)
     assert proc.returncode == 7, proc.stdout + proc.stderr
     assert os.listdir(into) == []  # checked before anything was created
     assert escaped() == []
+
+
+@pytest.mark.parametrize("folder", ["..", "/", "../..", "a/..", "/tmp", "..\\x"])
+def test_hostile_top_folder_is_refused(folder, arena):
+    """A top-level folder is dropped only after the whole names were checked: ``..`` or ``/`` never lands outside."""
+    from edgekit.deployment.bundle import verify_bundle
+
+    work, escaped = arena
+    manifest, body = _manifest()
+    entries = [_info(f"{folder}/{SENTINEL}", data=manifest), _info(f"{folder}/manifest.json", data=manifest),
+               _info(f"{folder}/ok.txt", data=body)]
+    tar = write(work / "evil.tar.gz", entries)
+    with pytest.raises(EdgekitError, match="Refusing bundle.*unsafe bundle entry"):
+        verify_bundle(tar)
+    into = work / "into"
+    into.mkdir()
+    proc = device_extract(tar, into, work)
+    assert proc.returncode == 7 and "unsafe bundle entry" in proc.stdout, proc.stdout + proc.stderr
+    assert os.listdir(into) == [] and escaped() == []
+    assert sorted(os.listdir(work)) == ["evil.tar.gz", "into"]
+
+
+@pytest.mark.parametrize("folder", [TOP, "", "./" + TOP])
+def test_bundles_with_and_without_a_top_folder_extract_alike(folder, tmp_path):
+    """The top folder is dropped (host and device alike); bundles made before it, with files at the top, still
+    extract; a folder with the folder's own entry too."""
+    from edgekit.deployment.bundle import read_manifest, verify_bundle
+
+    manifest, body = _manifest()
+    entries = ([_info(folder, tarfile.DIRTYPE)] if folder else []) + under(
+        folder, [_info("manifest.json", data=manifest), _info("ok.txt", data=body)])
+    tar = write(tmp_path / "b.tar.gz", entries)
+    assert verify_bundle(tar)[0]["files"] == json.loads(manifest)["files"]
+    assert read_manifest(tar)[0]["format"] == "edgekit-bundle"
+    into = tmp_path / "into"
+    into.mkdir()
+    proc = device_extract(tar, into, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(os.listdir(into)) == ["manifest.json", "ok.txt"]
+
+
+def test_a_single_file_is_not_taken_for_a_top_folder():
+    from edgekit.device.bundlecheck import check_members, strip_top
+
+    one = [_info("manifest.json", data=b"{}")[0]]
+    assert [n for n, _ in strip_top(check_members(one))] == ["manifest.json"]
+    mixed = [_info("a/x", data=b"1")[0], _info("b", data=b"2")[0]]
+    assert [n for n, _ in strip_top(check_members(mixed))] == ["a/x", "b"]
 
 
 @pytest.mark.parametrize("kind", ["symlink-chain", "link-then-file", "hardlink-missing", "bomb"])
@@ -177,3 +251,29 @@ def test_docker_context_never_replaces_a_folder_edgekit_did_not_write(tmp_path):
     mine.rmdir()
     assert (_bundle_context(tar) / "ok.txt").read_bytes() == body
     assert (_bundle_context(tar) / "ok.txt").read_bytes() == body  # its own folder is replaced
+
+
+@pytest.mark.parametrize("folder, stage", [(TOP, "install"), ("..", "verify")])
+def test_device_agent_takes_a_bundle_under_its_top_folder(folder, stage, tmp_path):
+    """The agent (a plain file, no edgekit) verifies a bundle whose files sit under one top folder and goes on to
+    install it (install.sh here exits 7); a top folder named ``..`` stops it at verify."""
+    import hashlib
+
+    from test_deploy_atomic import agent, upload
+
+    files = {"install.sh": b"exit 7\n", "runner.py": b"", "model.onnx": b"x"}
+    manifest = json.dumps({"format": "edgekit-bundle", "python_version": "3.11", "artifact": {"path": "model.onnx"},
+                           "files": {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+                                     for n, d in files.items()}}, sort_keys=True).encode()
+    entries = [_info(folder, tarfile.DIRTYPE)] + [_info(f"{folder}/{n}", data=d)
+                                                  for n, d in {**files, "manifest.json": manifest}.items()]
+    tar = write(tmp_path / "b.tar.gz", entries)
+    root = tmp_path / "root"
+    upload(root, tar, hashlib.sha256(manifest).hexdigest()[:16], "b" * 16)
+    rec = agent("wait", root, "b" * 16, 60)
+    assert rec["state"] == "failed" and rec["stage"] == stage, rec
+    if stage == "install":
+        assert rec["message"].startswith("install.sh exited with 7"), rec
+    else:
+        assert "unsafe bundle entry" in rec["message"], rec
+    assert not (tmp_path / SENTINEL).exists() and sorted(os.listdir(tmp_path)) == ["b.tar.gz", "root"]

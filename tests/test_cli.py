@@ -39,6 +39,7 @@ def compress(*args):
     return runner.invoke(app, ["compress", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_compress_end_to_end_and_report_schema(tmp_path, fast_recipe, no_search_recipe):
     out = tmp_path / "run"
     res = compress("shufflenetv2-x0.5", "--recipe", fast_recipe, "--input-size", 32, "--out", out, "--runs", 20)
@@ -81,6 +82,7 @@ def test_compress_end_to_end_and_report_schema(tmp_path, fast_recipe, no_search_
     assert "search" not in r["variants"][1]["details"]["quantization"]  # search: none
 
 
+@pytest.mark.slow
 def test_user_weights_flow(tmp_path, no_search_recipe):
     torch.manual_seed(0)
     w = tmp_path / "w.pth"
@@ -116,6 +118,7 @@ def test_bad_inputs_exit_2_without_output(tmp_path):
     _bad(tmp_path, "shufflenetv2", "--target-ms", -1, match="positive")
 
 
+@pytest.mark.slow
 def test_corrupt_and_mismatched_weights_exit_2(tmp_path, fast_recipe):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"\x00garbage")
@@ -177,6 +180,7 @@ def test_imagefolder_data(tmp_path):
         load_task(data=str(tmp_path / "empty"))
 
 
+@pytest.mark.slow
 def test_a_device_that_is_not_this_machine_gets_labelled_estimates(tmp_path, fast_recipe):
     """--device rpi4 --target-ms: every ONNX variant gets an estimated p50, the target is checked on it, and the
     terminal, report.md and report.json all say it is an estimate."""

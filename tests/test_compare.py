@@ -22,7 +22,7 @@ from edgekit.export.onnx import device_quant_config
 DESKTOP_INT8 = device_quant_config(_load_device("desktop-cpu"))
 
 SHORT = Recipe(name="test-short", train=TrainSpec(epochs=1))  # same cache key as the other test files
-pytestmark = pytest.mark.xdist_group("compare")  # one worker builds this module's artifacts once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("compare")]  # one worker builds this module's artifacts once
 
 
 @pytest.fixture(scope="module")

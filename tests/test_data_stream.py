@@ -106,6 +106,7 @@ def test_skip_in_the_library_and_clean_folders_unchanged(tmp_path):
     assert clean.skipped is None and "skipped_images" not in clean.describe()  # baseline cache keys unchanged
 
 
+@pytest.mark.slow
 def test_a_file_broken_after_the_check_is_named_in_one_line_from_a_worker(tmp_path):
     from edgekit.data import load_task
 
@@ -200,6 +201,7 @@ def test_arrays_refuses_a_split_too_big_for_memory(small_task, monkeypatch):
         small_task.arrays("calib", limit=11)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["percentile", "entropy"])
 def test_streamed_histogram_calibration_is_byte_identical_to_ort(tmp_path, small_task, monkeypatch, method):
     """Two passes of one input each (chunks forced to one input) give ORT's one-shot histograms exactly."""

@@ -55,16 +55,27 @@ def desktop_bundle(run_dir, tmp_path_factory):
                         wheel_cache=wheel_cache())
 
 
-def members(tar: Path) -> dict:
+def top(tar: Path) -> str:
+    """The bundle's one top-level folder (every member is under it)."""
     with tarfile.open(tar) as t:
-        return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+        names = t.getnames()
+    assert len({n.split("/", 1)[0] for n in names}) == 1, names[:5]
+    return names[0].split("/", 1)[0]
 
 
-def write_tar(path: Path, files: dict, extra=()) -> Path:
-    """A .tar.gz with ``files`` (name -> bytes) and extra TarInfo entries (links, devices ...)."""
+def members(tar: Path) -> dict:
+    """The bundle's files by their name inside its top-level folder."""
+    folder = top(tar)
+    with tarfile.open(tar) as t:
+        return {m.name[len(folder) + 1:]: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+
+
+def write_tar(path: Path, files: dict, extra=(), folder: str = "") -> Path:
+    """A .tar.gz with ``files`` (name -> bytes, under ``folder`` when given) and extra TarInfo entries (links,
+    devices ...)."""
     with tarfile.open(path, "w:gz") as t:
         for name, data in files.items():
-            info = tarfile.TarInfo(name)
+            info = tarfile.TarInfo(f"{folder}/{name}" if folder else name)
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
         for info in extra:
@@ -86,8 +97,8 @@ def test_rpi_bundle_contents_and_manifest(rpi_bundle, run_dir):
     assert m["device"] == "rpi4" and m["arch"] == "aarch64" and m["python_version"] == "3.11"
     # rpi4 is not where the run was measured: its first format it has (onnx) at the lowest precision (int8)
     assert m["artifact"]["path"] == "model.int8.onnx" and m["fallback"]["path"] == "model.fp32.onnx"
-    assert m["artifact"]["accuracy"] == report["variants"][1]["accuracy"]
-    assert m["artifact"]["latency_ms"]["p50"] == report["variants"][1]["latency_ms"]["p50"]
+    assert m["run_device"] == report["device"] == "desktop-cpu"
+    assert top(rpi_bundle) == f"edgekit-shufflenetv2-x0.5-rpi4-{rid[:8]}"  # one folder: tar xzf spills nothing
     assert m["recipe"] == report["recipe"] and m["device_profile"]["name"] == "rpi4"
     assert m["versions"]["onnxruntime"] == report["versions"]["onnxruntime"]
     assert f"onnxruntime=={report['versions']['onnxruntime']}" in m["requirements"]
@@ -115,9 +126,85 @@ def test_rpi_bundle_contents_and_manifest(rpi_bundle, run_dir):
     reqs = files["requirements.txt"].decode().split()
     assert any(r.startswith("numpy==") for r in reqs) and any(r.startswith("onnxruntime==") for r in reqs)
     with tarfile.open(rpi_bundle) as t:
-        assert {t.getmember(n).mode & 0o777 for n in ("install.sh", "run.sh", "runner.py")} == {0o755}
+        assert {t.getmember(f"{top(rpi_bundle)}/{n}").mode & 0o777
+                for n in ("install.sh", "run.sh", "runner.py")} == {0o755}
     print(f"\nrpi4 bundle: {rpi_bundle.stat().st_size / 2**20:.1f} MiB, {len(wheels)} wheels, id {rid}, "
           f"sha256 {sha256_file(rpi_bundle)[:16]}")
+
+
+def _zero_point_types(model_bytes: bytes) -> set:
+    import onnx
+
+    g = onnx.load_from_string(model_bytes).graph
+    inits = {i.name: i for i in g.initializer}
+    return {inits[n.input[2]].data_type for n in g.node
+            if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
+
+
+def test_rpi_bundle_from_a_desktop_run_is_requantized_for_arm(rpi_bundle, run_dir):
+    """A desktop-cpu run (U8S8, chosen for x86) bundled for rpi4 ships S8S8 from the run's fp32 ONNX, labelled, with
+    rpi4's estimated latency, never the desktop's measured figure as if it were rpi4's."""
+    import onnx
+
+    from edgekit.deployment.bundle import read_manifest
+
+    m, _ = read_manifest(rpi_bundle)
+    report = json.loads((run_dir / "report.json").read_text())
+    run_int8 = report["variants"][1]
+    assert run_int8["details"]["quantization"]["activation_type"] == "uint8"  # what the desktop run shipped
+    assert _zero_point_types((run_dir / "model.int8.onnx").read_bytes()) == {onnx.TensorProto.UINT8}
+    files = members(rpi_bundle)
+    assert _zero_point_types(files["model.int8.onnx"]) == {onnx.TensorProto.INT8}  # S8 activations, as rpi4 asks
+    art = m["artifact"]
+    assert art["why"].startswith("re-quantized for rpi4: QDQ S8S8 per-channel")
+    assert "from the run's fp32 ONNX model.fp32.onnx" in art["why"]
+    rq = art["requantized"]
+    assert rq["from"] == "model.fp32.onnx" and rq["run_device"] == "desktop-cpu" and "U8S8" in rq["run_config"]
+    assert rq["calibration"]["split"] == "calib" and rq["calibration"]["images"] == 64
+    assert 0.5 <= rq["agreement_with_fp32"] <= 1 and rq["eval_images"] > 0
+    assert art["agreement"] == rq["agreement_with_fp32"] and art["accuracy"] == rq["accuracy"]  # the host's, here
+    # latency: rpi4's own, estimated and labelled; the desktop's measured figure only under run_latency
+    assert art["latency"]["source"] == "estimated" and art["latency"]["device"] == "rpi4" and art["latency"]["p50"] > 0
+    assert "latency_ms" not in art and "speedup" not in art
+    assert art["run_latency"]["device"] == "desktop-cpu" and art["run_latency"]["source"] == "measured"
+    assert art["run_latency"]["p50"] == run_int8["latency_ms"]["p50"]
+    assert "not the shipped model" in art["run_latency"]["of"]
+    assert m["fallback"]["latency"]["source"] == "estimated" and m["fallback"]["latency"]["device"] == "rpi4"
+    assert any(n.startswith("re-quantized for rpi4") for n in m["notes"])
+    assert any("latency on rpi4" in n and "run_latency" in n for n in m["notes"])
+
+
+def test_desktop_bundle_keeps_the_runs_model_and_figure(desktop_bundle, run_dir):
+    from edgekit.deployment.bundle import read_manifest
+
+    m, rid = read_manifest(desktop_bundle)
+    report = json.loads((run_dir / "report.json").read_text())
+    chosen = next(v for v in report["variants"] if v["path"] == m["artifact"]["path"])
+    assert members(desktop_bundle)[chosen["path"]] == (run_dir / chosen["path"]).read_bytes()  # shipped as it is
+    assert "requantized" not in m["artifact"] and top(desktop_bundle).endswith(f"-desktop-cpu-{rid[:8]}")
+    assert m["artifact"]["latency"]["device"] == "desktop-cpu"
+    assert m["artifact"]["latency"]["p50"] == chosen["latency_ms"]["p50"]  # the run was made for this device
+
+
+def test_a_run_whose_task_cannot_be_rebuilt_is_refused_with_the_command(run_dir, tmp_path):
+    """An int8 made for another device, whose image folder is gone: refused with the command, nothing written."""
+    import shutil
+
+    from edgekit.deployment import deploy_cmd
+
+    gone = tmp_path / "run"
+    shutil.copytree(run_dir, gone)
+    report = json.loads((gone / "report.json").read_text())
+    report["task"].update(name="imagefolder:photos", source=str(tmp_path / "photos"))
+    (gone / "report.json").write_text(json.dumps(report))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(EdgekitError) as err:
+        deploy_cmd(gone, "rpi4", bundle=tmp_path / "out" / "pi.tar.gz", fetch_wheels=False)
+    msg = str(err.value)
+    assert "asks for S8S8 per-channel" in msg and "no longer exists" in msg
+    assert (f"`edgekit compress shufflenetv2-x0.5 --recipe deploy --device rpi4 --data {tmp_path / 'photos'} "
+            f"--input-size 32`") in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no bundle, no folder, no temporary file
 
 
 def test_bundle_is_reproducible(rpi_bundle, run_dir, tmp_path):
@@ -146,11 +233,11 @@ def test_extract_bundle_verifies_and_is_atomic(rpi_bundle, tmp_path):
 def test_tampered_bundle_is_refused_before_anything_is_placed(rpi_bundle, tmp_path):
     from edgekit.deployment.bundle import extract_bundle, verify_bundle
 
-    files = members(rpi_bundle)
+    files, folder = members(rpi_bundle), top(rpi_bundle)
     model = bytearray(files["model.int8.onnx"])
     model[len(model) // 2] ^= 0xFF  # one flipped byte, same size
     files["model.int8.onnx"] = bytes(model)
-    bad = write_tar(tmp_path / "tampered.tar.gz", files)
+    bad = write_tar(tmp_path / "tampered.tar.gz", files, folder=folder)
     with pytest.raises(EdgekitError, match="sha256 mismatch for model.int8.onnx"):
         extract_bundle(bad, tmp_path / "out")
     with pytest.raises(EdgekitError, match="sha256 mismatch"):
@@ -239,8 +326,10 @@ def test_bad_inputs(run_dir, tmp_path):
 INJECT = ['$(touch {s})', '`touch {s}`', '"; touch {s}; "', "'; touch {s}; '", "\ntouch {s}\n", ";touch {s}"]
 
 
-def _poison(obj, payload, skip=("format", "precision", "status", "path", "latency_source", "source", "versions")):
-    """Every free-text string of a report, with a shell payload appended (the keys the bundle selects by kept)."""
+def _poison(obj, payload, skip=("format", "precision", "status", "path", "latency_source", "source", "versions",
+                                "device")):
+    """Every free-text string of a report, with a shell payload appended (the keys the bundle selects by kept; with
+    another device name the run would be one made for another device, re-quantized from its task or refused)."""
     if isinstance(obj, dict):
         return {k: (v if k in skip else _poison(v, payload, skip)) for k, v in obj.items()}
     if isinstance(obj, list):

@@ -147,6 +147,7 @@ def test_dead_job_is_recovered_and_releases_are_pruned(tmp_path):
     assert os.readlink(root / "current") == f"releases/{ids[0]}"
 
 
+@pytest.mark.slow
 def test_a_second_deploy_is_refused_while_one_runs_and_cancel_stops_it(tmp_path):
     root = tmp_path / "root"
     rid = fake_bundle(tmp_path / "b.tar.gz", {"install.sh": b"sleep 300\n", "runner.py": b"", "model.onnx": b"x"})
@@ -164,6 +165,7 @@ def test_a_second_deploy_is_refused_while_one_runs_and_cancel_stops_it(tmp_path)
     assert not subprocess.run(["pgrep", "-f", str(root)], capture_output=True).stdout
 
 
+@pytest.mark.slow
 def test_a_job_stuck_past_its_limit_is_killed_by_the_next_deploy(tmp_path):
     """The backstop when a job's own time limits did not stop it: the next deploy kills it and takes the lock."""
     root = tmp_path / "root"

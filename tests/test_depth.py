@@ -26,6 +26,7 @@ REMOVABLE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REMOVABLE))
 def test_removable_blocks_are_the_ones_that_keep_their_shape(name, small_task):
     model = _fresh(name, small_task)
@@ -40,6 +41,7 @@ def test_removable_blocks_are_the_ones_that_keep_their_shape(name, small_task):
         assert m(x).shape == model(x).shape
 
 
+@pytest.mark.slow
 def test_blocks_go_least_harmful_first_and_the_model_is_left_whole(small_task):
     name = "mobilenetv2"
     model = _fresh(name, small_task)
@@ -59,6 +61,7 @@ def test_blocks_go_least_harmful_first_and_the_model_is_left_whole(small_task):
     assert not any(isinstance(m, nn.Identity) for m in model.features)  # select_blocks works on a copy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["shufflenetv2-x1.0", "mobilenetv2"])
 def test_prune_with_blocks_removes_them_then_prunes_channels_and_exports(name, small_task, tmp_path):
     model = _fresh(name, small_task)

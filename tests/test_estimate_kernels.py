@@ -27,6 +27,8 @@ from edgekit.estimate.kernels.model import KernelModel, fit_aggregate
 from edgekit.estimate.synthetic import RandomNet
 from edgekit.estimate.tables import kernel_table_for, load_table, save_table
 
+pytestmark = pytest.mark.slow  # calibrates and times kernel models for minutes: outside the fast tier
+
 
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):

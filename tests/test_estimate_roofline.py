@@ -31,6 +31,7 @@ def graphs(tmp_path_factory):
     return fp32, int8
 
 
+@pytest.mark.slow
 def test_every_result_is_labelled_estimated(graphs):
     for path in graphs:
         for dev in ("rpi4", "rpi5", "jetson-orin-nano", "desktop-cpu"):

@@ -41,6 +41,7 @@ def test_full_rank_factorization_is_exact(layer, shape, kind, rank):
         assert pair[0].kernel_size[1] == 1 and pair[1].kernel_size[0] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.zoo_matrix("svd")
 @pytest.mark.parametrize("name", SPECS)
 def test_every_zoo_model_factorizes_and_exports(name, small_task, tmp_path, record_property):

@@ -58,6 +58,7 @@ def test_steps_are_registered_by_importing_the_registry():
     assert {"prune", "distill", "svd"} <= set(STEPS)
 
 
+@pytest.mark.slow
 @pytest.mark.zoo_matrix("prune50")
 @pytest.mark.parametrize("name", SPECS)
 def test_every_zoo_model_prunes_and_exports(name, small_task, tmp_path, record_property):
@@ -110,6 +111,7 @@ def test_shufflenetv2_keeps_block_widths_and_prunes_branch_internals(small_task,
     assert_onnx_matches(pruned, small_task, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["global", "per-layer"])
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "taylor"])
 def test_criteria_and_scopes(criterion, scope, small_task, tmp_path):
@@ -182,6 +184,7 @@ def test_grouped_convolutions_prune_in_equal_slices(small_task, tmp_path):
     assert_onnx_matches(pruned, small_task, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["shufflenetv2-x0.5", "mobilenetv2"])
 def test_prune_then_svd_and_svd_then_prune(name, small_task, tmp_path):
     for order in (("prune", "svd"), ("svd", "prune")):

@@ -29,7 +29,7 @@ from edgekit.formats import FORMATS, FormatUnavailable
 from edgekit.runtime import load_runner
 
 SHORT = Recipe(name="test-short", train=TrainSpec(epochs=1))  # same cache key as the other test files
-pytestmark = pytest.mark.xdist_group("tensorrt")  # one worker builds this module's artifacts once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tensorrt")]  # one worker builds this module's artifacts once
 MODELS = ("shufflenetv2", "mobilenetv2")
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 

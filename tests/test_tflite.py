@@ -18,7 +18,7 @@ pytest.importorskip("litert_torch", reason="TFLite export needs litert-torch (pi
 pytest.importorskip("ai_edge_litert", reason="running .tflite needs ai-edge-litert")
 
 SHORT = Recipe(name="test-short", train=TrainSpec(epochs=1))  # a short training, cached for the whole session
-pytestmark = pytest.mark.xdist_group("tflite")  # one worker builds this module's artifacts once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tflite")]  # one worker builds this module's artifacts once
 MODELS = ("shufflenetv2", "mobilenetv2")
 
 

@@ -56,6 +56,7 @@ def test_an_error_mid_training_still_restores_the_layout(small_task):
     assert calls == [True] and _all_default_layout(model)
 
 
+@pytest.mark.slow
 def test_both_layouts_learn_alike(small_task):
     """Adam's first steps amplify float rounding, so two layouts' runs diverge like two seeds' runs: compare
     what they learn (one epoch: top-1 0.63 channels_last and 0.58 NCHW here; chance is 0.1)."""

@@ -14,6 +14,7 @@ from edgekit.runtime import load_runner
 SPECS = [s.name for s in zoo.list_models()]
 
 
+@pytest.mark.slow
 @pytest.mark.zoo_matrix("onnx")
 @pytest.mark.parametrize("name", SPECS)
 def test_builds_exports_and_matches_torch(name, tmp_path):

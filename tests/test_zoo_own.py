@@ -86,6 +86,7 @@ def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(n, generator=g) * 0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OWN_NAMES)
 def test_onnx_export_matches_torch(name, tmp_path):
     torch.manual_seed(0)
