@@ -52,7 +52,7 @@ def deploy_cmd(run_dir: str | Path, device: str, host: Optional[str] = None, bun
     """
     from ..errors import EdgekitError
     from . import versions
-    from .bundle import build_bundle as _build, read_manifest
+    from .bundle import build_bundle as _build, read_manifest, top_folder
 
     pv = python_version or versions.PYTHON_VERSION
     host_given = host is not None or ssh is not None
@@ -69,7 +69,9 @@ def deploy_cmd(run_dir: str | Path, device: str, host: Optional[str] = None, bun
         out = {"action": "bundle", "bundle": str(path), "release": rid,
                "size_mb": round(path.stat().st_size / 2**20, 2),
                "artifact": manifest["artifact"]["path"], "fallback": (manifest.get("fallback") or {}).get("path"),
-               "device": manifest["device"], "wheels": manifest["wheels"]}
+               "device": manifest["device"], "wheels": manifest["wheels"], "why": manifest["artifact"].get("why"),
+               "latency": manifest["artifact"].get("latency"), "run_device": manifest.get("run_device"),
+               "notes": manifest.get("notes", []), "folder": top_folder(path)}
         source = path
     if host_given:
         from .remote import DEFAULT_ROOT, deploy as _deploy

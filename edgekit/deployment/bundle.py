@@ -1,6 +1,7 @@
 """Deployment bundles: one .tar.gz that installs and runs a run folder's model on a device, offline.
 
-Layout of a bundle (no top-level folder; every file but manifest.json is hashed in it)::
+Layout of a bundle: one top-level folder, ``edgekit-<model>-<device>-<id8>/`` (so ``tar xzf`` spills nothing),
+holding (every file but manifest.json is hashed in it)::
 
     manifest.json        sha256 + size of every file, versions, device profile, recipe, accuracy, latency
     runner.py            the standalone runner (stdlib + numpy + one runtime)
@@ -13,21 +14,24 @@ Layout of a bundle (no top-level folder; every file but manifest.json is hashed 
     build_engine.py      Jetson / TensorRT devices only: builds the engine on first start (engines are
                          specific to the GPU and TensorRT version, so they are never shipped)
 
+A run made for another device is shipped as the target's profile asks (:mod:`.retarget`): its int8 ONNX is
+re-quantized for the target (or the bundle is refused with the command that makes a run for it), and the
+manifest's latency is the target's own, labelled; the run's figure stays under ``run_latency``.
+
 The bundle is deterministic (sorted entries, fixed times and owners, gzip without a timestamp): the same
 run folder, device and wheels give the same bytes. Its id is the sha256 of manifest.json, which covers
 every file's hash; remote releases are named after it.
 
 Extraction (:func:`extract_bundle`) checks every member before writing anything (no absolute paths, no
-``..``, no links leaving the bundle, no device files, no duplicates), extracts into a temporary folder next
-to the destination, verifies every manifest hash and that no unlisted file exists, and only then renames
-the folder into place. The checking functions use only the standard library: ``edgekit.deployment.remote``
-sends their source to the device, so the device checks with the same code.
+``..``, no links leaving the bundle, no device files, no duplicates), drops the one top-level folder, extracts
+into a temporary folder next to the destination, verifies every manifest hash and that no unlisted file exists,
+and only then renames the folder into place. The checking functions use only the standard library:
+``edgekit.deployment.remote`` sends their source to the device, so the device checks with the same code.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -40,21 +44,22 @@ from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 from ..errors import EdgekitError
-from . import versions
+from . import retarget, versions
+from .select import (PRECISION_RANK, _engine_source, _variant_block, load_run, safe_file_name,  # noqa: F401
+                     safe_python_version, safe_version, select_variants)
 
 BUNDLE_FORMAT = "edgekit-bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
 FIXED_MTIME = 946684800  # 2000-01-01: entries carry no build time, so bundles are reproducible
 EXECUTABLES = {"runner.py", "install.sh", "run.sh", "build_engine.py"}
-PRECISION_RANK = {"int8": 0, "fp16": 1, "fp32": 2}
 NUM_SAMPLES = 4
 FORMAT_REQUIREMENTS = {"onnx": "onnxruntime", "tflite": "ai-edge-litert"}
 
 
 # The checks (standard library only) live in edgekit/device/bundlecheck.py, which the device agent runs too.
 from ..device.bundlecheck import (BundleError, bad_name, check_members, extract_members,  # noqa: E402,F401
-                                  manifest_id, sha256_file, verify_tree)
+                                  manifest_id, sha256_file, strip_top, verify_tree)
 
 
 # ----------------------------------------------------------------------------- reading and extracting
@@ -74,13 +79,16 @@ def _open_tar(tar: Path) -> tarfile.TarFile:
 
 
 def read_manifest(tar: str | Path) -> Tuple[dict, str]:
-    """(manifest, bundle id) of a bundle, read without extracting it."""
+    """(manifest, bundle id) of a bundle, read without extracting it (under its top-level folder or not)."""
     tar = Path(tar)
     with _open_tar(tar) as t:
         try:
-            member = t.getmember(MANIFEST)
-        except KeyError:
-            raise EdgekitError(f"Refusing bundle {tar}: not an edgekit bundle (no manifest.json)") from None
+            todo = dict(strip_top(check_members(t.getmembers())))
+        except BundleError as exc:
+            raise _as_edgekit(exc, tar) from None
+        member = todo.get(MANIFEST)
+        if member is None or not member.isreg():
+            raise EdgekitError(f"Refusing bundle {tar}: not an edgekit bundle (no manifest.json)")
         f = t.extractfile(member)
         data = f.read() if f is not None else b""
     try:
@@ -90,6 +98,14 @@ def read_manifest(tar: str | Path) -> Tuple[dict, str]:
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise EdgekitError(f"Refusing bundle {tar}: manifest.json is not an edgekit bundle manifest")
     return manifest, manifest_id(data)
+
+
+def top_folder(tar: str | Path) -> Optional[str]:
+    """The bundle's top-level folder (None for bundles made before it had one)."""
+    with _open_tar(Path(tar)) as t:
+        names = [n for n in t.getnames()]
+    tops = {n.split("/", 1)[0] for n in names}
+    return tops.pop() if len(tops) == 1 and any("/" in n for n in names) else None
 
 
 def extract_bundle(tar: str | Path, dest: str | Path, force: bool = False) -> Path:
@@ -129,130 +145,7 @@ def verify_bundle(tar: str | Path) -> Tuple[dict, str]:
         return json.loads(data), manifest_id(data)
 
 
-# ----------------------------------------------------------------------------- choosing what to ship
-
-
-def load_run(run_dir: str | Path) -> Tuple[Path, dict]:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise EdgekitError(f"Run folder not found: {run_dir}")
-    rp = run_dir / "report.json"
-    if not rp.is_file():
-        raise EdgekitError(f"{run_dir} is not an edgekit run folder: it has no report.json "
-                           f"(make one with `edgekit compress`)")
-    try:
-        report = json.loads(rp.read_text())
-    except ValueError as exc:
-        raise EdgekitError(f"{rp} is not valid JSON: {exc}") from None
-    if not isinstance(report, dict) or not isinstance(report.get("variants"), list):
-        raise EdgekitError(f"{rp} is not an edgekit report (no variants)")
-    return run_dir, report
-
-
-def _available(run_dir: Path, report: dict) -> List[dict]:
-    """Variants whose artifact file is in the run folder."""
-    out = []
-    for v in report["variants"]:
-        p = v.get("path")
-        if v.get("status", "ok") != "ok" or not p:
-            continue
-        safe_file_name(p, "variant file name in report.json")  # a shared run folder may be hostile
-        if (run_dir / p).is_file() and not (run_dir / p).is_symlink():
-            out.append(v)
-    return out
-
-
-def select_variants(run_dir: str | Path, report: dict, dev) -> Tuple[dict, Optional[dict], str]:
-    """(the variant to ship, the fp32 ONNX fallback or None when it is the same, why it was chosen)."""
-    run_dir = Path(run_dir)
-    avail = _available(run_dir, report)
-    if not avail:
-        raise EdgekitError(f"{run_dir} has no artifacts to deploy: none of the report's variant files "
-                           f"({', '.join(str(v.get('path')) for v in report['variants']) or 'none'}) is in the folder")
-    fallback = next((v for v in avail if v["format"] == "onnx" and v["precision"] == "fp32"), None)
-    deployable = [v for v in avail if v["format"] in ("onnx", "tflite")]  # engines are built on the device
-    rec = report.get("recommended") or {}
-    chosen, why = None, ""
-    if report.get("device") == dev.name and rec:
-        chosen = next((v for v in deployable if v["name"] == rec.get("name") and v["format"] == rec.get("format")),
-                      None)
-        how = "by estimated latency" if rec.get("latency_source") == "estimated" else "measured"
-        why = f"the report's recommendation for {dev.name} (fastest {how} within the accuracy budget)"
-    if chosen is None:
-        budget = (report.get("recipe_spec") or {}).get("accuracy_budget_pp", 0.5) / 100
-        ref = report["variants"][0].get("accuracy")
-        ok = [v for v in deployable if v["format"] in dev.formats and v["precision"] in dev.precisions
-              and (ref is None or v.get("accuracy") is None or v["accuracy"] >= ref - budget - 1e-9)]
-        if dev.kind == "cpu":  # lower precision first on CPUs that have the kernels for it (ARM: int8 pays off)
-            ok.sort(key=lambda v: (dev.formats.index(v["format"]), PRECISION_RANK.get(v["precision"], 9)))
-        else:  # GPUs run the engine built from ONNX; the CPU fallback is fp32
-            ok.sort(key=lambda v: (PRECISION_RANK.get(v["precision"], 9) != 2, dev.formats.index(v["format"])))
-        if ok:
-            chosen = ok[0]
-            why = (f"not measured on {dev.name}: the first of its formats ({', '.join(dev.formats)}) at the lowest "
-                   f"precision it runs, within the recipe's accuracy budget" if dev.kind == "cpu" else
-                   f"{dev.name} builds a TensorRT engine from the ONNX on the device")
-        elif fallback is not None:
-            chosen, why = fallback, f"no variant of the run fits {dev.name}'s formats and precisions; fp32 ONNX"
-        else:
-            raise EdgekitError(f"{run_dir} has no artifact {dev.name} can run (it runs "
-                               f"{', '.join(dev.formats)} at {', '.join(dev.precisions)}; the run has "
-                               f"{', '.join(v['format'] + ' ' + v['precision'] for v in avail)})")
-    if fallback is not None and fallback["path"] == chosen["path"]:
-        fallback = None
-    return chosen, fallback, why
-
-
-def _variant_block(v: Optional[dict]) -> Optional[dict]:
-    if v is None:
-        return None
-    keys = ("name", "format", "precision", "path", "size_mb", "accuracy", "agreement", "latency_ms", "speedup")
-    return {k: v.get(k) for k in keys}
-
-
-def _engine_source(run_dir: Path, report: dict, dev, chosen: dict) -> Optional[dict]:
-    """For TensorRT devices: which ONNX the device builds its engine from, at which precision."""
-    if "tensorrt" not in dev.formats:
-        return None
-    for v in report["variants"]:  # a tensorrt variant of the run left its (fp16 or QDQ int8) ONNX beside it
-        if v.get("format") != "tensorrt" or v.get("precision") not in dev.precisions:
-            continue
-        files = (v.get("details") or {}).get("files") or []
-        src = next((f for f in files if isinstance(f, str) and f.endswith(".onnx") and _FILE_RE.match(f)
-                    and (run_dir / f).is_file() and not (run_dir / f).is_symlink()), None)
-        if src:
-            return {"name": v["name"], "onnx": src, "precision": v["precision"], "from": "the run's tensorrt variant"}
-    precision = "fp16" if "fp16" in dev.precisions else "fp32"
-    return {"name": f"{chosen['name']}-{precision}", "onnx": chosen["path"], "precision": precision,
-            "from": f"{chosen['path']} with TensorRT's {precision} builder flag"}
-
-
 # ----------------------------------------------------------------------------- wheels
-
-
-# What may reach a generated file or a pip command: a plain PEP 440 release (no markers, no spaces, no shell),
-# a plain file name, a CPython "3.N". Anything else in a run folder or on the command line is refused.
-_VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){0,3}((a|b|rc)[0-9]+)?(\.post[0-9]+)?(\.dev[0-9]+)?$")
-_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,200}$")
-_PYTHON_RE = re.compile(r"^3\.[0-9]{1,2}$")
-
-
-def safe_version(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _VERSION_RE.match(value):
-        raise EdgekitError(f"Refusing {what} {value!r}: not a plain version number (like 1.22.1)")
-    return value
-
-
-def safe_file_name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _FILE_RE.match(value) or value in (".", ".."):
-        raise EdgekitError(f"Refusing {what} {value!r}: not a plain file name (letters, digits, . _ + -)")
-    return value
-
-
-def safe_python_version(value: Any) -> str:
-    if not isinstance(value, str) or not _PYTHON_RE.match(value):
-        raise EdgekitError(f"python_version must look like 3.11, not {value!r}")
-    return value
 
 
 def requirements_for(formats: List[str], report: dict, python_version: str) -> List[str]:
@@ -329,16 +222,17 @@ def fetch_wheels(requirements: List[str], arch: str, python_version: str, dest: 
 # ----------------------------------------------------------------------------- sample inputs
 
 
-def _sample_inputs(report: dict, input_shape: List[int]) -> Tuple[Any, str]:
-    """A few eval images of the run's task when it can be loaded here, else seeded random inputs."""
+def _sample_inputs(report: dict, input_shape: List[int], task=None) -> Tuple[Any, str]:
+    """A few eval images of the run's task (``task`` when it was rebuilt already) when it can be loaded here, else
+    seeded random inputs."""
     import numpy as np
 
-    task = report.get("task") or {}
-    if task.get("name") == "mnist" and len(input_shape) == 4:
+    info = report.get("task") or {}
+    if (task is not None or info.get("name") == "mnist") and len(input_shape) == 4:
         try:
             from ..data import load_task
 
-            t = load_task("mnist", input_size=int(input_shape[-1]), seed=int(report.get("seed", 0)))
+            t = task or load_task("mnist", input_size=int(input_shape[-1]), seed=int(report.get("seed", 0)))
             x, _ = t.arrays("eval", limit=NUM_SAMPLES)
             if list(x.shape[1:]) == list(input_shape[1:]):
                 return np.ascontiguousarray(x[:NUM_SAMPLES], dtype=np.float32), "the run's eval split"
@@ -377,19 +271,23 @@ def _input_shape(path: Path, fmt: str) -> List[int]:
     return [d if isinstance(d, int) and d > 0 else 1 for d in load_runner(FORMATS.get(fmt).runtime, path).input_shape]
 
 
-# ----------------------------------------------------------------------------- scripts shipped in the bundle
-
 # ----------------------------------------------------------------------------- building
 
 
-def _write_tar(src: Path, out: Path) -> None:
-    """A reproducible .tar.gz of ``src``'s files: sorted, fixed times/owners, no gzip timestamp."""
+def _write_tar(src: Path, out: Path, top: str) -> None:
+    """A reproducible .tar.gz of ``src``'s files under the folder ``top``: sorted, fixed times/owners, no gzip
+    timestamp."""
     files = sorted(p for p in src.rglob("*") if p.is_file())
     with open(out, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        folder = tarfile.TarInfo(top)
+        folder.type, folder.mode, folder.mtime = tarfile.DIRTYPE, 0o755, FIXED_MTIME
+        folder.uid = folder.gid = 0
+        folder.uname = folder.gname = ""
+        tar.addfile(folder)
         for p in files:
             rel = p.relative_to(src).as_posix()
-            info = tarfile.TarInfo(rel)
+            info = tarfile.TarInfo(f"{top}/{rel}")
             info.size = p.stat().st_size
             info.mtime = FIXED_MTIME
             info.mode = 0o755 if rel in EXECUTABLES else 0o644
@@ -397,6 +295,14 @@ def _write_tar(src: Path, out: Path) -> None:
             info.uname = info.gname = ""
             with open(p, "rb") as f:
                 tar.addfile(info, f)
+
+
+def folder_name(model: Any, device: str, bundle_id: str) -> str:
+    """``edgekit-<model>-<device>-<id8>``: the bundle's top-level folder, a plain name whatever the report says."""
+    def plain(x: Any) -> str:
+        return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(x)).strip("-.")[:60] or "x"
+
+    return f"edgekit-{plain(model)}-{plain(device)}-{bundle_id[:8]}"
 
 
 def _runner_version() -> int:
@@ -415,14 +321,32 @@ def _save_npy(path: Path, x) -> None:
         np.save(f, x, allow_pickle=False)
 
 
+def _artifact_block(v: dict, why: str, path: Path, dev, report: dict, requant: Optional[dict]) -> dict:
+    """The manifest's record of a shipped file: what it is, why, its latency on the target, the run's figure."""
+    block = {**_variant_block(v), "why": why}
+    block["size_mb"] = round(path.stat().st_size / 2**20, 3)
+    if requant is not None:  # the run's accuracy and agreement were of another model: the host's, here
+        block.update(accuracy=requant.get("accuracy"), agreement=requant.get("agreement_with_fp32"),
+                     requantized=requant)
+    lat, note = retarget.target_latency(path, v["format"], dev, report, v, requant is not None)
+    block["latency"] = lat
+    if note:
+        block["latency_note"] = note
+    block["run_latency"] = retarget.run_latency(report, v)
+    if requant is not None and block["run_latency"]:
+        block["run_latency"]["of"] = f"the run's {v.get('path')} ({requant['run_config']}), not the shipped model"
+    return block
+
+
 def build_bundle(run_dir: str | Path, device, out_tar: str | Path, python_version: str = versions.PYTHON_VERSION,
                  fetch_wheels: bool = True, force: bool = False, wheel_cache: Optional[str | Path] = None) -> Path:
     """Write ``out_tar``: the artifact(s) of ``run_dir`` for ``device``, the runner, wheels, install.sh, manifest.
 
     ``device`` is a profile name, a YAML path or a :class:`~edgekit.config.DeviceProfile`. The shipped
     model is the report's recommended variant when the run was made for this device, else the device's
-    preferred format at the lowest precision it runs (within the recipe's accuracy budget); fp32 ONNX
-    always comes along as the fallback. TensorRT devices get the ONNX and ``build_engine.py``.
+    preferred format at the lowest precision it runs (within the recipe's accuracy budget), an int8 ONNX
+    re-quantized as the device's profile asks when the run's differs; fp32 ONNX always comes along as the
+    fallback. TensorRT devices get the ONNX and ``build_engine.py``. Nothing is written when it is refused.
     """
     from .. import __version__
     from ..config import DeviceProfile, load_device
@@ -438,6 +362,7 @@ def build_bundle(run_dir: str | Path, device, out_tar: str | Path, python_versio
         raise EdgekitError(f"No wheels can be fetched for {dev.name} ({dev.arch}); build with --no-wheels")
     safe_python_version(python_version)
     chosen, fallback, why = select_variants(run_dir, report, dev)
+    plan = retarget.plan_requant(run_dir, report, dev, chosen)  # refuses here, before anything is written
     engine = _engine_source(run_dir, report, dev, chosen)
     if engine is not None:
         safe_file_name(engine["name"], "engine name")
@@ -452,20 +377,26 @@ def build_bundle(run_dir: str | Path, device, out_tar: str | Path, python_versio
     with tempfile.TemporaryDirectory(prefix="edgekit-bundle-", dir=out_tar.parent) as tmpdir:
         stage = Path(tmpdir) / "bundle"
         stage.mkdir()
+        requant = None
         for f in files:
-            shutil.copyfile(run_dir / f, stage / f)
+            if plan is not None and f == chosen["path"]:
+                requant, why = retarget.requantize(plan, run_dir, stage / f, dev)
+                notes.append(f"{why}; agreement with fp32 on {requant.get('eval_images', 0)} eval images here: "
+                             f"{requant.get('agreement_with_fp32')}")
+            else:
+                shutil.copyfile(run_dir / f, stage / f)
         shutil.copyfile(RUNNER_PATH, stage / "runner.py")
         shutil.copyfile(run_dir / "report.json", stage / "report.json")
 
         # smoke-test samples and what the host computes for them
-        shape = _input_shape(run_dir / chosen["path"], chosen["format"])
-        samples, sample_source = _sample_inputs(report, shape)
+        shape = _input_shape(stage / chosen["path"], chosen["format"])
+        samples, sample_source = _sample_inputs(report, shape, plan.task if plan is not None else None)
         sample_files = []
         for i in range(len(samples)):
             rel = f"sample/input_{i}.npy"
             _save_npy(stage / rel, samples[i:i + 1])
             sample_files.append(rel)
-        expected, host_runtime = _host_outputs(run_dir / chosen["path"], chosen["format"], samples)
+        expected, host_runtime = _host_outputs(stage / chosen["path"], chosen["format"], samples)
         sample = {"inputs": sample_files, "source": sample_source, "model": chosen["path"],
                   "expected": expected, "expected_by": host_runtime,
                   "expected_argmax": [int(max(range(len(o)), key=o.__getitem__)) for o in expected]
@@ -485,9 +416,14 @@ def build_bundle(run_dir: str | Path, device, out_tar: str | Path, python_versio
                          "falls back to the ONNX with ONNX Runtime when TensorRT is absent")
         (stage / "requirements.txt").write_text("".join(r + "\n" for r in reqs))
 
+        artifact = _artifact_block(chosen, why, stage / chosen["path"], dev, report, requant)
+        lat = artifact["latency"]
+        if report.get("device") != dev.name:
+            notes.append(f"latency on {dev.name}: " + (f"{lat['p50']} ms {lat['of']}" if lat else
+                                                        artifact.get("latency_note", "none")) +
+                         f"; the run's figure (on {report.get('device')}) is under run_latency")
         vers = report.get("versions") or {}
-        RUNNER_VERSION = _runner_version()
-
+        pin = {r.split("==")[0]: r.split("==")[1] for r in reqs if "==" in r}
         manifest = {
             "format": BUNDLE_FORMAT,
             "bundle_version": BUNDLE_VERSION,
@@ -499,19 +435,17 @@ def build_bundle(run_dir: str | Path, device, out_tar: str | Path, python_versio
             "platforms": versions.platform_tags(dev.arch) if dev.arch in versions.ARCHES else [],
             "requirements": reqs,
             "wheels": wheels,
-            "versions": {"onnxruntime": next((r.split("==")[1] for r in reqs if r.startswith("onnxruntime==")), None),
-                         "ai-edge-litert": next((r.split("==")[1] for r in reqs if r.startswith("ai-edge-litert==")),
-                                                None),
-                         "numpy": next((r.split("==")[1] for r in reqs if r.startswith("numpy==")), None),
-                         "runner": RUNNER_VERSION, "run": vers},
+            "versions": {"onnxruntime": pin.get("onnxruntime"), "ai-edge-litert": pin.get("ai-edge-litert"),
+                         "numpy": pin.get("numpy"), "runner": _runner_version(), "run": vers},
             "model": report.get("model"),
             "recipe": report.get("recipe"),
             "recipe_spec": report.get("recipe_spec"),
             "run_device": report.get("device"),
             "run_created": report.get("created"),
             "task": report.get("task"),
-            "artifact": {**_variant_block(chosen), "why": why},
-            "fallback": _variant_block(fallback),
+            "artifact": artifact,
+            "fallback": _artifact_block(fallback, "fp32 ONNX fallback", stage / fallback["path"], dev, report, None)
+            if fallback is not None else None,
             "engine": engine,
             "sample": sample,
             "entry": {"install": "install.sh", "run": "run.sh", "runner": "runner.py"},
@@ -519,9 +453,10 @@ def build_bundle(run_dir: str | Path, device, out_tar: str | Path, python_versio
         }
         manifest["files"] = {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
                              for p in sorted(stage.rglob("*")) if p.is_file()}
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+        (stage / MANIFEST).write_bytes(data)
         tmp_tar = Path(tmpdir) / "bundle.tar.gz"
-        _write_tar(stage, tmp_tar)
+        _write_tar(stage, tmp_tar, folder_name(report.get("model"), dev.name, manifest_id(data)))
         os.replace(tmp_tar, out_tar)
     return out_tar
 

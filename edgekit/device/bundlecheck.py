@@ -6,6 +6,10 @@ entries, duplicate names, a member that is both a file and a folder, and archive
 size caps (a tar bomb). Every member is checked before the first byte is written; then each file is created
 with ``O_EXCL | O_NOFOLLOW`` inside folders that edgekit itself made, so nothing can be written through a
 link, even one that appears during extraction.
+
+Bundles keep their files under one top-level folder (``edgekit-<model>-<device>-<id>/``, so ``tar xzf`` does not
+spill them); :func:`strip_top` removes exactly that one folder after the full names were checked, and bundles
+made before it (files at the top) extract the same way.
 """
 
 import hashlib
@@ -83,6 +87,21 @@ def check_members(members, max_members=MAX_MEMBERS, max_bytes=MAX_BYTES):
     return out
 
 
+def strip_top(todo):
+    """``[(name, member)]`` of checked members without the one folder every member is under, when there is one.
+
+    The names were checked whole first (a top folder named ``..`` or ``/`` is refused there); the folder's own
+    entry is dropped. Members not all under one folder (a bundle without a top folder) are returned as they are.
+    """
+    tops = set(name.split("/", 1)[0] for name, _ in todo)
+    if len(tops) != 1:
+        return todo
+    top = tops.pop()
+    if not any("/" in name for name, _ in todo) or any(name == top and not m.isdir() for name, m in todo):
+        return todo
+    return [(name[len(top) + 1:], m) for name, m in todo if name != top]
+
+
 def _mkdir_inside(root, rel):
     """Create folder ``rel`` under ``root`` one component at a time, refusing any component that is not a real
     folder made here (a link planted during extraction is never followed)."""
@@ -99,7 +118,8 @@ def _mkdir_inside(root, rel):
 
 
 def extract_members(tar_path, into, max_members=MAX_MEMBERS, max_bytes=MAX_BYTES):
-    """Extract a checked archive into the empty folder ``into``: regular files and folders only."""
+    """Extract a checked archive into the empty folder ``into``: regular files and folders only, without the
+    bundle's top-level folder (the files land in ``into`` itself)."""
     into = os.path.realpath(into)
     if os.listdir(into):
         raise BundleError("extraction folder {} is not empty".format(into))
@@ -109,7 +129,7 @@ def extract_members(tar_path, into, max_members=MAX_MEMBERS, max_bytes=MAX_BYTES
             members.append(m)
             if len(members) > max_members:
                 break
-        todo = check_members(members, max_members, max_bytes)
+        todo = strip_top(check_members(members, max_members, max_bytes))
         for name, m in todo:
             if m.isdir():
                 _mkdir_inside(into, name)

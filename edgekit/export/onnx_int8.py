@@ -1,8 +1,9 @@
 """Static int8 post-training quantization with ONNX Runtime: the ``int8`` precision of the ``onnx`` format.
 
 An export option rather than a torch step, so it lives with the exporters (``tensorrt.py`` reuses its
-reader and memo). It never imports ``edgekit.measure``: the latency search times layouts with the
-``timer`` its caller passes (``ExportContext.timer``).
+reader and memo). It never times anything itself: the latency search times layouts with the ``timer``
+its caller passes (``ExportContext.timer``, called with ``raw=True`` for per-round times), and only
+borrows ``edgekit.measure.local.ratio_interval``, a statistic, to tell a speed-up from noise.
 
 edgekit's defaults differ from ``quantize_static``'s on purpose:
 - ``quant_pre_process`` first (shape inference + graph optimisation), as ORT advises (the latency
@@ -229,7 +230,7 @@ SEARCH_AGREEMENT_TOLERANCE = 0.005  # ... and at most half a point of top-1 agre
 # per-channel-depthwise MobileNetV1 (-1.9 dB, same agreement, eval top-1 94.6 = fp32, as fast as ORT's default)
 # but not EfficientNetV2-B0 with every op quantized (-1.9 dB, 0.8 points less agreement, -1.1 pp on eval).
 SEARCH_SQNR_TOLERANCE_SAME_AGREEMENT_DB = 2.0
-FINALISTS = 3  # the fastest eligible layouts of the first timing pass, timed again to decide
+FINALISTS = 3  # the most accurate layout and the fastest other eligible ones of the first pass, timed again
 SEARCH_NEEDS_TIMER = "no timer was given to time the int8 layouts with (ExportContext.timer); search: none used"
 
 
@@ -247,8 +248,9 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
 
     With ``latency_threads`` (the device is this machine) and a ``timer``, the other
     weight/activation layouts are quantized too with the chosen calibration, timed round-robin
-    here, and the fastest one whose SQNR and calibration agreement stay within tolerance of the
-    most accurate one wins: int8 that is slower than it needs to be is a bug, not a setting.
+    here, and a faster one whose SQNR and calibration agreement stay within tolerance of the
+    most accurate one wins when it is faster beyond the timing noise (else the most accurate
+    stays, and ``details["search_decision"]`` says it was a tie, with the interval).
     Without a timer the search is skipped and ``details["search_skipped"]`` says why.
     Returns the path, the config used and ``{"calibration_sqnr_db": ..., "search": [...]}``.
     """
@@ -288,9 +290,8 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
             details["search_skipped"] = SEARCH_NEEDS_TIMER
         elif latency_threads:
             same_calibration = [t for t in tried if t is not best and t[0].calibration == best[0].calibration]
-            chosen, details["search"] = _fastest_layout(fp32_path, Path(tmp), calib, [best, *same_calibration],
-                                                         ref, logits, latency_threads, rounds, timer)
-            best = chosen
+            best, details["search"], details["search_decision"] = _fastest_layout(
+                fp32_path, Path(tmp), calib, [best, *same_calibration], ref, logits, latency_threads, rounds, timer)
         shutil.move(str(best[1]), out_path)
     return out_path, best[0], details
 
@@ -304,10 +305,12 @@ def search_eligible(sqnr: float, agree: float, top_sqnr: float, top_agree: float
 
 def _fastest_layout(fp32_path, tmp: Path, calib, quantized: list, ref, logits, threads: int, rounds: int,
                     timer: Timer):
-    """Quantize the other layouts with the best one's calibration, time all round-robin, keep the fastest eligible.
+    """Quantize the other layouts with the best one's calibration, time all round-robin, keep the fastest eligible
+    one only when it is faster than the most accurate beyond the timing noise (:func:`choose_within_noise`).
 
     ``quantized``: (cfg, path, sqnr, agreement) already made with that calibration, the most accurate first
     (its other op scopes are timed too: fp32 element-wise ops between int8 convs can cost Q/DQ time).
+    Returns (the chosen candidate, the table of every layout, the decision in words).
     """
     from dataclasses import replace
 
@@ -327,20 +330,74 @@ def _fastest_layout(fp32_path, tmp: Path, calib, quantized: list, ref, logits, t
         p = quantize_onnx(fp32_path, tmp / f"layout{i}.onnx", calib, c)
         out = logits(p)
         cands.append((c, p, round(sqnr_db(ref, out), 2), agreement(ref, out)))
-    # Tolerances are relative to the most accurate candidate (highest SQNR), which is therefore always eligible.
-    top = max(cands, key=lambda c: c[2])
+    # Tolerances are relative to the most accurate candidate (highest SQNR, then agreement), always eligible.
+    top = max(cands, key=lambda c: (c[2], c[3]))
     eligible = [c for c in cands if search_eligible(c[2], c[3], top[2], top[3])]
     runners = {c[0].label(): load_runner("onnxruntime", c[1], threads=threads).run for c in cands}
     x1 = np.ascontiguousarray(calib[:1])
-    lat = timer(runners, x1, warmup=10, rounds=rounds, description="time int8 layouts")
-    # Many layouts run within a few percent of each other, less than one pass's noise: the fastest eligible
-    # ones are timed again, longer and among fewer, and the second pass decides.
-    finalists = sorted(eligible, key=lambda c: lat[c[0].label()]["p50"])[:FINALISTS]
-    final = timer({c[0].label(): runners[c[0].label()] for c in finalists}, x1, warmup=10,
-                                rounds=2 * rounds, description="time the fastest again") if len(finalists) > 1 else {}
-    chosen = min(finalists, key=lambda c: final[c[0].label()]["p50"] if final else 0.0)
-    table = [{"config": c[0].label(), "sqnr_db": c[2], "calib_agreement": round(c[3], 4),
-              "p50_ms": round(lat[c[0].label()]["p50"], 4), "eligible": c in eligible, "chosen": c is chosen,
-              **({"final_p50_ms": round(final[c[0].label()]["p50"], 4)} if c[0].label() in final else {})}
-             for c in cands]
-    return chosen, table
+    lat = timer(runners, x1, warmup=10, rounds=rounds, description="time int8 layouts", raw=True)
+    # The most accurate layout and the fastest other eligible ones of the first pass are timed again, longer and
+    # among fewer; the second pass's per-round times decide, within their noise.
+    others = sorted((c for c in eligible if c is not top), key=lambda c: lat[c[0].label()]["p50"])[:FINALISTS - 1]
+    finalists = sorted([top, *others], key=lambda c: (-c[2], -c[3]))  # most accurate first
+    final = timer({c[0].label(): runners[c[0].label()] for c in finalists}, x1, warmup=10, rounds=2 * rounds,
+                  description="time the fastest again", raw=True) if others else {}
+    label, decision, vs_top = choose_within_noise([c[0].label() for c in finalists], final)
+    chosen = next(c for c in finalists if c[0].label() == label)
+    table = []
+    for c in cands:
+        k = c[0].label()
+        row = {"config": k, "sqnr_db": c[2], "calib_agreement": round(c[3], 4), "p50_ms": round(lat[k]["p50"], 4),
+               "eligible": c in eligible, "chosen": c is chosen}
+        if k in final:
+            row["final_p50_ms"] = round(final[k]["p50"], 4)
+        if c is top:
+            row["most_accurate"] = True
+        if k in vs_top:  # p50(most accurate) / p50(this) and its 95% interval: above 1 is faster beyond noise
+            row["ratio_vs_most_accurate"] = [round(v, 3) for v in vs_top[k]]
+        if c is chosen:
+            row["decision"] = decision
+        table.append(row)
+    return chosen, table, decision
+
+
+def choose_within_noise(ranked: List[str], final: dict) -> tuple[str, str, dict]:
+    """The layout to keep among ``ranked`` (labels, most accurate first) from the timer's per-round times.
+
+    A less accurate layout replaces the current choice (at first the most accurate) only when the whole 95%
+    interval of p50(current) / p50(it) (``edgekit.measure.local.ratio_interval``: paired rounds, bootstrap) is
+    above 1; among several, the most accurate of them. Within the noise the more accurate layout is kept, so two
+    identical runs choose the same. Returns (label, the decision in words, {label: (ratio, lo, hi) vs the most
+    accurate}).
+    """
+    from ..measure.local import ratio_interval
+
+    top = ranked[0]
+    if len(ranked) == 1 or not final:
+        return top, "the only eligible layout", {}
+    if all(final[k].get("times") for k in ranked):
+        def interval(slow: str, fast: str) -> tuple:
+            return ratio_interval(final[slow]["times"], final[fast]["times"])
+        note = ""
+    else:  # a timer without per-round times: p50 alone, as it was
+        def interval(slow: str, fast: str) -> tuple:
+            r = final[slow]["p50"] / final[fast]["p50"]
+            return r, r, r
+        note = " (the timer gave no per-round times: ranked by p50 alone)"
+    vs_top = {k: interval(top, k) for k in ranked[1:]}
+    current, rest = top, list(ranked[1:])
+    while True:
+        faster = [k for k in rest if interval(current, k)[1] > 1]
+        if not faster:
+            break
+        current, rest = faster[0], faster[1:]
+    if current != top:
+        r, lo, hi = vs_top[current]
+        return current, f"faster beyond noise: ratio {r:.2f} [{lo:.2f}, {hi:.2f}] vs the most accurate, {top}" + note, \
+            vs_top
+    k = max(vs_top, key=lambda k: vs_top[k][2])  # the one most likely to be faster
+    r, lo, hi = vs_top[k]
+    if hi > 1:  # its interval holds 1 (lo > 1 would have chosen it): within the noise
+        return top, (f"tie within noise: ratio {r:.2f} [{lo:.2f}, {hi:.2f}] (p50 of the most accurate / p50 of {k}); "
+                     f"kept the most accurate") + note, vs_top
+    return top, f"the most accurate is also the fastest: ratio {r:.2f} [{lo:.2f}, {hi:.2f}] vs {k}" + note, vs_top
