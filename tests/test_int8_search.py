@@ -84,6 +84,7 @@ def _search(untrained, name, timer):
     return cfg, details
 
 
+@pytest.mark.slow  # quantizes every layout three times (about 20 s on 2 cores); the decision's unit tests stay fast
 def test_search_keeps_the_most_accurate_on_a_tie_and_the_faster_beyond_noise(untrained):
     """Through quantize_onnx_auto with a fake timer (interleaved_latency's signature, raw=True): timings that
     straddle 1 keep the most accurate layout and record the tie; a clearly faster eligible layout is chosen."""
