@@ -39,6 +39,16 @@ def deploy(
         out.print(f"bundle [bold]{res['bundle']}[/] ({res.get('size_mb', '?')} MiB, id {res['release']}): "
                   f"{res.get('artifact')} for {res.get('device')}"
                   + (f", fallback {res['fallback']}" if res.get("fallback") else ""), highlight=False)
+        if res.get("why"):
+            out.print(f"• chosen: {res['why']}", highlight=False, markup=False)
+        lat = res.get("latency") or {}
+        if lat.get("p50") is not None:
+            how = "measured" if str(lat.get("source", "")).startswith("measured") else \
+                "ESTIMATED, not measured (uncalibrated coefficients unless the profile says otherwise)"
+            out.print(f"• latency on {lat.get('device')}: p50 {lat['p50']:.3f} ms, {how}", highlight=False,
+                      markup=False)
+        for note in res.get("notes") or []:
+            out.print(f"• {note}", highlight=False, markup=False)
     if res.get("action") in ("installed", "activated", "unchanged"):
         out.print(f"[bold green]{res['action']}[/]: {res['message']}", highlight=False)
         smoke, bench = res.get("smoke") or {}, res.get("bench") or {}
