@@ -22,7 +22,7 @@ pytest.importorskip("litert_torch", reason="TFLite export needs litert-torch (pi
 pytest.importorskip("ai_edge_litert", reason="running .tflite here needs ai-edge-litert")
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tflite-runtime")]  # one venv, built once
-RUNNER = Path(__file__).resolve().parents[1] / "edgekit" / "deploy" / "runner.py"
+RUNNER = Path(__file__).resolve().parents[1] / "edgekit" / "device" / "runner.py"
 TFLITE_RUNTIME = "tflite-runtime==2.14.0"
 
 
