@@ -154,6 +154,8 @@ def quantization_sections(report: dict) -> List[Tuple[str, List[str], List[List[
         if q.get("calibration_sqnr_db"):
             extra += "; calibration and op scope chosen by logits SQNR vs fp32 on the calibration split: " + ", ".join(
                 f"{k} {val} dB" for k, val in q["calibration_sqnr_db"].items())
+        if q.get("search_decision"):  # how the layout search decided, with the timing interval
+            extra += f"; layout: {q['search_decision']}"
         if q.get("failed"):  # candidates ONNX Runtime's calibrator could not quantize with: skipped
             extra += "; skipped (ONNX Runtime failed): " + ", ".join(f"{k} ({why})" for k, why in q["failed"].items())
         rows = [[r["config"], f"{r['sqnr_db']:.1f}", f"{100 * r['calib_agreement']:.1f}%", f"{r['p50_ms']:.3f}",

@@ -77,6 +77,10 @@ def test_quantization_search_is_shown_in_markdown_and_html():
     v.info["quantization"]["failed"] = {"percentile conv-only": "Too many bins for data range."}
     assert "skipped (ONNX Runtime failed): percentile conv-only (Too many bins for data range.)" in to_markdown(r)
     assert "## Quantization" not in to_markdown(_report([_variant("fp32", 0.97, 1.0, 1.0)]))
+    v.info["quantization"]["search_decision"] = "tie within noise: ratio 1.01 [0.93, 1.35]; kept the most accurate"
+    r = _report([_variant("fp32", 0.97, 1.0, 1.0), v])
+    assert "layout: tie within noise: ratio 1.01 [0.93, 1.35]" in to_markdown(r)
+    assert "tie within noise: ratio 1.01 [0.93, 1.35]" in to_html(r)
 
 
 # ----------------------------------------------------------------------------- report.html escaping and wording
