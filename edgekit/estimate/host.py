@@ -13,26 +13,7 @@ import numpy as np
 
 from ..config import DeviceProfile
 from ..errors import EdgekitError
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+from ..hostinfo import cpu_flags, cpu_name  # noqa: F401 - the estimator reads this machine through host
 
 
 def l2_kb_per_core() -> Optional[float]:
