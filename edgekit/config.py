@@ -15,7 +15,8 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from .errors import EdgekitError, did_you_mean, show_value
@@ -133,7 +134,7 @@ class QuantSpec(Strict):
     per_channel: bool = True
     # 7-bit weights. None: where the int8 kernels would saturate (x86 without VNNI: this machine's flags for a local
     # profile, the profile's isa list otherwise), since a full-range model loses accuracy there (edgekit.hostinfo).
-    reduce_range: Optional[bool] = None
+    reduce_range: Optional[StrictBool] = None  # true or false, not 1 or "yes"
 
 
 # Values of the latency model's per-category tables (bounded per value, so a YAML .inf or 1e30 is refused).

@@ -88,3 +88,16 @@ def test_full_range_int8_saturates_without_vnni_and_7_bit_weights_do_not(small_t
     assert np.array_equal(here["seven.onnx"], haswell["seven.onnx"]) and db[("haswell", "seven.onnx")] > 20
     # full range on AVX2 without VNNI loses what 7-bit weights keep (measured: 33 -> 16 dB on a 64 px ShuffleNetV2)
     assert db[("haswell", "full.onnx")] < db[("haswell", "seven.onnx")] - 3
+
+
+@pytest.mark.parametrize("value", ["maybe", "1", "[true]", "$(touch x)"])
+def test_a_bad_reduce_range_in_a_device_profile_is_refused(tmp_path, value):
+    from edgekit.errors import EdgekitError
+
+    text = (Path(__file__).resolve().parents[1] / "edgekit" / "devices" / "rpi4.yaml").read_text()
+    bad = tmp_path / "mine.yaml"
+    bad.write_text(text.replace("quantization: {activation_type: int8, weight_type: int8}",
+                                f"quantization: {{activation_type: int8, weight_type: int8, reduce_range: {value}}}"))
+    assert f"reduce_range: {value}" in bad.read_text()
+    with pytest.raises(EdgekitError, match="reduce_range"):
+        load_device(str(bad))
