@@ -80,10 +80,11 @@ def compare(a: "str | Path", b: "str | Path", **kwargs: Any) -> ComparisonResult
 
 def profile(artifact: "str | Path", device: "str | DeviceProfile" = "desktop-cpu", host: Optional[str] = None,
             **kwargs: Any) -> "Latency":
-    """Latency of an exported model on ``device``: measured here, measured over SSH (``host``), or estimated."""
-    from .measure import profile_artifact
+    """Latency of an exported model, or of any model source exported to fp32 ONNX first, on ``device``: measured
+    here, measured over SSH (``host``), or estimated."""
+    from .pipeline.source import profile_model
 
-    return profile_artifact(artifact, device, host=host, **kwargs)
+    return profile_model(str(artifact), device, host=host, **kwargs)
 
 
 @dataclass

@@ -52,8 +52,11 @@ def _torch_artifact(path: Path, model: Optional[str]) -> Artifact:
 
     if not model:
         raise EdgekitError(f"{path} is a PyTorch checkpoint: name its architecture with --model "
-                           f"(e.g. --model shufflenetv2)")
-    spec = zoo.get_spec(model)
+                           f"(e.g. --model shufflenetv2, --model timm:lcnet_050, --model mynet.py:MyNet)")
+    from .sources import parse_source
+    from .zoo.external import spec_for
+
+    spec = spec_for(parse_source(model))
     state = load_checkpoint(path)
     head = state.get(f"{spec.classifier}.weight")
     if head is None:

@@ -50,12 +50,12 @@ def handle_errors(fn):
 
 
 def check_names(model: Optional[str] = None, recipe: Optional[str] = None, device: Optional[str] = None) -> None:
-    """Unknown zoo, recipe and device names fail in well under a second (index.json and YAML, no torch)."""
+    """Unknown zoo, recipe and device names, missing model files fail in well under a second (no torch)."""
     from ..config import load_device, resolve_file
-    from ..zoo.index import canonical_name
+    from ..sources import parse_source
 
-    if model is not None and ":" not in model and not model.lower().endswith((".onnx", ".py")):
-        canonical_name(model)
+    if model is not None:
+        parse_source(model)  # zoo names from index.json, files by existence: torch is not imported
     if recipe is not None:
         resolve_file("recipes", recipe)
     if device is not None:

@@ -18,7 +18,8 @@ from .tables import fit_table, show_benchmark, show_report
 @app.command()
 @handle_errors
 def compress(
-    model: str = typer.Argument(..., help="Zoo model name (see `edgekit zoo list`)."),
+    model: str = typer.Argument(..., help="Zoo name (`edgekit zoo list`), timm:<name>, torchvision:<name>, "
+                               "path/to/file.py:Factory, package.module:Factory, or model.onnx."),
     recipe: str = typer.Option("int8", "--recipe", "-r", help="Built-in recipe name or path to a recipe YAML."),
     device: str = typer.Option("desktop-cpu", "--device", "-d", help="Device profile name or YAML path."),
     data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree (default: embedded MNIST task)."),
@@ -52,7 +53,8 @@ def compress(
 @app.command()
 @handle_errors
 def benchmark(
-    model: str = typer.Argument(..., help="Zoo model name (see `edgekit zoo list`)."),
+    model: str = typer.Argument(..., help="Zoo name (`edgekit zoo list`), timm:<name>, torchvision:<name>, "
+                               "path/to/file.py:Factory, package.module:Factory, or model.onnx."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe whose steps compress the model first."),
     device: str = typer.Option("desktop-cpu", "--device", "-d", help="Device profile name or YAML path."),
     data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree (default: embedded MNIST task)."),
@@ -87,7 +89,7 @@ def benchmark(
 def compare(
     a: Path = typer.Argument(..., help="First artifact: .pt/.pth (with --model), .onnx or .tflite."),
     b: Path = typer.Argument(..., help="Second artifact."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo architecture of a .pt/.pth checkpoint."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture of a .pt/.pth checkpoint: zoo name, timm:<name>, file.py:Factory."),
     data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree (default: embedded MNIST task)."),
     limit: int = typer.Option(500, "--limit", min=1, help="Inputs to compare on."),
     per_layer: bool = typer.Option(True, "--per-layer/--no-per-layer", help="Per-layer table (two ONNX models)."),
@@ -114,7 +116,8 @@ def compare(
 @app.command()
 @handle_errors
 def profile(
-    artifact: Path = typer.Argument(..., help="Exported model: .onnx, .tflite or .engine."),
+    artifact: str = typer.Argument(..., help="Exported model (.onnx, .tflite, .engine), or any model source "
+                                   "(zoo name, timm:<name>, file.py:Factory), exported to fp32 ONNX first."),
     device: str = typer.Option("desktop-cpu", "--device", "-d", help="Device profile name or YAML path."),
     host: Optional[str] = typer.Option(None, "--host", help="Measure on user@address[:port] over SSH "
                                                             "(system OpenSSH, host keys checked)."),
@@ -122,14 +125,20 @@ def profile(
     runs: int = typer.Option(100, "--runs", min=1, help="Timed runs after warm-up."),
     warmup: int = typer.Option(10, "--warmup", min=0),
     as_json: bool = typer.Option(False, "--json", help="Print the whole result as JSON."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Input size of a model source "
+                                             "(default: the model's own)."),
 ):
     """Latency of ARTIFACT on a device: measured here (local profiles), over SSH (--host or the profile's
     ssh: block), or estimated from the ONNX graph (every other profile)."""
-    from ..measure import profile_artifact
     from ..results import ESTIMATED, MEASURED, MEASURED_SSH
 
+    if not artifact.lower().endswith((".onnx", ".tflite", ".engine")):
+        check_names(artifact)  # a model source: a typo is answered before torch is imported
+    from ..pipeline.source import profile_model
+
     progress.enable_for(sys.stderr)
-    lat = profile_artifact(artifact, device, host=host, threads=threads, runs=runs, warmup=warmup)
+    lat = profile_model(artifact, device, input_size=input_size, host=host, threads=threads, runs=runs,
+                        warmup=warmup)
     if as_json:
         out.print_json(json.dumps(lat.to_json(), default=str))
         return

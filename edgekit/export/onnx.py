@@ -96,6 +96,16 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Tuple[int, ...]
     return path
 
 
+def fp32_onnx(model, path: str | Path, input_shape: Tuple[int, ...], opset: int = DEFAULT_OPSET) -> Path:
+    """The fp32 graph every ONNX-based row starts from: exported from PyTorch, or the user's ONNX file at the run's
+    static input shape (its own opset kept)."""
+    from .onnx_source import OnnxModel
+
+    if isinstance(model, OnnxModel):
+        return model.save_static(path, min_opset=13)
+    return export_onnx(model, path, input_shape, opset=opset)
+
+
 def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) -> Path:
     """fp32: export. int8: export fp32 once per model, then ORT static quantization with the device's types."""
     from .onnx_int8 import (AUTO_CANDIDATES, AUTO_SCOPES, SEARCH_NEEDS_TIMER, OrtQuantConfig, quantize_onnx,
@@ -105,7 +115,7 @@ def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) 
     fp32 = ctx.cache.get(key)
     if fp32 is None:
         fp32 = ctx.path(".onnx", ctx.name if precision == "fp32" else f"{ctx.name}.fp32-src")
-        export_onnx(model, fp32, ctx.input_shape, opset=options.opset)
+        fp32_onnx(model, fp32, ctx.input_shape, opset=options.opset)
         ctx.cache[key] = fp32
     if precision == "fp32":
         return fp32

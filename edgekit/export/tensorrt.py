@@ -110,7 +110,7 @@ def write_trtexec(out_dir: Path, name: str, onnx_name: str, precision: str, work
 
 def export_tensorrt(model: nn.Module, precision: str, options: TensorrtOptions, ctx) -> Path:
     """The ``tensorrt`` row: ONNX (fp16 or QDQ int8) + trtexec.sh always; the engine where TensorRT runs."""
-    from .onnx import export_onnx
+    from .onnx import fp32_onnx
 
     if precision not in ("fp16", "int8"):
         raise EdgekitError(f"tensorrt has no {precision} variant (it supports fp16, int8)")
@@ -119,7 +119,7 @@ def export_tensorrt(model: nn.Module, precision: str, options: TensorrtOptions, 
     fp32 = ctx.cache.get(key)
     if fp32 is None or not Path(fp32).is_file():
         fp32 = ctx.path(".onnx", f"{ctx.name}.fp32-src")
-        export_onnx(model, fp32, ctx.input_shape, opset=max(MIN_OPSET, options.opset))
+        fp32_onnx(model, fp32, ctx.input_shape, opset=max(MIN_OPSET, options.opset))
         ctx.cache[key] = fp32
     src = ctx.path(".onnx", f"{ctx.name}.trt")
     if precision == "int8":

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import EdgekitError
-from ..formats import TfliteOptions
+from ..formats import FormatUnavailable, TfliteOptions
 
 
 def _quiet_litert() -> None:
@@ -249,6 +249,11 @@ def export_tflite(model: nn.Module, precision: str, options: TfliteOptions, ctx)
 
     if precision not in ("fp32", "fp16", "int8"):
         raise EdgekitError(f"tflite has no {precision} variant (it supports fp32, fp16, int8)")
+    from .onnx_source import OnnxModel
+
+    if isinstance(model, OnnxModel):
+        raise FormatUnavailable("TFLite is converted from a PyTorch model (litert-torch); from an ONNX file it would "
+                                "need onnx2tf and TensorFlow, which edgekit does not install")
     nhwc = options.nhwc
     info = {"converter": f"litert-torch {md.version('litert-torch')}", "layout": "NHWC" if nhwc else "NCHW",
             "input_shape": list(ctx.input_shape[:1]) + (list(ctx.input_shape[2:]) + [ctx.input_shape[1]]

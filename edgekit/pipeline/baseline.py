@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -52,10 +53,12 @@ def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, rec
     stochastic_depth = recipe.train.stochastic_depth if recipe is not None else None
     key = json.dumps({"model": spec.name, "task": task.describe(), "fit": vars(cfg), "pretrained": model is not None,
                       "v": TRAIN_VERSION, "torch": torch.__version__.split("+")[0],
+                      **({"code": spec.notes} if spec.source == "python" else {}),  # the user's file, by hash
                       **({"stochastic_depth": stochastic_depth} if stochastic_depth is not None else {})},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = cache_dir() / "baselines" / f"{spec.name}-{task.name.replace(':', '_')}-{digest}.pt"
+    slug = re.sub(r"[^\w.-]+", "_", f"{spec.name}-{task.name}")
+    path = cache_dir() / "baselines" / f"{slug}-{digest}.pt"
     info = {"source": "pretrained+finetuned" if model is not None else "trained", "cache": str(path),
             "epochs": cfg.epochs, "lr": cfg.lr, "seed": seed}
     if model is None:

@@ -64,8 +64,8 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
               seed: int = 0, skip_bad_images: bool = False) -> BenchmarkResult:
     """Benchmark every format x precision of a model.
 
-    ``model_name``: a zoo name (its trained baseline comes from :func:`baseline_model`) or an ``nn.Module`` used as
-    is. ``recipe``: optional recipe whose steps compress the model first and whose variants' options apply to
+    ``model_name``: any model source (:mod:`edgekit.sources`: a zoo name, ``timm:<name>``, ``file.py:Factory``, a
+    .onnx file; its baseline as ``compress`` makes it) or an ``nn.Module`` used as is. ``recipe``: optional recipe whose steps compress the model first and whose variants' options apply to
     matching rows. ``device``: profile name/path/object. ``options``: extra options per ``"format"`` or
     ``"format:precision"``. ``out_dir``: keep the artifacts there (default: a temporary folder, removed after).
     ``threads``: runtime threads (default: the device profile's).
@@ -84,18 +84,31 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
         FORMATS.get(n)  # unknown format names fail here, before any work
     if out_dir is not None and Path(out_dir).exists() and (not Path(out_dir).is_dir() or any(Path(out_dir).iterdir())):
         raise EdgekitError(f"{out_dir} already exists and is not an empty folder; give another --out")
+    source = None
+    if not isinstance(model_name, nn.Module):
+        from .source import resolve
+
+        source = resolve(model_name, weights, input_size, steps=[s.kind for s in rec.steps] if rec else (),
+                         what=f"recipe {rec.name}" if rec else "the recipe")
     if task is None:
-        kw: Dict[str, Any] = {"seed": seed}
-        if input_size is not None:
-            kw["input_size"] = input_size
-        task = load_task("mnist", data=data, skip_bad_images=skip_bad_images, **kw)
-    if isinstance(model_name, nn.Module):
+        if source is not None:
+            task = source.task(data, seed=seed, input_size=input_size, skip_bad_images=skip_bad_images)
+        else:
+            kw: Dict[str, Any] = {"seed": seed}
+            if input_size is not None:
+                kw["input_size"] = input_size
+            task = load_task("mnist", data=data, skip_bad_images=skip_bad_images, **kw)
+    if source is None:
         model, label = model_name.eval(), type(model_name).__name__
     else:
-        model, label = baseline_model(model_name, task, weights=weights, recipe=rec, seed=seed), model_name
-    if rec is not None:
+        torch.manual_seed(seed)  # the fresh model's initial weights must not depend on what ran before
+        model, _info = source.baseline(task, rec, seed)
+        label = source.label
+    if rec is not None and (source is None or source.onnx is None):
         final, _ = apply_steps(model, rec, task, dev, label, seed)
         model = final if final is not None else model
+    reference = None if source is not None and source.onnx is not None else (
+        lambda b: model(torch.from_numpy(b)).numpy())
     variant_opts: Dict[str, Dict[str, Any]] = {}
     for v in (rec.variants if rec is not None else []):
         variant_opts[f"{v.format}:{v.precision}"] = dict(v.options)
@@ -113,8 +126,7 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
                                    reference_required=False, timer=local_timer(dev))
         runners = load_runners(variants, int(threads or dev.resolved_threads()))
         with torch.no_grad():
-            x = evaluate(variants, runners, task, reference=lambda b: model(torch.from_numpy(b)).numpy(),
-                         num_eval=num_eval, batch_size=128)
+            x = evaluate(variants, runners, task, reference=reference, num_eval=num_eval, batch_size=128)
         measure(variants, runners, dev, x, runs=runs, warmup=warmup)
     finally:
         if not keep:

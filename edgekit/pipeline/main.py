@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -10,14 +11,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .. import zoo
 from ..config import DeviceProfile, Recipe, load_device, load_recipe
-from ..data import load_task
 from ..errors import EdgekitError
 from ..fsutil import check_replaceable, make_temp_dir, publish
 from ..results import Latency, Variant
 from .assemble import assemble_report
-from .baseline import get_baseline
+from ..sources import ModelSource, parse_source
+from .source import resolve
 from .stages import apply_steps, local_timer, drop_intermediates, evaluate, export_variants, load_runners, measure, plan_variants
 
 
@@ -43,26 +43,25 @@ class CompressResult:
 
 def default_out_dir(model: str, recipe: str, device: Optional[str], data: Optional[str] = None) -> Path:
     """export/<model>-<recipe>[-<device>][-<data folder>]: a run on --data never lands in the MNIST run's folder."""
-    name = f"{model}-{recipe}" + (f"-{device}" if device and device != "desktop-cpu" else "")
+    name = re.sub(r"[^\w.-]+", "-", model).strip("-.") + f"-{recipe}" + (
+        f"-{device}" if device and device != "desktop-cpu" else "")
     if data is not None:
-        import re
-
         folder = re.sub(r"[^\w.-]+", "-", Path(data).resolve().name).strip("-.") or "data"
         name += f"-{folder}"
     return Path("export") / name
 
 
-def compress(model: str, recipe: str | Recipe = "int8", device: str | DeviceProfile = "desktop-cpu",
+def compress(model: "str | ModelSource", recipe: str | Recipe = "int8", device: str | DeviceProfile = "desktop-cpu",
              data: Optional[str] = None, weights: Optional[str] = None, out: Optional[str | Path] = None,
              force: bool = False, seed: int = 0, target_ms: Optional[float] = None,
              input_size: Optional[int] = None, runs: int = 100, use_cache: bool = True,
              skip_bad_images: bool = False) -> CompressResult:
-    """Compress zoo ``model`` with ``recipe`` for ``device``: baseline, steps, export, evaluate, measure, report.
+    """Compress ``model`` (a zoo name, ``timm:<name>``, ``file.py:Factory``, a .onnx file: :mod:`edgekit.sources`) with ``recipe`` for ``device``: baseline, steps, export, evaluate, measure, report.
 
     Everything the user can get wrong is checked before any work starts (every image of ``data`` is decoded once;
     ``skip_bad_images`` leaves unreadable ones out and counts them).
     """
-    spec = zoo.get_spec(model)
+    src = parse_source(model) if isinstance(model, str) else model
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     dev = device if isinstance(device, DeviceProfile) else load_device(device)
     from ..steps import step_tag, validate_steps
@@ -74,28 +73,26 @@ def compress(model: str, recipe: str | Recipe = "int8", device: str | DeviceProf
         raise EdgekitError(f"Weights file not found: {weights}")
     if target_ms is not None and target_ms <= 0:
         raise EdgekitError("--target-ms must be positive")
-    out_dir = Path(out) if out is not None else default_out_dir(spec.name, rec.name, dev.name, data)
+    source = resolve(src, weights, input_size, steps=[s.kind for s in rec.steps], what=f"recipe {rec.name}")
+    out_dir = Path(out) if out is not None else default_out_dir(source.label, rec.name, dev.name, data)
     check_replaceable(out_dir, force)
-    task_kw: Dict[str, Any] = {"seed": seed}
-    if input_size is not None:
-        task_kw["input_size"] = input_size
-    task = load_task("mnist", data=data, skip_bad_images=skip_bad_images, **task_kw)
+    task = source.task(data, seed=seed, input_size=input_size, skip_bad_images=skip_bad_images)
     tmp = make_temp_dir(out_dir)
     try:
         t_start = time.time()
         torch.manual_seed(seed)
-        baseline, base_info = get_baseline(spec.name, task, weights, rec, seed, use_cache)
+        baseline, base_info = source.baseline(task, rec, seed, use_cache)
         notes: List[str] = []
-        final, step_info = apply_steps(baseline, rec, task, dev, spec.name, seed, notes)
+        final, step_info = apply_steps(baseline, rec, task, dev, source.label, seed, notes)
         tag = step_tag(rec.steps)
         models = {"baseline": baseline, **({tag: final} if final is not None else {})}
-        variants = export_variants(models, plan_variants(rec, tag), task, dev, tmp, model_label=spec.name,
+        variants = export_variants(models, plan_variants(rec, tag), task, dev, tmp, model_label=source.label,
                                    timer=local_timer(dev))
         drop_intermediates(tmp, variants)
         runners = load_runners(variants, dev.resolved_threads())
         x = evaluate(variants, runners, task)
         measure(variants, runners, dev, x, runs=runs)
-        report = assemble_report(spec.name, {"source": spec.source, "paper": spec.paper}, rec, dev, task,
+        report = assemble_report(source.label, source.info(), rec, dev, task,
                                  base_info, step_info, variants, notes, target_ms, seed)
         report["seconds"] = round(time.time() - t_start, 1)
         from ..report import write_reports

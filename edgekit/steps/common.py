@@ -55,12 +55,12 @@ def example_shape(model: nn.Module) -> Tuple[int, int, int]:
 
 def find_classifier(model: nn.Module, model_name: Optional[str]) -> Optional[nn.Module]:
     """The classifier: the zoo spec's ``classifier`` module, else the last conv/linear the forward pass calls."""
-    from .. import zoo
-    from ..zoo.registry import MODELS, _get_module
+    from ..zoo.registry import _get_module, find_spec
 
-    if model_name and model_name in MODELS:
+    spec = find_spec(model_name)
+    if spec is not None and spec.classifier:
         try:
-            return _get_module(model, zoo.get_spec(model_name).classifier)
+            return _get_module(model, spec.classifier)
         except (AttributeError, IndexError, TypeError):
             pass
     order: List[nn.Module] = []
@@ -138,11 +138,11 @@ def opaque_modules(model: nn.Module, x: torch.Tensor) -> List[nn.Module]:
 
 def default_lr(model_name: Optional[str]) -> float:
     """Fine-tune learning rate: the zoo model's training lr, at most 3e-3."""
-    from ..zoo.registry import MODELS
+    from ..zoo.registry import find_spec
 
-    lr = 3e-3
-    if model_name and model_name in MODELS:
-        lr = min(lr, float(MODELS.get(model_name).train.get("lr", lr)))
+    lr, spec = 3e-3, find_spec(model_name)
+    if spec is not None:
+        lr = min(lr, float(spec.train.get("lr", lr)))
     return lr
 
 

@@ -36,6 +36,7 @@ class ModelSpec:
     notes: str = ""
     reference: Dict[str, float] = field(default_factory=dict)  # paper figures at 224: params_m, macs_m
     train: Dict[str, float] = field(default_factory=dict)  # FitConfig overrides for this architecture
+    num_classes: int = 1000  # the head as the source builds it: what pretrained weights or a factory's default carry
 
 
 def _load_families() -> None:
@@ -54,7 +55,24 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 
 def get_spec(name: str) -> ModelSpec:
+    """A zoo entry, or a model from outside the zoo resolved earlier in this process (``timm:lcnet_050``)."""
+    from .external import EXTERNAL
+
+    for key, spec in EXTERNAL.items():
+        if name in (key, spec.name):
+            return spec
     return MODELS.get(name)
+
+
+def find_spec(name: Optional[str]) -> Optional[ModelSpec]:
+    """Like :func:`get_spec`, None for a name that is neither in the zoo nor resolved (an nn.Module's label)."""
+    from .external import EXTERNAL
+
+    if not name:
+        return None
+    if name in MODELS:
+        return MODELS.get(name)
+    return next((s for k, s in EXTERNAL.items() if name in (k, s.name)), None)
 
 
 def list_models() -> list[ModelSpec]:
@@ -184,7 +202,7 @@ def create(
     if weights is not None and pretrained:
         raise EdgekitError("Give either pretrained weights or a weights file, not both")
     if pretrained:
-        model = spec.build(1000)
+        model = spec.build(spec.num_classes)
         state, hints = None, []
         for source, loader in spec.pretrained:
             try:
@@ -199,7 +217,7 @@ def create(
                 "Options: pass --weights path/to/file.pth, or train on your task without --weights."
             )
         load_state(model, state, f"Pretrained weights for {spec.name}")
-        if num_classes != 1000:
+        if num_classes != spec.num_classes:
             replace_head(model, spec, num_classes)
     else:
         model = spec.build(num_classes)

@@ -7,6 +7,7 @@ from typing import Dict
 
 import torch
 
+from .external import timm_cached_weights
 from .registry import ModelSpec, register_model
 
 
@@ -43,13 +44,6 @@ def _pip_efficientnet_lite0() -> Dict[str, torch.Tensor]:
     return out
 
 
-def _timm_hub(arch: str):
-    def load():
-        raise FileNotFoundError(f"timm weights for {arch} need the Hugging Face hub (offline here)")
-
-    return load
-
-
 # (name, timm arch, paper, extra pretrained sources, aliases, reference figures at 224)
 _TABLE = [
     ("efficientnet-lite0", "efficientnet_lite0", "Tan & Le 2019 (EfficientNet-Lite, TF model garden)",
@@ -66,6 +60,6 @@ for _name, _arch, _paper, _extra, _aliases, _ref in _TABLE:
     register_model(ModelSpec(
         name=_name, family=_name.split("-")[0], source="timm", paper=_paper,
         build=partial(_build, _arch), classifier="classifier",
-        pretrained=tuple(_extra) + (("timm", _timm_hub(_arch)),), aliases=_aliases, reference=_ref,
+        pretrained=tuple(_extra) + (("timm", timm_cached_weights(_arch)),), aliases=_aliases, reference=_ref,
         notes=f"timm {_arch}",
     ))
