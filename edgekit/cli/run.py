@@ -21,7 +21,8 @@ def compress(
     model: str = typer.Argument(..., help="Zoo model name (see `edgekit zoo list`)."),
     recipe: str = typer.Option("int8", "--recipe", "-r", help="Built-in recipe name or path to a recipe YAML."),
     device: str = typer.Option("desktop-cpu", "--device", "-d", help="Device profile name or YAML path."),
-    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree (default: embedded MNIST task)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree, or a folder of images without "
+                                        "classes (judged by agreement with fp32; default: embedded MNIST task)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="'pretrained' or a state-dict .pth file."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default export/<model>-<recipe>"
                                          "[-<device>][-<data folder>])."),
@@ -55,7 +56,8 @@ def benchmark(
     model: str = typer.Argument(..., help="Zoo model name (see `edgekit zoo list`)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe whose steps compress the model first."),
     device: str = typer.Option("desktop-cpu", "--device", "-d", help="Device profile name or YAML path."),
-    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree (default: embedded MNIST task)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree, or a folder of images without "
+                                        "classes (judged by agreement with fp32; default: embedded MNIST task)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="'pretrained' or a state-dict .pth file."),
     formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help="Only these formats (repeatable)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep the artifacts in this folder."),
@@ -88,7 +90,8 @@ def compare(
     a: Path = typer.Argument(..., help="First artifact: .pt/.pth (with --model), .onnx or .tflite."),
     b: Path = typer.Argument(..., help="Second artifact."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo architecture of a .pt/.pth checkpoint."),
-    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree (default: embedded MNIST task)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree, or a folder of images without "
+                                        "classes (judged by agreement with fp32; default: embedded MNIST task)."),
     limit: int = typer.Option(500, "--limit", min=1, help="Inputs to compare on."),
     per_layer: bool = typer.Option(True, "--per-layer/--no-per-layer", help="Per-layer table (two ONNX models)."),
     threshold_db: float = typer.Option(20.0, "--threshold-db", help="SQNR below which a layer has diverged."),

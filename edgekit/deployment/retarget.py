@@ -59,8 +59,9 @@ def quant_differs(variant: dict, want) -> bool:
 
 
 def rebuild_task(report: dict) -> Tuple[Optional[Any], str]:
-    """(the run's task rebuilt here, or None and why not): the default MNIST task, or an image folder still there."""
-    from ..data import load_task
+    """(the run's task rebuilt here, or None and why not): the default MNIST task, the photos task, or an image
+    folder still there, prepared with the run's own preprocessing."""
+    from ..data import Preprocess, load_task
 
     t = report.get("task") if isinstance(report.get("task"), dict) else {}
     name, shape = str(t.get("name") or ""), t.get("input_shape")
@@ -69,13 +70,17 @@ def rebuild_task(report: dict) -> Tuple[Optional[Any], str]:
     seed = report.get("seed", 0)
     seed = seed if isinstance(seed, int) else 0
     try:
+        pre = Preprocess.from_json(t["preprocess"]) if isinstance(t.get("preprocess"), dict) else None
         if name == "mnist":
             task = load_task("mnist", input_size=shape[-1], in_chans=shape[1], seed=seed)
+        elif name == "photos":
+            task = load_task("photos", input_size=shape[-1], preprocess=pre)
         elif name.startswith("imagefolder:"):
             src = t.get("source")
             if not isinstance(src, str) or not Path(src).is_dir():
                 return None, f"its image folder {src} no longer exists"
-            task = load_task(data=src, input_size=shape[-1], seed=seed, skip_bad_images="skipped_images" in t)
+            task = load_task(data=src, input_size=shape[-1], seed=seed, skip_bad_images="skipped_images" in t,
+                             **({"preprocess": pre} if pre is not None else {}))
         else:
             return None, f"its task {name or '(unnamed)'} is not one edgekit can rebuild"
     except EdgekitError as exc:
