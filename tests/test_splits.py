@@ -113,3 +113,18 @@ def test_a_folder_without_images_says_what_to_give(tmp_path):
     _images(tmp_path / "one", 1)
     with pytest.raises(EdgekitError, match="calibration and evaluation each need their own"):
         load_task(data=str(tmp_path / "one"))
+
+
+def test_compare_on_unlabelled_images_feeds_no_labels(tmp_path):
+    """``edgekit compare --data DIR`` of loose images: inputs without labels, so no accuracy of 0% from label -1."""
+    from edgekit.comparison import _inputs
+
+    root = _images(tmp_path / "photos", 8)
+    batches, n, source = _inputs((3, 32, 32), None, str(root), None)
+    got = list(batches)
+    assert n == 6 and sum(len(x) for x, _ in got) == 6 and all(y is None for _, y in got)
+    assert "unlabelled" in source
+    labelled = tmp_path / "classes"
+    _images(labelled / "a", 4)
+    _images(labelled / "b", 4, seed=1)
+    assert all(y is not None for _, y in _inputs((3, 32, 32), None, str(labelled), None)[0])
