@@ -171,3 +171,22 @@ def test_benchmark_on_the_photos_judges_every_row_against_the_torch_model():
         assert v.status == "ok" and v.accuracy is None
         assert 0 <= v.agreement <= 1 and 0 <= v.top5_overlap <= 1 and v.sqnr_db is not None
     assert fp32.sqnr_db > int8.sqnr_db + 20
+
+
+def test_deploy_keeps_the_budget_on_agreement_for_an_unlabelled_run(tmp_path):
+    """For another device, deploy picks the lowest precision within the budget: on agreement when there are no
+    labels (before, a missing accuracy let every variant through)."""
+    from edgekit.deployment.select import select_variants
+
+    for name in ("model.fp32.onnx", "model.int8.onnx"):
+        (tmp_path / name).write_bytes(b"onnx")
+    variants = [{"name": "fp32", "format": "onnx", "precision": "fp32", "path": "model.fp32.onnx", "accuracy": None,
+                 "agreement": 1.0},
+                {"name": "int8", "format": "onnx", "precision": "int8", "path": "model.int8.onnx", "accuracy": None,
+                 "agreement": 0.97}]
+    report = {"device": "desktop-cpu", "variants": variants, "recipe_spec": {"accuracy_budget_pp": 0.5},
+              "task": {"labelled": False}}
+    chosen, _, why = select_variants(tmp_path, report, load_device("rpi4"))
+    assert chosen["name"] == "fp32" and "agreement budget" in why
+    variants[1]["agreement"] = 0.998
+    assert select_variants(tmp_path, report, load_device("rpi4"))[0]["name"] == "int8"

@@ -192,7 +192,7 @@ def _agreement(fp32: Path, int8: Path, task) -> dict:
         return {"agreement_with_fp32": None, "agreement_note": f"not computed: {next(iter(pred.errors.values()))}"}
     a, b = pred.logits["fp32"], pred.logits["int8"]
     out = {"agreement_with_fp32": round(agreement(a, b), 4), "eval_images": int(len(a))}
-    if pred.labels is not None:
+    if pred.labels is not None and getattr(task, "labelled", True):  # unlabelled images carry -1: no accuracy
         out.update(accuracy=round(top1(b, pred.labels), 4), fp32_accuracy=round(top1(a, pred.labels), 4))
     return out
 
