@@ -128,3 +128,10 @@ def test_compare_on_unlabelled_images_feeds_no_labels(tmp_path):
     _images(labelled / "a", 4)
     _images(labelled / "b", 4, seed=1)
     assert all(y is not None for _, y in _inputs((3, 32, 32), None, str(labelled), None)[0])
+
+
+def test_class_folders_without_images_are_named(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+    with pytest.raises(EdgekitError, match=r"has no images in its class folders \(a, b;"):
+        load_task(data=str(tmp_path / "d"))

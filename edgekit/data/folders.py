@@ -177,11 +177,13 @@ def imagefolder_task(data: str, input_size: Optional[int] = None, num_calib: int
     rng = np.random.default_rng(seed)
     items = _scan(tree, classes)
     present = sorted({classes[label] for _, label in items})
+    if not present:
+        raise EdgekitError(f"{tree} has no images in its class folders ({', '.join(classes[:5])}"
+                           f"{', ...' if len(classes) > 5 else ''}; expected {tree}/<class>/<image>.jpg)")
     if len(present) < 2:
-        raise EdgekitError(f"{tree} has images in {len(present)} class folder{'s' * (len(present) != 1)}"
-                           f"{' (' + present[0] + ')' if present else ''}: top-1 accuracy on one class says nothing "
-                           f"about a classifier; give two or more class folders, or put the images directly in one "
-                           f"folder to judge variants by agreement with fp32 without labels")
+        raise EdgekitError(f"{tree} has images in 1 class folder ({present[0]}): top-1 accuracy on one class says "
+                           f"nothing about a classifier; give two or more class folders, or put the images directly "
+                           f"in one folder to judge variants by agreement with fp32 without labels")
     if two:
         train_items = _scan(root / "train", classes)
         if not train_items:

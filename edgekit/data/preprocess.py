@@ -66,7 +66,7 @@ class Preprocess:
         size = tuple(size) if isinstance(size, (tuple, list)) else (3, size, size)
         if len(size) != 3 or size[0] != 3 or size[1] != size[2]:
             raise EdgekitError(f"The model's data config asks for input {size} (C, H, W); edgekit's image tasks are "
-                               f"square RGB: give --input-size")
+                               f"square RGB (3, N, N)")
         interp = cfg.get("interpolation") or "bilinear"
         if interp == "random":  # a training-time choice: evaluation uses one
             interp = "bilinear"
