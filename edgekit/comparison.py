@@ -129,7 +129,10 @@ def _inputs(shape: Sequence[Optional[int]], task: Any, data: Any, limit: Optiona
     else:
         t = load_task(task or "mnist", **kw, **({"in_chans": c} if c and (task or "mnist") == "mnist" else {}))
     n = t.size("eval") if limit is None else min(limit, t.size("eval"))
-    return t.batches("eval", batch_size=64, limit=n), n, f"task {t.name} (eval split, {n} inputs)"
+    batches = t.batches("eval", batch_size=64, limit=n)
+    if not t.labelled:  # label -1 everywhere: no accuracy to report, only the comparison
+        return ((x, None) for x, _ in batches), n, f"task {t.name} (eval split, {n} unlabelled inputs)"
+    return batches, n, f"task {t.name} (eval split, {n} inputs)"
 
 
 def compare_artifacts(a: str | Path, b: str | Path, task: Any = None, data: Any = None, per_layer: bool = True,

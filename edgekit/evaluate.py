@@ -1,4 +1,5 @@
-"""Accuracy and fidelity metrics between a variant and its fp32 reference."""
+"""Accuracy (with labels) and fidelity to the fp32 reference (with or without labels): top-1 agreement, top-5
+overlap, logits SQNR."""
 
 from __future__ import annotations
 
@@ -95,6 +96,19 @@ def agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.argmax(1) == b.argmax(1)).mean())
 
 
+def topk_overlap(a: np.ndarray, b: np.ndarray, k: int = 5) -> Optional[float]:
+    """Mean share of ``a``'s top-``k`` classes that are also in ``b``'s top ``k`` (order ignored).
+
+    Finer than top-1 agreement for a model without labels: a variant that swaps the 2nd and 3rd class keeps it.
+    None with ``k`` classes or fewer, where every top-k holds every class and the figure says nothing.
+    """
+    if a.ndim != 2 or a.shape[1] <= k or len(a) == 0:
+        return None
+    ta = np.argpartition(-a, k - 1, axis=1)[:, :k]
+    tb = np.argpartition(-b, k - 1, axis=1)[:, :k]
+    return float((ta[:, :, None] == tb[:, None, :]).any(2).sum(1).mean() / k)
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
     num = (a * b).sum(1)
@@ -112,5 +126,6 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 def compare(reference: np.ndarray, test: np.ndarray) -> Dict[str, float]:
-    return {"agreement": agreement(reference, test), "cosine": cosine(reference, test),
+    return {"agreement": agreement(reference, test), "top5_overlap": topk_overlap(reference, test),
+            "cosine": cosine(reference, test),
             "max_abs": float(np.abs(reference - test).max()), "sqnr_db": sqnr_db(reference, test)}

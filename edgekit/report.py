@@ -1,5 +1,8 @@
 """report.json, report.md and report.html (with an accuracy-vs-latency plot) from one report dict.
 
+A run on unlabelled images (``task.labelled`` false) has no accuracy: its tables, plot and sentences say
+"agreement with fp32 on N unlabelled images" and show top-5 overlap and logits SQNR instead.
+
 report.html is rendered from ``templates/report.html.j2`` by Jinja2 with autoescaping on: model, device and
 variant names, notes and error messages come from the user's files and folders, so none of them is pasted into
 markup by hand.
@@ -14,6 +17,36 @@ from typing import Any, Dict, List, Optional, Tuple
 
 COLUMNS = ["variant", "format", "precision", "size MB", "params", "MMACs", "accuracy", "agreement",
            "p50 ms", "p90 ms", "speedup", "status"]
+# a run on unlabelled images has no accuracy: its variants are judged against fp32 only
+UNLABELLED_COLUMNS = ["variant", "format", "precision", "size MB", "params", "MMACs", "agreement",
+                      "top-5 overlap", "SQNR dB", "p50 ms", "p90 ms", "speedup", "status"]
+
+
+def unlabelled(report: dict) -> bool:
+    """Whether the run's images had no labels (report.json's task says ``labelled: false``)."""
+    return (report.get("task") or {}).get("labelled", True) is False
+
+
+def columns(report: dict) -> List[str]:
+    return UNLABELLED_COLUMNS if unlabelled(report) else COLUMNS
+
+
+def judged_on(report: dict) -> str:
+    """What the scores are measured on, for the task line ("N eval images", or "agreement with fp32 on N unlabelled
+    images"), and the other splits' sizes: train, calibration and evaluation never share an image."""
+    t = report.get("task") or {}
+    n = t.get("num_eval", "?")
+    head = f"agreement with fp32 on {n} unlabelled images" if unlabelled(report) else f"{n} eval images"
+    others = [f"{t[k]} {word}" for k, word in (("num_calib", "calibration"), ("num_train", "training")) if t.get(k)]
+    if not others:
+        return head
+    return f"{head}; {' and '.join(others)} images, none of them evaluated"
+
+
+def _db(x) -> str:
+    if x is None:
+        return "—"
+    return "∞" if x == float("inf") else f"{x:.1f}"
 
 
 def _pct(x: Optional[float]) -> str:
@@ -94,20 +127,30 @@ def latency_sentence(report: dict) -> str:
         bases = sorted({latency_basis(lat) for lat in estimated})
         parts.append(f"Latency{' marked (est.)' if measured else ''}: batch 1, p50 {'; '.join(bases)} "
                      f"({', '.join(methods)}) for {report['device']}, not timed on it; no p90")
+    if unlabelled(report):
+        n = (report.get("task") or {}).get("num_eval", "?")
+        scores = (f"Agreement with fp32 on {n} unlabelled images: share with the same top-1 class as fp32; top-5 "
+                  f"overlap: mean share of fp32's five top classes among the variant's; SQNR: logits "
+                  f"signal-to-noise ratio against fp32.")
+    else:
+        scores = ("Accuracy: top-1 on the eval split, in percent; agreement: share of eval images with the same "
+                  "top-1 class as fp32.")
     if not parts:
-        return "Latency: none measured or estimated. Accuracy: top-1 on the eval split."
-    return ("; ".join(parts) + ". Speedup is the fp32 p50 over the variant's p50. Accuracy: top-1 on the eval "
-            "split, in percent; agreement: share of eval images with the same top-1 class as fp32.")
+        return "Latency: none measured or estimated. " + scores
+    return "; ".join(parts) + ". Speedup is the fp32 p50 over the variant's p50. " + scores
 
 
 def variant_rows(report: dict, words: bool = False) -> List[List[str]]:
     """The results table as strings, shared by the terminal, Markdown and HTML; ``words`` puts the status word
     beside its mark (the files; the terminal keeps the narrow column)."""
     rows = []
+    free = unlabelled(report)
     for v in report["variants"]:
+        scores = [_pct(v.get("agreement")), _pct(v.get("top5_overlap")), _db(v.get("sqnr_db"))] if free else \
+            [_pct(v.get("accuracy")), _pct(v.get("agreement"))]
         rows.append([
             v["name"], v["format"], v["precision"], f"{v['size_mb']:.2f}" if v.get("size_mb") else "—",
-            f"{v['params'] / 1e6:.2f}M", f"{v['macs'] / 1e6:.1f}", _pct(v.get("accuracy")), _pct(v.get("agreement")),
+            f"{v['params'] / 1e6:.2f}M", f"{v['macs'] / 1e6:.1f}", *scores,
             _ms(v.get("latency_ms"), "p50"), _ms(v.get("latency_ms"), "p90"),
             "—" if v.get("speedup") is None else f"{v['speedup']:.2f}x",
             (status_text(v) if words else status_mark(v)) + (f" {v['error']}" if v.get("error") else ""),
@@ -123,8 +166,10 @@ def summary_lines(report: dict) -> List[str]:
         how = ""
         if rec.get("latency_source") not in (None, "measured"):
             how = f" by ESTIMATED latency ({latency_basis(by_name.get((rec['name'], rec['format'])))})"
+        within = "whose top-1 agreement with fp32 is within the recipe's budget" if unlabelled(report) \
+            else "within the recipe's accuracy budget"
         lines.append(f"Recommended for {report['device']}: **{rec['name']}** ({rec['format']}) — the fastest variant "
-                     f"within the recipe's accuracy budget{how}.")
+                     f"{within}{how}.")
     t = report.get("target") or {}
     if t.get("latency_ms") is not None:
         if t.get("met") is None:
@@ -138,6 +183,7 @@ def summary_lines(report: dict) -> List[str]:
         bases = "; ".join(sorted({latency_basis(lat) for lat in estimated}))
         lines.append(f"Latency marked (est.): {bases} — the latency model's prediction for {report['device']}, "
                      f"not timed on it.")
+    lines += [f"Data: {n}." for n in (report.get("task") or {}).get("notes") or []]
     lines += report.get("notes", [])
     return lines
 
@@ -171,9 +217,9 @@ def to_markdown(report: dict) -> str:
     task = report["task"]
     base = report["model_info"]["baseline"]
     out = [f"# {report['model']} · recipe `{report['recipe']}` · device `{report['device']}`", "",
-           f"Task: {task['name']} ({task['num_eval']} eval images, input {'x'.join(map(str, task['input_shape']))}); "
+           f"Task: {task['name']} ({judged_on(report)}; input {'x'.join(map(str, task['input_shape']))}); "
            f"baseline: {base['source']}; seed {report['seed']}.", "",
-           "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+           "| " + " | ".join(columns(report)) + " |", "|" + "---|" * len(columns(report))]
     out += ["| " + " | ".join(r) + " |" for r in variant_rows(report, words=True)]
     out += ["", latency_sentence(report), ""]
     out += [f"- {line}" for line in summary_lines(report)]
@@ -195,10 +241,11 @@ def to_markdown(report: dict) -> str:
 
 
 def plot_geometry(report: dict, width: int = 520, height: int = 320) -> Optional[Dict[str, Any]]:
-    """Accuracy vs p50 latency, one labelled point per variant with both: coordinates only, the template draws
-    (and escapes) it."""
-    pts = [(v["latency_ms"]["p50"], v["accuracy"], f"{v['name']} {v['format']}") for v in report["variants"]
-           if v.get("latency_ms") and v["latency_ms"].get("p50") is not None and v.get("accuracy") is not None]
+    """Accuracy (agreement with fp32 without labels) vs p50 latency, one labelled point per variant with both:
+    coordinates only, the template draws (and escapes) it."""
+    score = "agreement" if unlabelled(report) else "accuracy"
+    pts = [(v["latency_ms"]["p50"], v[score], f"{v['name']} {v['format']}") for v in report["variants"]
+           if v.get("latency_ms") and v["latency_ms"].get("p50") is not None and v.get(score) is not None]
     if not pts:
         return None
     pad = 56
@@ -220,7 +267,8 @@ def plot_geometry(report: dict, width: int = 520, height: int = 320) -> Optional
     target = (report.get("target") or {}).get("latency_ms")
     basis = "estimated" if _estimated(report) else "measured"
     return {"width": width, "height": height, "pad": pad, "ticks": ticks,
-            "xlabel": f"p50 latency (ms, {report['device']}, {basis})", "ylabel": "top-1 accuracy",
+            "xlabel": f"p50 latency (ms, {report['device']}, {basis})",
+            "ylabel": "top-1 agreement with fp32" if score == "agreement" else "top-1 accuracy",
             "target": sx(target) if target is not None and x0 <= target <= x1 else None,
             "points": [{"x": sx(x), "y": sy(y), "label": label} for x, y, label in pts]}
 
@@ -249,9 +297,9 @@ def to_html(report: dict) -> str:
     task = report["task"]
     return _env().get_template("report.html.j2").render(
         title=f"{report['model']} · {report['recipe']} · {report['device']}",
-        task=task, input_shape="x".join(map(str, task.get("input_shape", []))),
+        task=task, judged_on=judged_on(report), input_shape="x".join(map(str, task.get("input_shape", []))),
         baseline=(report.get("model_info") or {}).get("baseline", {}).get("source"), seed=report.get("seed"),
-        columns=COLUMNS, rows=variant_rows(report, words=True), latency=latency_sentence(report),
+        columns=columns(report), rows=variant_rows(report, words=True), latency=latency_sentence(report),
         notes=[_segments(line) for line in summary_lines(report)], plot=plot_geometry(report),
         quantization=quantization_sections(report),
         steps=[(s["kind"], json.dumps(s["params"]), s["seconds"]) for s in report.get("steps") or []],

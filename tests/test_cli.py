@@ -168,11 +168,13 @@ def test_imagefolder_data(tmp_path):
     task = load_task(data=str(tmp_path / "val"), input_size=32, num_calib=4)
     assert task.num_classes == 2 and task.class_names == ["n01", "n02"]
     x, y = task.arrays("eval")
-    # a single tree: calibration takes at most a quarter, the rest is evaluated; the two never overlap
+    # a single tree: calibration takes at most a quarter, half of the rest is evaluated, the other half trains;
+    # no image is in two splits, and every image is in one
     assert x.shape[1:] == (3, 32, 32) and set(y) <= {0, 1}
-    assert task.size("calib") == 3 and len(x) == 9
-    calib_files = {p for p, _ in task.splits["calib"].items}
-    assert not calib_files & {p for p, _ in task.splits["eval"].items}
+    assert (task.size("calib"), len(x), task.size("train")) == (3, 4, 5)
+    files = {k: {p for p, _ in task.splits[k].items} for k in ("train", "calib", "eval")}
+    assert not (files["calib"] & files["eval"] or files["train"] & files["eval"] or files["train"] & files["calib"])
+    assert len(set().union(*files.values())) == 12
     (tmp_path / "empty").mkdir()
     from edgekit.errors import EdgekitError
 

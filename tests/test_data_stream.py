@@ -93,7 +93,7 @@ def test_skip_bad_images_completes_and_counts_them(tmp_path, recipe, weights):
     task = json.loads((out / "report.json").read_text())["task"]
     assert task["skipped_images"] == 1 and task["skipped"][0]["file"].endswith("bad.jpg")
     assert "truncated" in task["skipped"][0]["reason"]
-    assert task["num_calib"] + task["num_eval"] == 16  # every readable image, none of them twice
+    assert task["num_train"] + task["num_calib"] + task["num_eval"] == 16  # every readable image, none twice
 
 
 def test_skip_in_the_library_and_clean_folders_unchanged(tmp_path):

@@ -67,7 +67,8 @@ def check_inputs(data: Optional[Path] = None, weights: Optional[str] = None) -> 
     if data is not None and not data.is_dir():
         if data.exists():
             raise EdgekitError(f"--data must be a folder of class sub-folders (<folder>/<class>/<image>.jpg, or "
-                               f"<folder>/train and <folder>/val), not a file: {data}")
+                               f"<folder>/train and <folder>/val), or of images (<folder>/<image>.jpg, judged "
+                               f"without labels by agreement with fp32), not a file: {data}")
         raise EdgekitError(f"Data folder not found: {data}")
     if weights is not None and weights != "pretrained" and not Path(weights).is_file():
         raise EdgekitError(f"Weights file not found: {weights}. --weights takes 'pretrained' (the zoo's pretrained "

@@ -22,7 +22,8 @@ def compress(
                                "path/to/file.py:Factory, package.module:Factory, or model.onnx."),
     recipe: str = typer.Option("int8", "--recipe", "-r", help="Built-in recipe name or path to a recipe YAML."),
     device: str = typer.Option("desktop-cpu", "--device", "-d", help="Device profile name or YAML path."),
-    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree (default: embedded MNIST task)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree, or a folder of images without "
+                                        "classes (judged by agreement with fp32; default: embedded MNIST task)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="'pretrained' or a state-dict .pth file."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default export/<model>-<recipe>"
                                          "[-<device>][-<data folder>])."),
@@ -57,7 +58,8 @@ def benchmark(
                                "path/to/file.py:Factory, package.module:Factory, or model.onnx."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe whose steps compress the model first."),
     device: str = typer.Option("desktop-cpu", "--device", "-d", help="Device profile name or YAML path."),
-    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree (default: embedded MNIST task)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree, or a folder of images without "
+                                        "classes (judged by agreement with fp32; default: embedded MNIST task)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="'pretrained' or a state-dict .pth file."),
     formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help="Only these formats (repeatable)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Keep the artifacts in this folder."),
@@ -89,8 +91,10 @@ def benchmark(
 def compare(
     a: Path = typer.Argument(..., help="First artifact: .pt/.pth (with --model), .onnx or .tflite."),
     b: Path = typer.Argument(..., help="Second artifact."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture of a .pt/.pth checkpoint: zoo name, timm:<name>, file.py:Factory."),
-    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree (default: embedded MNIST task)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture of a .pt/.pth checkpoint: zoo "
+                                        "name, timm:<name>, file.py:Factory."),
+    data: Optional[Path] = typer.Option(None, "--data", help="ImageFolder tree, or a folder of images without "
+                                        "classes (judged by agreement with fp32; default: embedded MNIST task)."),
     limit: int = typer.Option(500, "--limit", min=1, help="Inputs to compare on."),
     per_layer: bool = typer.Option(True, "--per-layer/--no-per-layer", help="Per-layer table (two ONNX models)."),
     threshold_db: float = typer.Option(20.0, "--threshold-db", help="SQNR below which a layer has diverged."),

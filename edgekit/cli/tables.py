@@ -90,7 +90,7 @@ def show_report(report: dict, console: Optional[Console] = None) -> None:
     console.print(fit_table(results_table(report, title=f"{report['model']} · {report['recipe']} · "
                                                         f"{report['device']}"), console))
     for line in summary_lines(report):
-        flag = any(w in line for w in ("SLOWER", "loses", "failed", "uncalibrated"))
+        flag = any(w in line for w in ("SLOWER", "loses", "disagrees", "failed", "uncalibrated", "Data: "))
         console.print(("[bold yellow]! [/]" if flag else "• ") + escape(line.replace("**", "")), highlight=False)
 
 
@@ -108,10 +108,11 @@ def show_benchmark(rows, table: Table, device: str, console: Optional[Console] =
 
 
 def results_table(report: dict, title: Optional[str] = None) -> Table:
-    from ..report import COLUMNS, variant_rows
+    from ..report import columns, judged_on, unlabelled, variant_rows
 
-    table = Table(title=title, header_style="bold")
-    for c in COLUMNS:
+    caption = f"Task {report['task'].get('name')}: {judged_on(report)}." if unlabelled(report) else None
+    table = Table(title=title, header_style="bold", caption=caption)
+    for c in columns(report):
         table.add_column(c, justify="left" if c in ("variant", "format", "precision", "status") else "right")
     for row in variant_rows(report):
         table.add_row(*row)

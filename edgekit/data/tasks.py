@@ -7,28 +7,33 @@ zoo network (stride 32) a real spatial map to work on and a task hard enough
 that quantization errors show up as accuracy changes. Images are replicated to
 3 channels so that the exported models keep the RGB stem users deploy.
 
+Other tasks: the user's image folders (``folders.py``: labelled class folders,
+or loose images judged without labels) and ``photos`` (``photos.py``: real
+photographs shipped in scikit-image, unlabelled). Unlabelled tasks keep the
+model's own head; their variants are judged by agreement with fp32.
+
 Splits are read in batches through a DataLoader (worker processes decode image
 files); nothing holds a whole split, whose size is the user's (ImageNet-val at
-224 px is 30 GB as float32). Image folders are decoded once at load, so a bad
-file stops a run before any training rather than after it.
+224 px is 30 GB as float32). Train, calibration and evaluation never share an
+input.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..errors import EdgekitError
-from ..progress import track
 from ..registry import Registry
+
+if TYPE_CHECKING:
+    from .preprocess import Preprocess
 
 SPLITS = ("train", "calib", "eval")
 ARRAYS_MAX_BYTES = 4 * 2**30  # Task.arrays refuses more: whole splits are streamed, never held
@@ -75,10 +80,15 @@ def read(loader: Iterable) -> Iterator:
 
 @dataclass
 class Task:
-    """Labelled data in three fixed splits, already preprocessed to model inputs."""
+    """Data in three fixed, disjoint splits, already preprocessed to model inputs.
+
+    An unlabelled task (``labelled=False``) has label -1 everywhere and ``num_classes`` None: the model keeps its
+    own head, and variants are compared with fp32 instead of scored. ``preprocess`` is the image transform of tasks
+    decoded from images (None for MNIST, which is normalised as a whole); ``notes`` are warnings for the report.
+    """
 
     name: str
-    num_classes: int
+    num_classes: Optional[int]
     in_chans: int
     input_size: int
     splits: Dict[str, Dataset]
@@ -87,6 +97,11 @@ class Task:
     augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     workers: int = 0  # DataLoader worker processes: files decode in parallel; in-memory tensors need none
     skipped: Optional[List[Tuple[str, str]]] = None  # (file, reason) left out by skip_bad_images; None: not asked
+    labelled: bool = True
+    preprocess: Optional["Preprocess"] = None
+    notes: List[str] = field(default_factory=list)
+    layout: Optional[str] = None  # image folders: "classes" | "train-val" | "images"
+    origin: Optional[dict] = None  # where the images come from, beyond ``source`` (package, version, names)
 
     @property
     def input_shape(self) -> Tuple[int, int, int, int]:
@@ -140,6 +155,17 @@ class Task:
         info = {"name": self.name, "num_classes": self.num_classes, "input_shape": list(self.input_shape),
                 "num_train": self.size("train"), "num_calib": self.size("calib"),
                 "num_eval": self.size("eval"), "source": self.source}
+        # keys below only where they apply: MNIST's description (the baseline cache key) stays as it was
+        if not self.labelled:
+            info["labelled"] = False
+        if self.layout is not None:
+            info["layout"] = self.layout
+        if self.preprocess is not None:
+            info["preprocess"] = self.preprocess.to_json()
+        if self.origin is not None:
+            info["origin"] = self.origin
+        if self.notes:
+            info["notes"] = list(self.notes)
         if self.skipped is not None:  # only when skipping was asked for: other tasks keep their cache keys
             info["skipped_images"] = len(self.skipped)
             info["skipped"] = [{"file": f, "reason": r} for f, r in self.skipped[:100]]
@@ -151,8 +177,8 @@ def _labels(ds: Dataset) -> np.ndarray:
         return _labels(ds.dataset)[np.asarray(ds.indices, dtype=np.int64)]
     if isinstance(ds, TensorDataset):
         return ds.tensors[1].numpy().astype(np.int64)
-    if isinstance(ds, ImageFiles):
-        return np.array([label for _, label in ds.items], dtype=np.int64)
+    if callable(getattr(ds, "labels", None)):  # datasets that know their labels without decoding (image files)
+        return ds.labels()
     return np.concatenate([np.zeros(0, np.int64)] + [y.numpy() for _, y in DataLoader(ds, batch_size=256)]
                           ).astype(np.int64)
 
@@ -202,143 +228,15 @@ def mnist_task(input_size: int = 64, in_chans: int = 3, num_calib: int = 256, nu
                 augment=lambda b: random_shift(b, max(1, input_size // 16)))
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
-
-
-class ImageFiles(Dataset):
-    """(path, label) pairs decoded lazily: resize, centre crop, normalise (ImageNet eval transform)."""
-
-    def __init__(self, items: List[Tuple[Path, int]], input_size: int):
-        self.items, self.input_size = items, input_size
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        path, label = self.items[i]
-        s = self.input_size
-        resize = int(round(s / 0.875))
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                scale = resize / min(w, h)
-                im = im.resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.BILINEAR)
-                w, h = im.size
-                left, top = (w - s) // 2, (h - s) // 2
-                im = im.crop((left, top, left + s, top + s))
-                arr = np.asarray(im, dtype=np.float32) / 255.0
-        except Exception as exc:  # a file changed after the check at task load: named, not a PIL traceback
-            raise EdgekitError(f"Cannot read image {path}: {_reason(exc)}") from None
-        arr = (arr - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-        return torch.from_numpy(arr.transpose(2, 0, 1).copy()), label
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
-
-
-def _decode_error(path: Path) -> Optional[str]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale; all of the entropy-coded data is still read
-            im.load()
-            im.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - whatever PIL raises, the file is unusable
-        return _reason(exc)
-    return None
-
-
-def find_bad_images(paths: Sequence[Path], threads: Optional[int] = None) -> List[Tuple[Path, str]]:
-    """(path, reason) of every file that does not decode, in the order given.
-
-    Run at task load so that a bad file stops the run before any training. ``Image.verify``
-    is cheaper but passes truncated JPEGs; a real decode at JPEG's 1/8 draft scale catches
-    them for about a tenth of a full decode. PIL releases the GIL while decoding, so threads help.
-    """
-    threads = threads or max(1, min(8, _cpus()))
-    chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
-    bad: List[Tuple[Path, str]] = []
-    with ThreadPoolExecutor(threads) as pool:
-        for chunk, errors in track(zip(chunks, pool.map(lambda c: [_decode_error(p) for p in c], chunks)),
-                                   "check images", total=len(chunks)):
-            bad += [(p, e) for p, e in zip(chunk, errors) if e is not None]
-    return bad
-
-
-def _scan(root: Path, classes: List[str]) -> List[Tuple[Path, int]]:
-    items = []
-    for label, cls in enumerate(classes):
-        d = root / cls
-        if d.is_dir():
-            items += [(p, label) for p in sorted(d.rglob("*")) if p.suffix.lower() in IMG_EXT]
-    return items
-
-
-@TASKS.register("imagefolder")
-def imagefolder_task(data: str, input_size: int = 224, num_calib: int = 256, num_eval: Optional[int] = None,
-                     seed: int = 0, skip_bad_images: bool = False, **_: object) -> Task:
-    """An ImageFolder tree: ``DIR/<class>/*.jpg`` (ImageNet-val layout), or ``DIR/train`` + ``DIR/val``.
-
-    With one tree, a fixed shuffled ``num_calib`` images calibrate and the rest
-    evaluate (and train, when a baseline must be trained, from a 50% share).
-    Class indices follow sorted folder names, which is ImageNet's index order
-    for its 1000 synset folders. Every file of every split is decoded once here:
-    one that fails stops the task with its name, or with ``skip_bad_images`` is
-    left out and listed in ``Task.skipped``.
-    """
-    root = Path(data)
-    if not root.is_dir():
-        raise EdgekitError(f"Data folder not found: {root}")
-    two = (root / "train").is_dir() and (root / "val").is_dir()
-    tree = root / "val" if two else root
-    classes = sorted(p.name for p in tree.iterdir() if p.is_dir())
-    if not classes:
-        raise EdgekitError(f"{tree} has no class sub-folders (expected {tree}/<class>/<image>.jpg)")
-    rng = np.random.default_rng(seed)
-    items = _scan(tree, classes)
-    if len(items) < 2:
-        raise EdgekitError(f"{tree} holds {len(items)} images in {len(classes)} class folders; need at least 2")
-    items = [items[i] for i in rng.permutation(len(items))]
-    if two:
-        train = _scan(root / "train", classes)
-        n_calib = min(num_calib, max(1, len(train)))
-        calib = [train[i] for i in rng.permutation(len(train))[:n_calib]] if train else items[:num_calib]
-        evals = items if num_eval is None else items[:num_eval]
-    else:
-        n_calib = min(num_calib, max(1, len(items) // 4))
-        calib, rest = items[:n_calib], items[n_calib:]
-        evals = rest if num_eval is None else rest[:num_eval]
-        train = rest[len(rest) // 2:]
-    splits = {"train": train, "calib": calib, "eval": evals}
-    bad = find_bad_images(sorted({p for part in splits.values() for p, _ in part}))
-    skipped = None
-    if bad and not skip_bad_images:
-        more = f" ({len(bad) - 1} more unreadable files in {root})" if len(bad) > 1 else ""
-        raise EdgekitError(f"Cannot read image {bad[0][0]}: {bad[0][1]}{more}; fix or remove it, or skip "
-                           f"unreadable images with --skip-bad-images (skip_bad_images=True)")
-    if skip_bad_images:
-        drop = {p for p, _ in bad}
-        splits = {k: [it for it in part if it[0] not in drop] for k, part in splits.items()}
-        skipped = [(str(p), reason) for p, reason in bad]
-        for k in ("calib", "eval"):
-            if not splits[k]:
-                raise EdgekitError(f"No readable images left in the {k} split of {root} "
-                                   f"({len(bad)} unreadable ones skipped)")
-    return Task(f"imagefolder:{root.name}", len(classes), 3, input_size,
-                {k: ImageFiles(v, input_size) for k, v in splits.items()}, classes, source=str(root.resolve()),
-                workers=data_workers(), skipped=skipped)
-
-
 def load_task(name: str = "mnist", data: Optional[str] = None, skip_bad_images: bool = False, **kw) -> Task:
+    """Task ``name`` (``mnist``, ``photos``), or the folder ``data`` whatever its layout: class folders give the
+    labelled ``imagefolder`` task, loose images the unlabelled ``images`` task (``task.labelled`` tells them apart;
+    :func:`edgekit.data.folders.data_layout` tells before loading). ``preprocess=`` goes to image tasks."""
     if data is not None:
-        return imagefolder_task(data, skip_bad_images=skip_bad_images, **kw)
+        from .folders import data_layout, images_task, imagefolder_task
+
+        make = images_task if data_layout(data) == "images" else imagefolder_task
+        return make(data, skip_bad_images=skip_bad_images, **kw)
     return TASKS.get(name)(**kw)
 
 

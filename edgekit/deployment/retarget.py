@@ -59,8 +59,9 @@ def quant_differs(variant: dict, want) -> bool:
 
 
 def rebuild_task(report: dict) -> Tuple[Optional[Any], str]:
-    """(the run's task rebuilt here, or None and why not): the default MNIST task, or an image folder still there."""
-    from ..data import load_task
+    """(the run's task rebuilt here, or None and why not): the default MNIST task, the photos task, or an image
+    folder still there, prepared with the run's own preprocessing."""
+    from ..data import Preprocess, load_task
 
     t = report.get("task") if isinstance(report.get("task"), dict) else {}
     name, shape = str(t.get("name") or ""), t.get("input_shape")
@@ -69,13 +70,17 @@ def rebuild_task(report: dict) -> Tuple[Optional[Any], str]:
     seed = report.get("seed", 0)
     seed = seed if isinstance(seed, int) else 0
     try:
+        pre = Preprocess.from_json(t["preprocess"]) if isinstance(t.get("preprocess"), dict) else None
         if name == "mnist":
             task = load_task("mnist", input_size=shape[-1], in_chans=shape[1], seed=seed)
+        elif name == "photos":
+            task = load_task("photos", input_size=shape[-1], preprocess=pre)
         elif name.startswith("imagefolder:"):
             src = t.get("source")
             if not isinstance(src, str) or not Path(src).is_dir():
                 return None, f"its image folder {src} no longer exists"
-            task = load_task(data=src, input_size=shape[-1], seed=seed, skip_bad_images="skipped_images" in t)
+            task = load_task(data=src, input_size=shape[-1], seed=seed, skip_bad_images="skipped_images" in t,
+                             **({"preprocess": pre} if pre is not None else {}))
         else:
             return None, f"its task {name or '(unnamed)'} is not one edgekit can rebuild"
     except EdgekitError as exc:
@@ -187,7 +192,7 @@ def _agreement(fp32: Path, int8: Path, task) -> dict:
         return {"agreement_with_fp32": None, "agreement_note": f"not computed: {next(iter(pred.errors.values()))}"}
     a, b = pred.logits["fp32"], pred.logits["int8"]
     out = {"agreement_with_fp32": round(agreement(a, b), 4), "eval_images": int(len(a))}
-    if pred.labels is not None:
+    if pred.labels is not None and getattr(task, "labelled", True):  # unlabelled images carry -1: no accuracy
         out.update(accuracy=round(top1(b, pred.labels), 4), fp32_accuracy=round(top1(a, pred.labels), 4))
     return out
 

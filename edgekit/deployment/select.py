@@ -88,9 +88,11 @@ def select_variants(run_dir: str | Path, report: dict, dev) -> Tuple[dict, Optio
         why = f"the report's recommendation for {dev.name} (fastest {how} within the accuracy budget)"
     if chosen is None:
         budget = (report.get("recipe_spec") or {}).get("accuracy_budget_pp", 0.5) / 100
-        ref = report["variants"][0].get("accuracy")
+        # a run without labels has agreement with fp32 only: the budget holds on it (as the recommendation does)
+        score = "accuracy" if report["variants"][0].get("accuracy") is not None else "agreement"
+        ref = report["variants"][0].get(score)
         ok = [v for v in deployable if v["format"] in dev.formats and v["precision"] in dev.precisions
-              and (ref is None or v.get("accuracy") is None or v["accuracy"] >= ref - budget - 1e-9)]
+              and (ref is None or v.get(score) is None or v[score] >= ref - budget - 1e-9)]
         if dev.kind == "cpu":  # lower precision first on CPUs that have the kernels for it (ARM: int8 pays off)
             ok.sort(key=lambda v: (dev.formats.index(v["format"]), PRECISION_RANK.get(v["precision"], 9)))
         else:  # GPUs run the engine built from ONNX; the CPU fallback is fp32
@@ -98,7 +100,7 @@ def select_variants(run_dir: str | Path, report: dict, dev) -> Tuple[dict, Optio
         if ok:
             chosen = ok[0]
             why = (f"not measured on {dev.name}: the first of its formats ({', '.join(dev.formats)}) at the lowest "
-                   f"precision it runs, within the recipe's accuracy budget" if dev.kind == "cpu" else
+                   f"precision it runs, within the recipe's {score} budget" if dev.kind == "cpu" else
                    f"{dev.name} builds a TensorRT engine from the ONNX on the device")
         elif fallback is not None:
             chosen, why = fallback, f"no variant of the run fits {dev.name}'s formats and precisions; fp32 ONNX"

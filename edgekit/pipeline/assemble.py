@@ -12,13 +12,24 @@ from ..hostinfo import machine_info
 from ..results import OK, UNAVAILABLE, Variant
 
 
+def judged_by(variants: Sequence[Variant]) -> str:
+    """``accuracy`` when the reference has one (labelled data), else ``agreement`` with fp32 (unlabelled data)."""
+    return "accuracy" if variants and variants[0].accuracy is not None else "agreement"
+
+
 def recommend(variants: Sequence[Variant], budget_pp: float) -> Optional[Variant]:
-    """The fastest variant with a latency whose accuracy is within the budget of the reference's."""
+    """The fastest variant with a latency whose accuracy is within the budget of the reference's.
+
+    Without labels, top-1 agreement with fp32 stands in: a variant may disagree with fp32 on at most the budget's
+    share of the images. That is stricter than the accuracy budget, never looser: an accuracy changes only where
+    the top-1 class changes.
+    """
     ref = variants[0]
     budget = budget_pp / 100
+    metric = judged_by(variants)
     timed = [v for v in variants if v.status == OK and v.latency is not None]
-    within = [v for v in timed if ref.accuracy is not None and v.accuracy is not None
-              and v.accuracy >= ref.accuracy - budget - 1e-9]
+    floor = None if getattr(ref, metric) is None else getattr(ref, metric) - budget - 1e-9
+    within = [v for v in timed if floor is not None and getattr(v, metric) is not None and getattr(v, metric) >= floor]
     return min(within, key=lambda v: v.latency.p50) if within else None
 
 
@@ -33,10 +44,16 @@ def assemble_report(model: str, model_info: Dict[str, Any], recipe: Recipe, devi
     budget = recipe.accuracy_budget_pp / 100
     recommended = recommend(variants, recipe.accuracy_budget_pp)
     timed = [v for v in variants if v.status == OK and v.latency is not None]
+    labelled = task.labelled
     for v in [v for v in variants if v.status == OK][1:]:
         if ref.accuracy is not None and v.accuracy is not None and v.accuracy < ref.accuracy - budget - 1e-9:
             notes.append(f"{v.name} ({v.format}) loses {100 * (ref.accuracy - v.accuracy):.2f} points of accuracy, "
                          f"more than the recipe's budget of {recipe.accuracy_budget_pp} points.")
+        elif not labelled and ref.agreement is not None and v.agreement is not None \
+                and v.agreement < ref.agreement - budget - 1e-9:
+            notes.append(f"{v.name} ({v.format}) disagrees with fp32 on {100 * (1 - v.agreement):.2f}% of the "
+                         f"{task.size('eval')} unlabelled images, more than the recipe's budget of "
+                         f"{recipe.accuracy_budget_pp} points.")
         if v.speedup is not None and v.speedup < 1.0:
             how = "measured" if v.latency.measured else "ESTIMATED, not measured"
             notes.append(f"{v.name} ({v.format}) is SLOWER than fp32 on {device.name} ({v.speedup:.2f}x the fp32 "

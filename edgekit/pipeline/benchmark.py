@@ -1,9 +1,10 @@
 """``edgekit benchmark``: every format x precision of one model, side by side (like ``yolo benchmark``).
 
 The pipeline's stages with one variant per row of the formats table and each of its precisions: export, load,
-evaluate (accuracy, top-1 agreement with the torch model) in one pass, then every row that runs is timed round-robin
-(or estimated off this machine) so speedups against ONNX fp32 are fair. Status: ok (ran here), unavailable (a
-runtime or GPU this machine lacks; the reason says which), failed (the error says why). One row never stops another.
+evaluate (accuracy where the images have labels; top-1 agreement, top-5 overlap and logits SQNR against the torch
+model) in one pass, then every row that runs is timed round-robin (or estimated off this machine) so speedups
+against ONNX fp32 are fair. Status: ok (ran here), unavailable (a runtime or GPU this machine lacks; the reason says
+which), failed (the error says why). One row never stops another.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class BenchmarkResult:
     device: str
     variants: List[Variant] = field(default_factory=list)
     skipped_images: Optional[int] = None
+    labelled: bool = True  # False: unlabelled images, judged by agreement with the fp32 torch model only
+    num_eval: Optional[int] = None  # images every row was evaluated on
 
     def __iter__(self):
         return iter(self.variants)
@@ -44,7 +47,9 @@ class BenchmarkResult:
 
     def to_json(self) -> Dict[str, Any]:
         return {"model": self.model, "device": self.device, "variants": [v.to_json() for v in self.variants],
-                **({"skipped_images": self.skipped_images} if self.skipped_images is not None else {})}
+                **({"skipped_images": self.skipped_images} if self.skipped_images is not None else {}),
+                **({"labelled": False} if not self.labelled else {}),
+                **({"num_eval": self.num_eval} if self.num_eval is not None else {})}
 
 
 def baseline_model(model_name: str, task, weights: Optional[str] = None, recipe=None, seed: int = 0) -> nn.Module:
@@ -139,7 +144,8 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
     order = {(f, p): i for i, (f, p) in enumerate((f, p) for f in names for p in FORMATS.get(f).precisions)}
     variants.sort(key=lambda v: order[(v.format, v.precision)])
     skipped = len(task.skipped) if getattr(task, "skipped", None) is not None else None
-    return BenchmarkResult(label, dev.name, variants, skipped)
+    n_eval = task.size("eval") if num_eval is None else min(num_eval, task.size("eval"))
+    return BenchmarkResult(label, dev.name, variants, skipped, getattr(task, "labelled", True), n_eval)
 
 
 def _cell(v: Any, spec: str) -> str:
@@ -147,12 +153,18 @@ def _cell(v: Any, spec: str) -> str:
 
 
 def benchmark_table(result: BenchmarkResult | List[Variant], title: Optional[str] = None):
-    """A rich Table of benchmark rows (the CLI prints it): accuracy and agreement as percentages."""
+    """A rich Table of benchmark rows (the CLI prints it): accuracy and agreement as percentages; on unlabelled
+    images agreement, top-5 overlap and logits SQNR against the fp32 torch model instead of accuracy."""
     from rich.table import Table
 
-    table = Table(title=title, header_style="bold")
+    free = not getattr(result, "labelled", True)
+    n = getattr(result, "num_eval", None)
+    caption = f"agreement with fp32 (the torch model) on {n if n is not None else 'the'} unlabelled images" \
+        if free else None
+    table = Table(title=title, header_style="bold", caption=caption)
+    scores = ("agreement %", "top-5 overlap %", "SQNR dB") if free else ("accuracy %", "agreement %")
     for c, j in (("format", "left"), ("precision", "left"), ("status", "left"), ("size MB", "right"),
-                 ("accuracy %", "right"), ("agreement %", "right"), ("p50 ms", "right"), ("p90 ms", "right"),
+                 *((c, "right") for c in scores), ("p50 ms", "right"), ("p90 ms", "right"),
                  ("speedup", "right"), ("note", "left")):
         table.add_column(c, justify=j, overflow="fold")
     for v in result:
@@ -160,9 +172,11 @@ def benchmark_table(result: BenchmarkResult | List[Variant], title: Optional[str
         note = v.error or (v.runtime if v.status == OK else "") or ""
         if lat is not None and not lat.measured:
             note = f"{note}; latency estimated".lstrip("; ")
+        agree = _cell(None if v.agreement is None else 100 * v.agreement, ".2f")
+        cells = (agree, _cell(None if v.top5_overlap is None else 100 * v.top5_overlap, ".2f"),
+                 "∞" if v.sqnr_db == float("inf") else _cell(v.sqnr_db, ".1f")) if free else \
+            (_cell(None if v.accuracy is None else 100 * v.accuracy, ".2f"), agree)
         table.add_row(v.format, v.precision, f"{STATUS_MARK[v.status]} {v.status}", _cell(v.size_mb, ".2f"),
-                      _cell(None if v.accuracy is None else 100 * v.accuracy, ".2f"),
-                      _cell(None if v.agreement is None else 100 * v.agreement, ".2f"),
-                      _cell(lat.p50 if lat else None, ".3f"), _cell(lat.p90 if lat else None, ".3f"),
+                      *cells, _cell(lat.p50 if lat else None, ".3f"), _cell(lat.p90 if lat else None, ".3f"),
                       "-" if v.speedup is None else f"{v.speedup:.2f}x", note)
     return table

@@ -155,12 +155,14 @@ def load_runners(variants: Sequence[Variant], threads: Optional[int]) -> Dict[st
 def evaluate(variants: Sequence[Variant], runners: Dict[str, Any], task: Task,
              reference: Optional[Callable[[np.ndarray], np.ndarray]] = None, num_eval: Optional[int] = None,
              batch_size: int = 64) -> Optional[np.ndarray]:
-    """Accuracy (labelled data) and top-1 agreement of every loaded variant, in one streamed pass of the eval split.
+    """Accuracy (labelled tasks only) and fidelity to fp32 of every loaded variant, in one streamed pass of the eval
+    split: top-1 agreement, top-5 overlap and logits SQNR.
 
-    Agreement is with ``reference`` (e.g. the torch model) when given, else with the first variant. Returns the
-    first eval input, which latency is timed on.
+    The reference is ``reference`` (e.g. the torch model) when given, else the first variant (the run's fp32 ONNX),
+    whose own SQNR is then left empty. An unlabelled task (``task.labelled`` false) gets no accuracy: its variants
+    are judged by agreement alone. Returns the first eval input, which latency is timed on.
     """
-    from ..evaluate import agreement, predict_stream, top1
+    from ..evaluate import agreement, predict_stream, sqnr_db, top1, topk_overlap
 
     live = [v for v in variants if v.status == OK and v.key in runners]
     if not live:
@@ -175,6 +177,7 @@ def evaluate(variants: Sequence[Variant], runners: Dict[str, Any], task: Task,
     if "__ref__" in pred.errors:
         raise pred.errors["__ref__"]
     ref = pred.logits.get("__ref__")
+    labelled = getattr(task, "labelled", True) and pred.labels is not None
     for v in live:
         err = pred.errors.get(v.key)
         if err is not None:
@@ -182,11 +185,14 @@ def evaluate(variants: Sequence[Variant], runners: Dict[str, Any], task: Task,
             runners.pop(v.key, None)
             continue
         logits = pred.logits[v.key]
-        if ref is None:
+        itself = ref is None
+        if itself:
             ref = logits
-        if pred.labels is not None:
-            v.accuracy = round(top1(logits, pred.labels), 4)
+        v.accuracy = round(top1(logits, pred.labels), 4) if labelled else None
         v.agreement = round(agreement(ref, logits), 4)
+        top5 = topk_overlap(ref, logits)
+        v.top5_overlap = None if top5 is None else round(top5, 4)
+        v.sqnr_db = None if itself else round(sqnr_db(ref, logits), 2)
     return pred.first
 
 
