@@ -71,7 +71,7 @@ def test_in_chans_adapts_the_stem():
     assert model(torch.randn(1, 1, 64, 64)).shape == (1, 10)
 
 
-@pytest.mark.parametrize("name", ["efficientnetv2-b0"])
+@pytest.mark.parametrize("name", ["efficientnetv2-b0", "efficientnet-lite0"])
 def test_in_chans_keeps_tf_same_padding(name):
     """timm's ``tf_`` stems pad like TF in forward (Conv2dSame): a 1-channel stem gives the same map size."""
     torch.manual_seed(0)
