@@ -71,6 +71,20 @@ def test_in_chans_adapts_the_stem():
     assert model(torch.randn(1, 1, 64, 64)).shape == (1, 10)
 
 
+@pytest.mark.parametrize("name", ["efficientnetv2-b0", "efficientnet-lite0"])
+def test_in_chans_keeps_tf_same_padding(name):
+    """timm's ``tf_`` stems pad like TF in forward (Conv2dSame): a 1-channel stem gives the same map size."""
+    torch.manual_seed(0)
+    sizes = []
+    for in_chans in (3, 1):
+        model = zoo.create(name, num_classes=10, in_chans=in_chans)
+        model.conv_stem.register_forward_hook(lambda mod, i, o: sizes.append(tuple(o.shape[-2:])))
+        with torch.no_grad():
+            model(torch.randn(1, in_chans, 64, 64))
+    assert type(model.conv_stem).__name__ == "Conv2dSame"
+    assert sizes == [(32, 32), (32, 32)]
+
+
 def test_weights_file_roundtrip(tmp_path):
     torch.manual_seed(1)
     model = zoo.create("shufflenetv2-x0.5", num_classes=10)

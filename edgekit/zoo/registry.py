@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,12 +137,10 @@ def adapt_in_chans(model: nn.Module, in_chans: int) -> nn.Module:
     else:
         reps = -(-in_chans // w.shape[1])
         new_w = w.repeat(1, reps, 1, 1)[:, :in_chans] * (w.shape[1] / in_chans)
-    new = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
-    with torch.no_grad():
-        new.weight.copy_(new_w)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias)
+    # a copy, not a fresh nn.Conv2d: a subclass such as timm's Conv2dSame (TF 'SAME' padding) pads in forward
+    new = copy.deepcopy(conv)
+    new.in_channels = in_chans
+    new.weight = nn.Parameter(new_w.clone(), requires_grad=conv.weight.requires_grad)
     _set_module(model, name, new)
     return model
 
