@@ -155,6 +155,34 @@ def test_user_factory_with_checkpoint(user_files, tmp_path):
     assert origin["weights_sha256"] == hashlib.sha256((user_files / "mynet.pth").read_bytes()).hexdigest()
     assert rep["model_info"]["baseline"]["source"] == "file"
     assert all(v["status"] == "ok" for v in rep["variants"])
+    # its own trained head, no --data: judged on the photos by agreement with fp32, nothing trained on digits
+    assert rep["task"]["name"] == "photos" and rep["task"]["labelled"] is False
+    assert all(v["accuracy"] is None for v in rep["variants"]) and rep["variants"][1]["sqnr_db"] is not None
+    assert "unlabelled images" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_what_has_no_labels_trains_nothing(user_files, tmp_path):
+    """A folder of loose images cannot train a head; a recipe that fine-tunes is refused on the photos."""
+    from PIL import Image
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 40), (60 * i, 20, 90)).save(loose / f"{i}.png")
+    res = runner.invoke(app, ["compress", "shufflenetv2-x0.5", "--data", str(loose), "--out", str(tmp_path / "a")])
+    _one_line_exit_2(res, "nothing to train")
+    res = runner.invoke(app, ["compress", f"{user_files}/mynet.py:MyNet", "--weights", str(user_files / "mynet.pth"),
+                              "--recipe", "prune50", "--out", str(tmp_path / "b")])
+    _one_line_exit_2(res, "has no labelled training images")
+    labelled = tmp_path / "labelled"
+    for c in ("a", "b", "c"):
+        (labelled / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), (80 * i, 30, 50)).save(labelled / c / f"{i}.png")
+    res = runner.invoke(app, ["compress", str(user_files / "user.onnx"), "--data", str(labelled),
+                              "--out", str(tmp_path / "c")])
+    _one_line_exit_2(res, "outputs 10 classes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labelled", "loose"]
 
 
 def test_onnx_file_compresses_and_benchmarks(user_files, tmp_path):

@@ -122,6 +122,16 @@ def data_layout(data: str | Path) -> str:
                        f"top-1 accuracy, or {root}/<image>.jpg for agreement with fp32 without labels)")
 
 
+def class_count(data: str | Path) -> int:
+    """The number of class folders of a labelled tree (of ``val`` in the train/val layout), 0 for loose images."""
+    root = Path(data)
+    layout = data_layout(root)
+    if layout == "images":
+        return 0
+    tree = root / "val" if layout == "train-val" else root
+    return sum(1 for p in tree.iterdir() if p.is_dir())
+
+
 def _split(items: list, n_calib: int, rng: np.random.Generator) -> Tuple[list, list]:
     order = rng.permutation(len(items))
     shuffled = [items[i] for i in order]

@@ -40,12 +40,13 @@ def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, rec
     """
     spec = zoo.get_spec(model_name)
     cfg = baseline_fit_config(spec, recipe, seed)
+    classes = task.num_classes or spec.num_classes  # an unlabelled task keeps the model's own head
     if weights not in (None, "pretrained"):
-        model = zoo.create(spec.name, num_classes=task.num_classes, in_chans=task.in_chans, weights=weights)
+        model = zoo.create(spec.name, num_classes=classes, in_chans=task.in_chans, weights=weights)
         return model, {"source": "file", "path": str(Path(weights).resolve())}
     if weights == "pretrained":
-        model = zoo.create(spec.name, num_classes=task.num_classes, in_chans=task.in_chans, pretrained=True)
-        if task.num_classes == 1000:
+        model = zoo.create(spec.name, num_classes=classes, in_chans=task.in_chans, pretrained=True)
+        if classes == spec.num_classes:
             return model, {"source": "pretrained"}
     else:
         model = None

@@ -42,35 +42,90 @@ class ResolvedSource:
                 "paper": self.spec.paper if self.spec is not None else f"ONNX file (opset {self.onnx.opset})"}
         return {**base, "origin": describe(self.source, self.weights)}
 
+    def preprocess(self, input_size: Optional[int] = None):
+        """The model's own eval transform (timm's data config where it carries one), at ``input_size``."""
+        from ..data import Preprocess
+
+        if self.onnx is not None:
+            return Preprocess(self.onnx.input_shape[-1], source=f"ImageNet eval default ({self.onnx.path.name} "
+                                                               "carries no preprocessing)")
+        from .. import zoo
+
+        return Preprocess.for_model(zoo.create(self.spec.name, num_classes=self.spec.num_classes), input_size)
+
     def task(self, data: Optional[str], seed: int = 0, input_size: Optional[int] = None,
              skip_bad_images: bool = False, **kw: Any):
-        """The data the model is judged on: ``--data``, else the default task (MNIST digits, trained on)."""
-        from ..data import load_task
+        """The data the model is judged on.
 
-        task_kw: Dict[str, Any] = {"seed": seed, **kw}
+        No ``--data``: a model with its own trained head (pretrained, the user's checkpoint for their factory, an
+        ONNX file) is judged as it is on the photos task, by agreement with fp32; any other model trains on the
+        default task (MNIST digits). ``--data`` with class folders is labelled (and trains when a head must be
+        trained); a folder of loose images is judged by agreement, and needs a model that is already trained.
+        """
+        from ..data import load_task
+        from ..data.folders import data_layout
+
         if self.onnx is not None:
-            task_kw["input_size"] = self.onnx.input_shape[-1]
-            if data is None:
-                task_kw["in_chans"] = self.onnx.input_shape[1]
-        elif input_size is not None:
-            task_kw["input_size"] = input_size
-        task = load_task("mnist", data=data, skip_bad_images=skip_bad_images, **task_kw)
-        if self.onnx is not None:
-            if task.in_chans != self.onnx.input_shape[1]:
-                raise EdgekitError(f"{self.onnx.path.name} takes {self.onnx.input_shape[1]}-channel images; "
-                                   f"{task.name} has {task.in_chans}")
-            if self.onnx.num_classes != task.num_classes:
-                raise EdgekitError(f"{self.onnx.path.name} outputs {self.onnx.num_classes} classes and {task.name} "
-                                   f"has {task.num_classes}: give --data with the model's own classes")
+            input_size = self.onnx.input_shape[-1]
+        if data is None and not self.keeps_head:
+            task_kw: Dict[str, Any] = {"seed": seed, **kw}
+            if input_size is not None:
+                task_kw["input_size"] = input_size
+            return load_task("mnist", **task_kw)
+        if self.onnx is not None and self.onnx.input_shape[1] != 3:
+            raise EdgekitError(f"{self.onnx.path.name} takes {self.onnx.input_shape[1]}-channel images; photos are "
+                               "RGB: give --data in the model's own format is not possible, export it with 3 channels")
+        pre = self.preprocess(input_size)
+        if data is None:
+            return load_task("photos", preprocess=pre, input_size=input_size, **kw)
+        unlabelled = data_layout(data) == "images"
+        if unlabelled and not self.keeps_head:
+            raise EdgekitError(f"{data} holds images without class folders: nothing to train {self.label}'s head "
+                               "on. Give --weights pretrained or --weights file.pth to judge the trained model by "
+                               "agreement with fp32, or sort the images into <class> folders")
+        task = load_task(data=data, preprocess=pre, input_size=input_size, seed=seed,
+                         skip_bad_images=skip_bad_images, **({} if unlabelled else {"train": self._trains_on(data)}),
+                         **kw)
+        if self.onnx is not None and task.num_classes is not None and self.onnx.num_classes != task.num_classes:
+            raise EdgekitError(f"{self.onnx.path.name} outputs {self.onnx.num_classes} classes and {data} has "
+                               f"{task.num_classes} class folders: an ONNX model's head cannot be retrained; give "
+                               f"images of its own classes (or a folder of loose images, judged by agreement)")
         return task
+
+    def _trains_on(self, data: str) -> bool:
+        """Whether a labelled folder must train the baseline: yes unless the model's own head already has as many
+        classes as the folder (``train=False`` then evaluates on every image calibration does not use)."""
+        if not self.keeps_head:
+            return True
+        from ..data.folders import class_count
+
+        own = self.onnx.num_classes if self.onnx is not None else self.spec.num_classes
+        return class_count(data) != own
 
     def baseline(self, task, recipe=None, seed: int = 0, use_cache: bool = True) -> Tuple[Any, dict]:
         """The fp32 reference: the ONNX file as it is, or the torch model (trained, pretrained or the user's)."""
         if self.onnx is not None:
             return self.onnx, {"source": "onnx file", "path": str(self.onnx.path)}
+        if task.size("train") == 0 and recipe is not None and needs_training(recipe):
+            raise EdgekitError(f"recipe {recipe.name} fine-tunes ({', '.join(needs_training(recipe))}) and "
+                               f"{task.name} has no labelled training images; give --data with class folders, or "
+                               "a recipe without training steps (int8, fp32)")
         from .baseline import get_baseline
 
         return get_baseline(self.spec.name, task, self.weights, recipe, seed, use_cache)
+
+
+def needs_training(recipe) -> list:
+    """The recipe's steps that read the training split (fine-tunes, distillation, pruning's importance scores and
+    BatchNorm re-estimation): they need labelled training images."""
+    from ..steps import validate_steps
+
+    out = []
+    for step, spec in zip(validate_steps(recipe.steps, where=f"recipe {recipe.name}"), recipe.steps):
+        if spec.kind in ("prune", "distill", "depth", "qat") or float(
+                getattr(step.params, "finetune_epochs", 0) or 0) > 0:
+            out.append(spec.kind)
+    return out
 
 
 def resolve(source: "str | ModelSource", weights: Optional[str] = None, input_size: Optional[int] = None,
