@@ -47,12 +47,13 @@ class BenchmarkResult:
                 **({"skipped_images": self.skipped_images} if self.skipped_images is not None else {})}
 
 
-def baseline_model(model_name: str, task, weights: Optional[str] = None, recipe=None, seed: int = 0) -> nn.Module:
+def baseline_model(model_name: str, task, weights: Optional[str] = None, recipe=None, seed: int = 0,
+                   train_device: str = "auto") -> nn.Module:
     """The trained fp32 model to benchmark: the pipeline's cached baseline (trained on ``task`` if needed)."""
     from .baseline import get_baseline
 
     torch.manual_seed(seed)  # the fresh model's initial weights must not depend on what ran before
-    model, _info = get_baseline(model_name, task, weights=weights, recipe=recipe, seed=seed)
+    model, _info = get_baseline(model_name, task, weights=weights, recipe=recipe, seed=seed, train_device=train_device)
     return model.eval()
 
 
@@ -61,15 +62,39 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
               options: Optional[Dict[str, Dict[str, Any]]] = None, num_eval: Optional[int] = None,
               runs: int = 50, warmup: int = 5, out_dir: Optional[Union[str, Path]] = None,
               input_size: Optional[int] = None, threads: Optional[int] = None,
-              seed: int = 0, skip_bad_images: bool = False) -> BenchmarkResult:
+              seed: int = 0, skip_bad_images: bool = False, train_device: str = "auto") -> BenchmarkResult:
     """Benchmark every format x precision of a model.
 
     ``model_name``: a zoo name (its trained baseline comes from :func:`baseline_model`) or an ``nn.Module`` used as
     is. ``recipe``: optional recipe whose steps compress the model first and whose variants' options apply to
     matching rows. ``device``: profile name/path/object. ``options``: extra options per ``"format"`` or
     ``"format:precision"``. ``out_dir``: keep the artifacts there (default: a temporary folder, removed after).
-    ``threads``: runtime threads (default: the device profile's).
+    ``threads``: runtime threads (default: the device profile's). ``train_device``: where training runs (auto,
+    cpu, cuda). Under torchrun every rank trains; rank 0 alone exports and times, and every rank returns its rows.
     """
+    from ..distributed import Session
+    from ..train import training_device
+
+    dist = Session(training_device(train_device).type)  # under torchrun: this rank joins the group; else nothing
+    try:
+        return _benchmark(dist, model_name, recipe, device, task=task, data=data, weights=weights, formats=formats,
+                          options=options, num_eval=num_eval, runs=runs, warmup=warmup, out_dir=out_dir,
+                          input_size=input_size, threads=threads, seed=seed, skip_bad_images=skip_bad_images,
+                          train_device=train_device)
+    except BaseException as exc:
+        dist.fail(exc)  # rank 0 after training: the waiting ranks raise its error instead of waiting
+        raise
+    finally:
+        dist.close()
+
+
+def _check_out_dir(out_dir) -> None:
+    if out_dir is not None and Path(out_dir).exists() and (not Path(out_dir).is_dir() or any(Path(out_dir).iterdir())):
+        raise EdgekitError(f"{out_dir} already exists and is not an empty folder; give another --out")
+
+
+def _benchmark(dist, model_name, recipe, device, *, task, data, weights, formats, options, num_eval, runs, warmup,
+               out_dir, input_size, threads, seed, skip_bad_images, train_device) -> BenchmarkResult:
     from ..config import DeviceProfile, Recipe, load_device, load_recipe
     from ..data import load_task
     from ..formats import FORMATS
@@ -82,8 +107,7 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
         FORMATS, key=lambda n: (n not in ORDER, ORDER.index(n) if n in ORDER else 0, n))
     for n in names:
         FORMATS.get(n)  # unknown format names fail here, before any work
-    if out_dir is not None and Path(out_dir).exists() and (not Path(out_dir).is_dir() or any(Path(out_dir).iterdir())):
-        raise EdgekitError(f"{out_dir} already exists and is not an empty folder; give another --out")
+    dist.on_main(_check_out_dir, out_dir)  # the folder is rank 0's; its refusal stops every rank
     if task is None:
         kw: Dict[str, Any] = {"seed": seed}
         if input_size is not None:
@@ -92,10 +116,13 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
     if isinstance(model_name, nn.Module):
         model, label = model_name.eval(), type(model_name).__name__
     else:
-        model, label = baseline_model(model_name, task, weights=weights, recipe=rec, seed=seed), model_name
+        model, label = baseline_model(model_name, task, weights=weights, recipe=rec, seed=seed,
+                                      train_device=train_device), model_name
     if rec is not None:
-        final, _ = apply_steps(model, rec, task, dev, label, seed)
+        final, _ = apply_steps(model, rec, task, dev, label, seed, train_device=train_device)
         model = final if final is not None else model
+    if not dist.main_only():  # the other ranks wait for rank 0's rows (or its error) and return them
+        return dist.result()
     variant_opts: Dict[str, Dict[str, Any]] = {}
     for v in (rec.variants if rec is not None else []):
         variant_opts[f"{v.format}:{v.precision}"] = dict(v.options)
@@ -127,7 +154,7 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
     order = {(f, p): i for i, (f, p) in enumerate((f, p) for f in names for p in FORMATS.get(f).precisions)}
     variants.sort(key=lambda v: order[(v.format, v.precision)])
     skipped = len(task.skipped) if getattr(task, "skipped", None) is not None else None
-    return BenchmarkResult(label, dev.name, variants, skipped)
+    return dist.share(BenchmarkResult(label, dev.name, variants, skipped))
 
 
 def _cell(v: Any, spec: str) -> str:
