@@ -8,7 +8,9 @@ result and return it, or raise its error.
 
 A process that torchrun did not start (no ``WORLD_SIZE`` above 1) initialises nothing: every helper here answers
 as for one process, so single-process runs behave as they always did. The environment helpers do not import torch
-(the CLI uses them before it knows it needs torch).
+(the CLI uses them before it knows it needs torch). ``compress`` and ``benchmark`` leave the group when they end;
+a script of its own that calls ``edgekit.train.fit`` under torchrun joins it at the first fit and should call
+:func:`shutdown` at its end.
 """
 
 from __future__ import annotations

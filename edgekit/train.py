@@ -11,6 +11,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
 
@@ -101,7 +102,8 @@ class TrainingLog:
         gpus = [f["gpu"] for f in self.fits if f.get("gpu")]
         if gpus:
             out["gpu"] = gpus[0]
-        out["fits"] = [{k: f[k] for k in ("description", "steps", "images", "seconds")} for f in self.fits]
+        out["fits"] = [{k: f[k] for k in ("description", "steps", "images", "images_per_s", "seconds")}
+                       for f in self.fits]
         return out
 
 
@@ -199,7 +201,7 @@ def fit(model: nn.Module, task: Task, cfg: FitConfig, teacher: Optional[nn.Modul
         where = [device.type] * (device.type != "cpu") + ["AMP"] * amp + [f"{world} processes"] * (world > 1)
         label = f"{description} ({', '.join(where)})" if where else description
         autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else contextlib.nullcontext
-        seen = 0
+        seen, first = 0, None  # images this rank trained on; (time, images) after the first step
         with (progress.task(label, total=steps, unit="batches", rate_unit="img") if rank == 0  # one bar: rank 0's
               else contextlib.nullcontext(_NoBar())) as bar:
             for _ in range(steps):  # the bar advances per batch, with images/s of all ranks together
@@ -222,9 +224,14 @@ def fit(model: nn.Module, task: Task, cfg: FitConfig, teacher: Optional[nn.Modul
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
-                sched.step()
+                _schedule_step(sched, quiet=amp)
                 seen += len(y)
                 bar.advance(1, len(y) * world)  # every rank's batch has this size (drop_last in the sampler)
+                if first is None:
+                    first = (time.perf_counter(), seen)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rate = (seen - first[1]) * world / (time.perf_counter() - first[0]) if steps > 1 else None
         restore_batchnorm(swapped)
         swapped = []
         for m in nets:
@@ -238,6 +245,7 @@ def fit(model: nn.Module, task: Task, cfg: FitConfig, teacher: Optional[nn.Modul
         log.fits.append({"description": description, "device": device.type, "world_size": world,
                          "backend": distributed.backend(), "amp": amp, "steps": steps,
                          "images": seen * world, "seconds": round(time.perf_counter() - t0, 2),
+                         "images_per_s": None if rate is None else round(rate, 1),
                          **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})})
     return model.eval()
 
@@ -256,6 +264,17 @@ def _sync_class(module: nn.Module):
 
         return SyncBatchNormAct if type(module) is BatchNormAct2d else None
     return None
+
+
+def _schedule_step(sched, quiet: bool) -> None:
+    """The scheduler's step; with AMP without torch's warning that it came before the optimizer's: GradScaler skips
+    the optimizer step of a batch whose float16 gradients overflowed (often the first), and the schedule goes on."""
+    if not quiet:
+        sched.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        sched.step()
 
 
 def sync_batchnorm(model: nn.Module) -> list:
