@@ -182,6 +182,7 @@ DIFFERENT_MODELS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_ranks_whose_models_differ_are_stopped_before_training(tmp_path):
     """Pruning runs on every rank with the same seed; were its decisions to differ, fit says so on every rank
     instead of failing inside DistributedDataParallel."""
