@@ -2,7 +2,7 @@
 gloo) and, where torch sees a GPU, the CPU vs one GPU in float32 and with AMP.
 
     python bench/train_scale.py [--model mobilenetv2] [--input-size 224] [--batch 32] [--steps 6] [--procs 1,2]
-                                [--json out.json]
+                                [--rounds 3] [--json out.json]
 
 Each configuration runs in fresh processes (``python -m torch.distributed.run --standalone --nproc-per-node N
 bench/train_scale.py --worker ...``). Every process prunes the untrained model to half its MACs with the prune step
@@ -11,7 +11,9 @@ bench/train_scale.py --worker ...``). Every process prunes the untrained model t
 images/s of all processes together after the first step (fit's own count, as the progress bar shows it), the
 peak RSS of each process (``ru_maxrss``: pruning included), and on CUDA ``torch.cuda.max_memory_allocated``. The
 batch is per process, so N processes train N times the images per step. With 1 process the CPU row uses every core
-as threads; with N processes each gets cores/N threads.
+as threads; with N processes each gets cores/N threads. The configurations run in turn ``--rounds`` times, so a
+slow spell of a shared machine touches each alike; the table shows the median round (and the range), the JSON every
+round with the load average before it.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ def worker(a) -> None:
 
 def run_config(name: str, procs: int, device: str, amp: bool, a, threads: int) -> dict:
     """One configuration in fresh processes; its rows per rank, summed up."""
+    load = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="train-scale-") as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
                __file__, "--worker", "--outdir", out, "--model", a.model, "--input-size", str(a.input_size),
@@ -113,7 +116,18 @@ def run_config(name: str, procs: int, device: str, amp: bool, a, threads: int) -
             "images": r0["images"], "images_per_s": r0["images_per_s"],
             "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
             "cuda_max_allocated_mb": [r["cuda_max_allocated_mb"] for r in ranks] if r0["device"] == "cuda" else None,
-            "wall_s": round(time.time() - t0, 1)}
+            "wall_s": round(time.time() - t0, 1), "load_before": load}
+
+
+def summarise(runs: list) -> dict:
+    """A configuration's rounds: the median round's figures, the range of images/s, every round kept."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    ok.sort(key=lambda r: r["images_per_s"] or 0)
+    mid = ok[len(ok) // 2]
+    return {**mid, "images_per_s_range": [ok[0]["images_per_s"], ok[-1]["images_per_s"]],
+            "peak_rss_mb": [max(x) for x in zip(*(r["peak_rss_mb"] for r in ok))], "rounds": runs}
 
 
 def main(argv=None) -> int:
@@ -123,6 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="per process")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per process (the first is not timed)")
     ap.add_argument("--procs", default="1,2", help="CPU process counts to compare")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of every configuration, in turn")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -146,34 +161,38 @@ def main(argv=None) -> int:
         gpus = torch.cuda.device_count()
         if gpus > 1:
             configs.append((f"cuda AMP x{gpus}", gpus, "cuda", True, max(1, cores // gpus)))
-    console = Console()
-    rows = []
-    for cfg in configs:
-        console.print(f"{cfg[0]} ...", style="dim")
-        rows.append(run_config(*cfg[:4], a, cfg[4]))
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a log keeps the table whole
+    runs: dict = {cfg[0]: [] for cfg in configs}
+    for i in range(a.rounds):
+        for cfg in configs:
+            console.print(f"round {i + 1}/{a.rounds}: {cfg[0]} ...", style="dim")
+            runs[cfg[0]].append(run_config(*cfg[:4], a, cfg[4]))
+    rows = [summarise(runs[cfg[0]]) for cfg in configs]
     m = machine_info()
     hardware = (f"{m.get('cpu')}, {cores} cores usable; torch {torch.__version__}"
                 + (f"; GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "; no CUDA GPU"))
     table = Table(title=f"prune fine-tune of {a.model} (pruned to 50% MACs) at {a.input_size} px, batch {a.batch} per "
-                        f"process, {a.steps} steps per process\n{hardware}", header_style="bold")
-    for c in ("config", "processes x threads", "global batch", "images/s", "vs first", "peak RSS MB / process",
-              "CUDA max alloc MB"):
+                        f"process, {a.steps} steps per process, median of {a.rounds} rounds\n{hardware}",
+                  header_style="bold")
+    for c in ("config", "processes x threads", "global batch", "images/s", "range", "vs first",
+              "peak RSS MB / process", "CUDA max alloc MB"):
         table.add_column(c, justify="left" if c == "config" else "right")
     base = next((r["images_per_s"] for r in rows if r.get("images_per_s")), None)
     for r in rows:
         if "error" in r:
-            table.add_row(r["config"], "", "", "failed", "", r["error"], "")
+            table.add_row(r["config"], "", "", "failed", "", "", r["error"], "")
             continue
         table.add_row(r["config"], f"{r['processes']} x {r['threads_per_process']}", str(r["global_batch"]),
-                      f"{r['images_per_s']:.1f}", f"{r['images_per_s'] / base:.2f}x" if base else "-",
+                      f"{r['images_per_s']:.1f}", "-".join(f"{x:.1f}" for x in r["images_per_s_range"]),
+                      f"{r['images_per_s'] / base:.2f}x" if base else "-",
                       ", ".join(f"{x:.0f}" for x in r["peak_rss_mb"]),
                       ", ".join(f"{x:.0f}" for x in r["cuda_max_allocated_mb"]) if r["cuda_max_allocated_mb"] else "-")
     console.print(table)
     doc = {"hardware": hardware, "model": a.model, "input_size": a.input_size, "batch_per_process": a.batch,
-           "steps_per_process": a.steps, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    print(json.dumps(doc, indent=1))
-    if a.json:
+           "steps_per_process": a.steps, "rounds": a.rounds, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    if a.json:  # first: a closed pipe on stdout must not lose the file
         Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(doc, indent=1))
     return 0 if all("error" not in r for r in rows) else 1
 
 
