@@ -24,8 +24,8 @@ def compress(model: str, recipe: "str | Recipe" = "int8", device: "str | DeviceP
     """Compress ``model`` with ``recipe`` for ``device``: baseline, steps, export, evaluate, measure, report.
 
     Keyword arguments are :func:`edgekit.pipeline.compress`'s (``data``, ``weights``, ``out``, ``force``, ``seed``,
-    ``target_ms``, ``input_size``, ``runs``, ``skip_bad_images``). ``result.variants["int8"].latency.p50``,
-    ``result.recommended``, ``result.to_json()`` (report.json).
+    ``target_ms``, ``input_size``, ``runs``, ``skip_bad_images``, ``train_device``: auto, cpu or cuda).
+    ``result.variants["int8"].latency.p50``, ``result.recommended``, ``result.to_json()`` (report.json).
     """
     from .pipeline import compress as _compress
 

@@ -112,6 +112,23 @@ def machine_line(report: dict) -> str:
             f"({how}{report['device']}).")
 
 
+def training_line(report: dict) -> Optional[str]:
+    """Where the run trained (report.json's ``training``): a figure of seconds means little without it. None for
+    reports from before the field."""
+    if "training" not in report:
+        return None
+    t = report["training"]
+    if not t:
+        return "Training: none in this run (the baseline came from the cache, pretrained weights or a file, and no " \
+               "step trains)."
+    world = t.get("world_size")
+    procs = f"{world} processes, {t.get('backend')}" if isinstance(world, int) and world > 1 else \
+        "1 process" if world == 1 else f"processes {world}, {t.get('backend')}"
+    where = f"{t.get('device')}" + (f" ({t['gpu']})" if t.get("gpu") else "")
+    precision = "AMP float16" if t.get("amp") is True else "float32" if t.get("amp") is False else f"AMP {t.get('amp')}"
+    return f"Training: {where}, {procs}, {precision}, {t.get('seconds')} s."
+
+
 def latency_sentence(report: dict) -> str:
     """What the p50/p90 columns are: timed runs, or the latency model's estimate (never called "timed")."""
     lats = [v["latency_ms"] for v in report["variants"] if v.get("latency_ms")]
@@ -219,6 +236,7 @@ def to_markdown(report: dict) -> str:
     out = [f"# {report['model']} · recipe `{report['recipe']}` · device `{report['device']}`", "",
            f"Task: {task['name']} ({judged_on(report)}; input {'x'.join(map(str, task['input_shape']))}); "
            f"baseline: {base['source']}; seed {report['seed']}.", "",
+           *([training_line(report), ""] if training_line(report) else []),
            "| " + " | ".join(columns(report)) + " |", "|" + "---|" * len(columns(report))]
     out += ["| " + " | ".join(r) + " |" for r in variant_rows(report, words=True)]
     out += ["", latency_sentence(report), ""]

@@ -14,6 +14,8 @@ from .. import progress
 from .base import app, check_inputs, check_names, handle_errors, out
 from .tables import fit_table, show_benchmark, show_report
 
+DEVICE_TRAIN_HELP = "Where training runs: auto (a CUDA GPU when torch sees one, else the CPU), cpu, or cuda."
+
 
 @app.command()
 @handle_errors
@@ -34,16 +36,22 @@ def compress(
     runs: int = typer.Option(100, "--runs", min=10, help="Timed runs per variant."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images of --data out "
                                          "(counted in report.json) instead of stopping."),
+    device_train: str = typer.Option("auto", "--device-train", help=DEVICE_TRAIN_HELP),
 ):
-    """Compress MODEL with a recipe, export, evaluate and measure every variant."""
+    """Compress MODEL with a recipe, export, evaluate and measure every variant (under torchrun: every process
+    trains, rank 0 alone exports, measures and writes)."""
     check_names(model, recipe, device)  # a typo is answered before torch is imported
     check_inputs(data, weights)
+    from ..distributed import is_main_process
     from ..pipeline import run
 
-    progress.enable_for(sys.stderr)
+    if is_main_process():  # under torchrun only rank 0 speaks
+        progress.enable_for(sys.stderr)
     report = run(model, recipe, device, data=str(data) if data else None, weights=weights, out=out_dir,
                  force=force, seed=seed, target_ms=target_ms, input_size=input_size, runs=runs,
-                 skip_bad_images=skip_bad_images)
+                 skip_bad_images=skip_bad_images, train_device=device_train)
+    if not is_main_process():
+        return
     show_report(report)
     if report["task"].get("skipped_images"):
         out.print(f"[bold yellow]! [/]skipped {report['task']['skipped_images']} unreadable image(s) of --data "
@@ -69,16 +77,21 @@ def benchmark(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images of --data out "
                                          "instead of stopping."),
+    device_train: str = typer.Option("auto", "--device-train", help=DEVICE_TRAIN_HELP),
 ):
     """Export MODEL to every format x precision, evaluate and time them side by side (ok / unavailable / failed)."""
     check_names(model, recipe, device)
+    from ..distributed import is_main_process
     from ..pipeline.benchmark import benchmark as run_benchmark, benchmark_table
 
     check_inputs(data, weights)
-    progress.enable_for(sys.stderr)
+    if is_main_process():  # under torchrun only rank 0 speaks
+        progress.enable_for(sys.stderr)
     result = run_benchmark(model, recipe=recipe, device=device, data=str(data) if data else None, weights=weights,
                            formats=formats or None, out_dir=out_dir, threads=threads, runs=runs,
-                           input_size=input_size, skip_bad_images=skip_bad_images)
+                           input_size=input_size, skip_bad_images=skip_bad_images, train_device=device_train)
+    if not is_main_process():
+        return
     show_benchmark(result, benchmark_table(result, title=f"{model} on {device}"), device)
     if result.skipped_images:
         out.print(f"[bold yellow]! [/]skipped {result.skipped_images} unreadable image(s) of --data", highlight=False)

@@ -35,8 +35,9 @@ def recommend(variants: Sequence[Variant], budget_pp: float) -> Optional[Variant
 
 def assemble_report(model: str, model_info: Dict[str, Any], recipe: Recipe, device: DeviceProfile, task: Task,
                     baseline_info: dict, step_info: List[dict], variants: List[Variant], notes: List[str],
-                    target_ms: Optional[float], seed: int) -> dict:
-    """report.json: what was made, how it scores, what it costs, what to ship; every figure says its source."""
+                    target_ms: Optional[float], seed: int, training: Optional[dict] = None) -> dict:
+    """report.json: what was made, how it scores, what it costs, what to ship; every figure says its source.
+    ``training``: where the run trained (``edgekit.train.TrainingLog.summary()``; None when nothing trained)."""
     from ..runtime.base import module_versions
 
     target = target_ms if target_ms is not None else device.latency_target_ms
@@ -84,6 +85,7 @@ def assemble_report(model: str, model_info: Dict[str, Any], recipe: Recipe, devi
         "device_profile": device.model_dump(),
         "task": task.describe(),
         "seed": seed,
+        "training": training,
         "versions": {"edgekit": __version__, **module_versions()},
         "machine": machine_info(),
         "steps": step_info,

@@ -24,22 +24,39 @@ from ..train import FitConfig, fit, set_stochastic_depth
 TRAIN_VERSION = 1  # bump when the baseline training recipe changes, to invalidate caches
 
 
-def baseline_fit_config(spec: zoo.ModelSpec, recipe: Optional[Recipe], seed: int) -> FitConfig:
+def baseline_fit_config(spec: zoo.ModelSpec, recipe: Optional[Recipe], seed: int,
+                        train_device: str = "auto") -> FitConfig:
     tr = recipe.train if recipe is not None else None
     lr = (tr.lr if tr is not None and tr.lr else None) or spec.train.get("lr", 1e-2)
-    return FitConfig(epochs=tr.epochs if tr else 4, lr=lr, batch_size=tr.batch_size if tr else 64, seed=seed)
+    return FitConfig(epochs=tr.epochs if tr else 4, lr=lr, batch_size=tr.batch_size if tr else 64, seed=seed,
+                     device=train_device)
+
+
+def _cache_key_fit(cfg: FitConfig, world: int) -> dict:
+    """The training recipe as the cache key sees it: where it ran (device, AMP) is left out, as the CPU's thread
+    count is, so a baseline trained on a GPU serves CPU runs; several processes train with a larger global batch
+    and fewer steps, which is another recipe."""
+    key = {k: v for k, v in vars(cfg).items() if k not in ("device", "amp")}
+    return {**key, "world_size": world} if world > 1 else key
 
 
 def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, recipe: Optional[Recipe] = None,
-                 seed: int = 0, use_cache: bool = True) -> tuple[nn.Module, dict]:
+                 seed: int = 0, use_cache: bool = True, train_device: str = "auto") -> tuple[nn.Module, dict]:
     """The fp32 model every variant is compared with, and how it was obtained.
 
     ``weights``: None trains on the task (cached per model/task/config), ``"pretrained"``
     loads ImageNet weights (fine-tuning the new head when the task has other classes),
-    any other value is a state-dict file for exactly this task's head.
+    any other value is a state-dict file for exactly this task's head. ``train_device``: auto, cpu or cuda.
+
+    Under torchrun every rank trains; rank 0 alone reads and writes the cache, and a cached baseline reaches the
+    other ranks from rank 0 (their nodes need no copy of the cache).
     """
+    from .. import distributed
+    from ..train import training_device
+
     spec = zoo.get_spec(model_name)
-    cfg = baseline_fit_config(spec, recipe, seed)
+    cfg = baseline_fit_config(spec, recipe, seed, train_device)
+    world = distributed.init(training_device(train_device).type)  # 1 unless torchrun started several processes
     classes = task.num_classes or spec.num_classes  # an unlabelled task keeps the model's own head
     if weights not in (None, "pretrained"):
         model = zoo.create(spec.name, num_classes=classes, in_chans=task.in_chans, weights=weights)
@@ -52,8 +69,8 @@ def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, rec
         model = None
     torch.manual_seed(seed)  # fresh weights must not depend on what ran before in this process
     stochastic_depth = recipe.train.stochastic_depth if recipe is not None else None
-    key = json.dumps({"model": spec.name, "task": task.describe(), "fit": vars(cfg), "pretrained": model is not None,
-                      "v": TRAIN_VERSION, "torch": torch.__version__.split("+")[0],
+    key = json.dumps({"model": spec.name, "task": task.describe(), "fit": _cache_key_fit(cfg, world),
+                      "pretrained": model is not None, "v": TRAIN_VERSION, "torch": torch.__version__.split("+")[0],
                       **({"code": spec.notes} if spec.source == "python" else {}),  # the user's file, by hash
                       **({"stochastic_depth": stochastic_depth} if stochastic_depth is not None else {})},
                      sort_keys=True)
@@ -64,18 +81,22 @@ def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, rec
             "epochs": cfg.epochs, "lr": cfg.lr, "seed": seed}
     if model is None:
         model = zoo.create(spec.name, num_classes=task.num_classes, in_chans=task.in_chans)
-    if use_cache and path.is_file():
+    cached = False
+    if use_cache and distributed.is_main() and path.is_file():
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval(), {**info, "cached": True}
+            cached = True
         except Exception:  # a stale or corrupt cache entry is retrained, never fatal
             path.unlink(missing_ok=True)
+    if distributed.broadcast_object(cached):  # rank 0 decides for every rank: all train, or none does
+        distributed.broadcast_state(model)
+        return model.eval(), {**info, "cached": True}
     if stochastic_depth is not None:
         info["stochastic_depth"] = set_stochastic_depth(model, stochastic_depth)
     t0 = time.time()
     fit(model, task, cfg, description=f"train {spec.name}")
     info["train_seconds"] = round(time.time() - t0, 1)
-    if use_cache:
+    if use_cache and distributed.is_main():
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
         atomic_write_bytes(path, buf.getvalue())  # a unique temp name: caches shared by containers (all PID 1)

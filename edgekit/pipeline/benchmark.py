@@ -52,12 +52,13 @@ class BenchmarkResult:
                 **({"num_eval": self.num_eval} if self.num_eval is not None else {})}
 
 
-def baseline_model(model_name: str, task, weights: Optional[str] = None, recipe=None, seed: int = 0) -> nn.Module:
+def baseline_model(model_name: str, task, weights: Optional[str] = None, recipe=None, seed: int = 0,
+                   train_device: str = "auto") -> nn.Module:
     """The trained fp32 model to benchmark: the pipeline's cached baseline (trained on ``task`` if needed)."""
     from .baseline import get_baseline
 
     torch.manual_seed(seed)  # the fresh model's initial weights must not depend on what ran before
-    model, _info = get_baseline(model_name, task, weights=weights, recipe=recipe, seed=seed)
+    model, _info = get_baseline(model_name, task, weights=weights, recipe=recipe, seed=seed, train_device=train_device)
     return model.eval()
 
 
@@ -66,15 +67,39 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
               options: Optional[Dict[str, Dict[str, Any]]] = None, num_eval: Optional[int] = None,
               runs: int = 50, warmup: int = 5, out_dir: Optional[Union[str, Path]] = None,
               input_size: Optional[int] = None, threads: Optional[int] = None,
-              seed: int = 0, skip_bad_images: bool = False) -> BenchmarkResult:
+              seed: int = 0, skip_bad_images: bool = False, train_device: str = "auto") -> BenchmarkResult:
     """Benchmark every format x precision of a model.
 
     ``model_name``: any model source (:mod:`edgekit.sources`: a zoo name, ``timm:<name>``, ``file.py:Factory``, a
-    .onnx file; its baseline as ``compress`` makes it) or an ``nn.Module`` used as is. ``recipe``: optional recipe whose steps compress the model first and whose variants' options apply to
-    matching rows. ``device``: profile name/path/object. ``options``: extra options per ``"format"`` or
+    .onnx file; its baseline as ``compress`` makes it) or an ``nn.Module`` used as is. ``recipe``: optional recipe
+    whose steps compress the model first and whose variants' options apply to matching rows. ``device``: profile name/path/object. ``options``: extra options per ``"format"`` or
     ``"format:precision"``. ``out_dir``: keep the artifacts there (default: a temporary folder, removed after).
-    ``threads``: runtime threads (default: the device profile's).
+    ``threads``: runtime threads (default: the device profile's). ``train_device``: where training runs (auto,
+    cpu, cuda). Under torchrun every rank trains; rank 0 alone exports and times, and every rank returns its rows.
     """
+    from ..distributed import Session
+    from ..train import training_device
+
+    dist = Session(training_device(train_device).type)  # under torchrun: this rank joins the group; else nothing
+    try:
+        return _benchmark(dist, model_name, recipe, device, task=task, data=data, weights=weights, formats=formats,
+                          options=options, num_eval=num_eval, runs=runs, warmup=warmup, out_dir=out_dir,
+                          input_size=input_size, threads=threads, seed=seed, skip_bad_images=skip_bad_images,
+                          train_device=train_device)
+    except BaseException as exc:
+        dist.fail(exc)  # rank 0 after training: the waiting ranks raise its error instead of waiting
+        raise
+    finally:
+        dist.close()
+
+
+def _check_out_dir(out_dir) -> None:
+    if out_dir is not None and Path(out_dir).exists() and (not Path(out_dir).is_dir() or any(Path(out_dir).iterdir())):
+        raise EdgekitError(f"{out_dir} already exists and is not an empty folder; give another --out")
+
+
+def _benchmark(dist, model_name, recipe, device, *, task, data, weights, formats, options, num_eval, runs, warmup,
+               out_dir, input_size, threads, seed, skip_bad_images, train_device) -> BenchmarkResult:
     from ..config import DeviceProfile, Recipe, load_device, load_recipe
     from ..data import load_task
     from ..formats import FORMATS
@@ -87,8 +112,7 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
         FORMATS, key=lambda n: (n not in ORDER, ORDER.index(n) if n in ORDER else 0, n))
     for n in names:
         FORMATS.get(n)  # unknown format names fail here, before any work
-    if out_dir is not None and Path(out_dir).exists() and (not Path(out_dir).is_dir() or any(Path(out_dir).iterdir())):
-        raise EdgekitError(f"{out_dir} already exists and is not an empty folder; give another --out")
+    dist.on_main(_check_out_dir, out_dir)  # the folder is rank 0's; its refusal stops every rank
     source = None
     if not isinstance(model_name, nn.Module):
         from .source import resolve
@@ -107,11 +131,13 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
         model, label = model_name.eval(), type(model_name).__name__
     else:
         torch.manual_seed(seed)  # the fresh model's initial weights must not depend on what ran before
-        model, _info = source.baseline(task, rec, seed)
+        model, _info = source.baseline(task, rec, seed, train_device=train_device)
         label = source.label
     if rec is not None and (source is None or source.onnx is None):
-        final, _ = apply_steps(model, rec, task, dev, label, seed)
+        final, _ = apply_steps(model, rec, task, dev, label, seed, train_device=train_device)
         model = final if final is not None else model
+    if not dist.main_only():  # the other ranks wait for rank 0's rows (or its error) and return them
+        return dist.result()
     reference = None if source is not None and source.onnx is not None else (
         lambda b: model(torch.from_numpy(b)).numpy())
     variant_opts: Dict[str, Dict[str, Any]] = {}
@@ -145,7 +171,7 @@ def benchmark(model_name: Union[str, nn.Module], recipe=None, device="desktop-cp
     variants.sort(key=lambda v: order[(v.format, v.precision)])
     skipped = len(task.skipped) if getattr(task, "skipped", None) is not None else None
     n_eval = task.size("eval") if num_eval is None else min(num_eval, task.size("eval"))
-    return BenchmarkResult(label, dev.name, variants, skipped, getattr(task, "labelled", True), n_eval)
+    return dist.share(BenchmarkResult(label, dev.name, variants, skipped, getattr(task, "labelled", True), n_eval))
 
 
 def _cell(v: Any, spec: str) -> str:

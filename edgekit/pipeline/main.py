@@ -55,11 +55,14 @@ def compress(model: "str | ModelSource", recipe: str | Recipe = "int8", device: 
              data: Optional[str] = None, weights: Optional[str] = None, out: Optional[str | Path] = None,
              force: bool = False, seed: int = 0, target_ms: Optional[float] = None,
              input_size: Optional[int] = None, runs: int = 100, use_cache: bool = True,
-             skip_bad_images: bool = False) -> CompressResult:
-    """Compress ``model`` (a zoo name, ``timm:<name>``, ``file.py:Factory``, a .onnx file: :mod:`edgekit.sources`) with ``recipe`` for ``device``: baseline, steps, export, evaluate, measure, report.
+             skip_bad_images: bool = False, train_device: str = "auto") -> CompressResult:
+    """Compress ``model`` (a zoo name, ``timm:<name>``, ``file.py:Factory``, a .onnx file: :mod:`edgekit.sources`)
+    with ``recipe`` for ``device``: baseline, steps, export, evaluate, measure, report.
 
     Everything the user can get wrong is checked before any work starts (every image of ``data`` is decoded once;
-    ``skip_bad_images`` leaves unreadable ones out and counts them).
+    ``skip_bad_images`` leaves unreadable ones out and counts them). ``train_device``: where the baseline and the
+    steps train (auto, cpu, cuda). Under torchrun every rank trains; rank 0 alone exports, evaluates, times and
+    writes the output folder, and every rank returns its result.
     """
     src = parse_source(model) if isinstance(model, str) else model
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -75,15 +78,23 @@ def compress(model: "str | ModelSource", recipe: str | Recipe = "int8", device: 
         raise EdgekitError("--target-ms must be positive")
     source = resolve(src, weights, input_size, steps=[s.kind for s in rec.steps], what=f"recipe {rec.name}")
     out_dir = Path(out) if out is not None else default_out_dir(source.label, rec.name, dev.name, data)
-    check_replaceable(out_dir, force)
-    task = source.task(data, seed=seed, input_size=input_size, skip_bad_images=skip_bad_images)
-    tmp = make_temp_dir(out_dir)
+    from ..distributed import Session
+    from ..train import recording, training_device
+
+    dist = Session(training_device(train_device).type)  # under torchrun: this rank joins the group; else nothing
+    tmp = None
     try:
+        dist.on_main(check_replaceable, out_dir, force)  # the folder is rank 0's; its refusal stops every rank
+        task = source.task(data, seed=seed, input_size=input_size, skip_bad_images=skip_bad_images)
+        tmp = make_temp_dir(out_dir) if dist.is_main else None
         t_start = time.time()
         torch.manual_seed(seed)
-        baseline, base_info = source.baseline(task, rec, seed, use_cache)
-        notes: List[str] = []
-        final, step_info = apply_steps(baseline, rec, task, dev, source.label, seed, notes)
+        with recording() as trained:
+            baseline, base_info = source.baseline(task, rec, seed, use_cache, train_device)
+            notes: List[str] = []
+            final, step_info = apply_steps(baseline, rec, task, dev, source.label, seed, notes, train_device)
+        if not dist.main_only():  # the other ranks wait for rank 0's result (or its error) and return it
+            return dist.result()
         tag = step_tag(rec.steps)
         models = {"baseline": baseline, **({tag: final} if final is not None else {})}
         variants = export_variants(models, plan_variants(rec, tag), task, dev, tmp, model_label=source.label,
@@ -93,21 +104,25 @@ def compress(model: "str | ModelSource", recipe: str | Recipe = "int8", device: 
         x = evaluate(variants, runners, task)
         measure(variants, runners, dev, x, runs=runs)
         report = assemble_report(source.label, source.info(), rec, dev, task,
-                                 base_info, step_info, variants, notes, target_ms, seed)
+                                 base_info, step_info, variants, notes, target_ms, seed, training=trained.summary())
         report["seconds"] = round(time.time() - t_start, 1)
         from ..report import write_reports
 
         write_reports(report, tmp)
         publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        report["out_dir"] = str(out_dir)
+        for v in variants:
+            if v.path is not None and v.status == "ok":
+                v.path = out_dir / v.path.name
+        return dist.share(CompressResult(report, {v.name if v.format == "onnx" else f"{v.name}-{v.format}": v
+                                                  for v in variants}, out_dir))
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.fail(exc)  # rank 0 after training: the waiting ranks raise its error instead of waiting
         raise
-    report["out_dir"] = str(out_dir)
-    for v in variants:
-        if v.path is not None and v.status == "ok":
-            v.path = out_dir / v.path.name
-    return CompressResult(report, {v.name if v.format == "onnx" else f"{v.name}-{v.format}": v for v in variants},
-                          out_dir)
+    finally:
+        dist.close()
 
 
 def run(*args, **kwargs) -> dict:

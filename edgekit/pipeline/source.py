@@ -102,7 +102,8 @@ class ResolvedSource:
         own = self.onnx.num_classes if self.onnx is not None else self.spec.num_classes
         return class_count(data) != own
 
-    def baseline(self, task, recipe=None, seed: int = 0, use_cache: bool = True) -> Tuple[Any, dict]:
+    def baseline(self, task, recipe=None, seed: int = 0, use_cache: bool = True,
+                 train_device: str = "auto") -> Tuple[Any, dict]:
         """The fp32 reference: the ONNX file as it is, or the torch model (trained, pretrained or the user's)."""
         if self.onnx is not None:
             return self.onnx, {"source": "onnx file", "path": str(self.onnx.path)}
@@ -112,7 +113,7 @@ class ResolvedSource:
                                "a recipe without training steps (int8, fp32)")
         from .baseline import get_baseline
 
-        return get_baseline(self.spec.name, task, self.weights, recipe, seed, use_cache)
+        return get_baseline(self.spec.name, task, self.weights, recipe, seed, use_cache, train_device)
 
 
 def needs_training(recipe) -> list:

@@ -56,15 +56,17 @@ def plan_variants(recipe: Recipe, tag: Optional[str]) -> List[VariantSpec]:
 
 
 def apply_steps(baseline: nn.Module, recipe: Recipe, task: Task, device: DeviceProfile, model_name: str,
-                seed: int = 0, notes: Optional[List[str]] = None) -> Tuple[Optional[nn.Module], List[dict]]:
-    """The recipe's steps in order on a copy of ``baseline``; (final model or None without steps, per-step facts)."""
+                seed: int = 0, notes: Optional[List[str]] = None,
+                train_device: str = "auto") -> Tuple[Optional[nn.Module], List[dict]]:
+    """The recipe's steps in order on a copy of ``baseline``; (final model or None without steps, per-step facts).
+    ``train_device``: where the steps' fine-tunes train (auto, cpu, cuda)."""
     from ..steps import StepContext, validate_steps
 
     steps = validate_steps(recipe.steps, where=f"recipe {recipe.name}")
     if not steps:
         return None, []
     ctx = StepContext(task=task, baseline=baseline, model_name=model_name, device=device, seed=seed,
-                      notes=notes if notes is not None else [])
+                      notes=notes if notes is not None else [], train_device=train_device)
     model, info = deepcopy(baseline), []
     for step, s in zip(steps, recipe.steps):
         t0 = time.time()

@@ -138,8 +138,8 @@ class Distill(Step):
         torch.manual_seed(ctx.seed)
         t = zoo.create(spec.name, num_classes=task.num_classes, in_chans=task.in_chans)
         lr = p.teacher_lr or float(spec.train.get("lr", 1e-2))
-        fit(t, task, FitConfig(epochs=p.teacher_epochs, lr=lr, seed=ctx.seed, batch_size=p.batch_size),
-            description=f"train teacher {spec.name}")
+        fit(t, task, FitConfig(epochs=p.teacher_epochs, lr=lr, seed=ctx.seed, batch_size=p.batch_size,
+                               device=ctx.train_device), description=f"train teacher {spec.name}")
         return t.eval(), {"teacher": spec.name, "teacher_source": f"trained {p.teacher_epochs:g} epochs, lr {lr:g}"}
 
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
@@ -161,7 +161,7 @@ class Distill(Step):
             info.update(student_acc_before=round(acc, 4), agreement_before=round(agr, 4))
         lr = p.lr or _default_lr(ctx.model_name)
         cfg = FitConfig(epochs=p.epochs, lr=lr, batch_size=p.batch_size, seed=ctx.seed, temperature=p.temperature,
-                        alpha=p.alpha)
+                        alpha=p.alpha, device=ctx.train_device)
         if p.feature_weight > 0:
             s_tap = FeatureTap(model, _classifier(model, ctx.model_name))
             t_tap = FeatureTap(teacher, _classifier(teacher, p.teacher or ctx.model_name))
@@ -171,8 +171,9 @@ class Distill(Step):
                 cs, ct = _pooled_width(model, s_tap, shape), _pooled_width(teacher, t_tap, shape)
                 adapter = nn.Conv2d(cs, ct, 1)
                 extra, handle = _feature_loss(model, teacher, s_tap, t_tap, adapter, p.feature_weight)
-                fit(_WithAdapter(model, adapter), task, cfg, teacher=teacher if p.alpha > 0 else None,
-                    description="distill", extra_loss=extra)
+                # the teacher goes to fit even with alpha 0: the feature term runs it, on the training device
+                fit(_WithAdapter(model, adapter), task, cfg, teacher=teacher, description="distill",
+                    extra_loss=extra)
             finally:
                 s_tap.remove()
                 t_tap.remove()

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class StepContext:
-    """What a step may use besides the model: the task, the fp32 baseline, the device, a seed."""
+    """What a step may use besides the model: the task, the fp32 baseline, the device, a seed, where to train."""
 
     task: Any  # edgekit.data.Task
     baseline: nn.Module
@@ -30,6 +30,7 @@ class StepContext:
     device: Any  # edgekit.config.DeviceProfile
     seed: int = 0
     notes: List[str] = field(default_factory=list)  # lines for the report
+    train_device: str = "auto"  # where fine-tunes and distillation train (--device-train: auto, cpu, cuda)
     info: Dict[str, Any] = field(default_factory=dict)  # per-step facts for report.json
 
 

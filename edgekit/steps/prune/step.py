@@ -101,7 +101,8 @@ class Prune(Step):
             if ctx.task is not None:
                 if p.finetune_epochs > 0:
                     lr = p.finetune_lr or default_lr(ctx.model_name)
-                    cfg = FitConfig(epochs=p.finetune_epochs, lr=lr, seed=ctx.seed + it, alpha=p.finetune_alpha)
+                    cfg = FitConfig(epochs=p.finetune_epochs, lr=lr, seed=ctx.seed + it, alpha=p.finetune_alpha,
+                                    device=ctx.train_device)
                     fit(model, ctx.task, cfg, teacher=ctx.baseline if p.finetune_alpha > 0 else None,
                         description=f"prune fine-tune {it}/{p.iterations}")
                     step_log["finetune_epochs"] = p.finetune_epochs
