@@ -110,10 +110,14 @@ def deploy(run_dir: "str | Path", device: str, host: Optional[str] = None, bundl
 
 
 def create_model(name: str, num_classes: int = 1000, pretrained: bool = False, **kwargs: Any) -> "nn.Module":
-    """A zoo model (timm's ``create_model`` style): ``pretrained`` loads ImageNet weights available offline."""
+    """A model from any torch source (timm's ``create_model`` style): a zoo name, ``timm:<name>``,
+    ``torchvision:<name>``, ``file.py:Factory``; ``pretrained`` loads ImageNet weights available offline."""
     from . import zoo
+    from .sources import parse_source
+    from .zoo.external import spec_for
 
-    return zoo.create(name, num_classes=num_classes, pretrained=pretrained, **kwargs)
+    spec = spec_for(parse_source(name))
+    return zoo.create(spec.name, num_classes=num_classes, pretrained=pretrained, **kwargs)
 
 
 def load_recipe(name_or_path: str) -> "Recipe":

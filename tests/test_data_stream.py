@@ -58,12 +58,12 @@ def recipe(tmp_path):
 
 def test_a_truncated_jpeg_stops_the_run_before_any_training(tmp_path, monkeypatch, recipe):
     from edgekit import pipeline
-    from edgekit.pipeline import main
+    from edgekit.pipeline import baseline
 
     def never(*a, **k):
         raise AssertionError("the baseline was built before the data was checked")
 
-    monkeypatch.setattr(main, "get_baseline", never)
+    monkeypatch.setattr(baseline, "get_baseline", never)
     data = _folder(tmp_path / "data")
     t0 = time.time()
     with pytest.raises(EdgekitError, match=r"Cannot read image .*bad\.jpg: OSError: image file is truncated"):

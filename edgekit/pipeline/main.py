@@ -64,7 +64,7 @@ def compress(model: "str | ModelSource", recipe: str | Recipe = "int8", device: 
     steps train (auto, cpu, cuda). Under torchrun every rank trains; rank 0 alone exports, evaluates, times and
     writes the output folder, and every rank returns its result.
     """
-    src = parse_source(model) if isinstance(model, str) else model
+    src = model if isinstance(model, ModelSource) else parse_source(str(model))
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     dev = device if isinstance(device, DeviceProfile) else load_device(device)
     from ..steps import step_tag, validate_steps

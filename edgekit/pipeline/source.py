@@ -132,7 +132,7 @@ def needs_training(recipe) -> list:
 def resolve(source: "str | ModelSource", weights: Optional[str] = None, input_size: Optional[int] = None,
             steps: Sequence[str] = (), what: str = "the recipe") -> ResolvedSource:
     """Parse, import and check ``source`` before any work: a bad name, file, factory or ONNX input is one line."""
-    src = parse_source(source) if isinstance(source, str) else source
+    src = source if isinstance(source, ModelSource) else parse_source(str(source))
     if input_size is not None and input_size < 8:
         raise EdgekitError(f"--input-size {input_size} is too small")
     if src.kind == "onnx":
