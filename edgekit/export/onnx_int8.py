@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -49,6 +49,8 @@ class OrtQuantConfig:
     # filters are where per-tensor scales lose accuracy; dense layers keep the cheaper per-tensor requantization.
     per_channel_grouped_only: bool = False
     op_types: Optional[List[str]] = None  # None: all ORT can quantize
+    # Nodes (by name, in the pre-processed graph) ORT leaves in float: the accuracy fallback's (``fallback.py``).
+    nodes_to_exclude: Tuple[str, ...] = ()
     # Keep the node that produces the logits in fp32: quantizing logits to 8 bits creates argmax ties,
     # and the classifier is a tiny share of the compute.
     fp32_output_layer: bool = True
@@ -192,6 +194,7 @@ def _quantize(fp32_path, out_path: Path, calib: np.ndarray, cfg: OrtQuantConfig,
         input_name = graph.input[0].name
         outputs = {o.name for o in graph.output}
         exclude = [n.name for n in graph.node if set(n.output) & outputs] if cfg.fp32_output_layer else []
+        exclude += [n for n in cfg.nodes_to_exclude if n not in exclude]
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True, **cfg.extra_options}
         per_channel = cfg.per_channel
         if per_channel and cfg.per_channel_grouped_only:
