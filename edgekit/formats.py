@@ -37,6 +37,17 @@ Opset = Annotated[int, BeforeValidator(_number), Field(ge=7, le=30, description=
 Calibration = Literal["auto", "minmax", "entropy", "percentile"]
 
 
+def _real(v: Any) -> Any:
+    """A number (integer or float): no booleans or strings."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return v
+
+
+Fraction = Annotated[float, BeforeValidator(_real), Field(gt=0, le=1)]
+Points = Annotated[float, BeforeValidator(_real), Field(ge=0, le=100)]
+
+
 class Options(BaseModel):
     """Base of the option schemas: unknown keys are errors, numbers are finite."""
 
@@ -59,6 +70,13 @@ class OnnxOptions(Options):
     search: Optional[Literal["latency", "none"]] = Field(
         None, description="latency: time the int8 layouts here and keep the fastest accurate one; None: latency "
                           "where the device is this machine and no type or per_channel is given, else none")
+    min_agreement: Optional[Fraction] = Field(
+        None, description="int8 fallback: hand the layers that cost most back to float until top-1 agreement with "
+                          "fp32 on the calibration split is at least this (0.97: 97%), each step priced in latency; "
+                          "for unlabelled data too. None: off")
+    max_drop_pp: Optional[Points] = Field(
+        None, description="int8 fallback: as min_agreement, until top-1 accuracy on the calibration split's labels "
+                          "is at most this many points below fp32's (labelled data only). None: off")
 
 
 class TfliteOptions(Options):

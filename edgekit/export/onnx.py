@@ -121,6 +121,9 @@ def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) 
         return fp32
     if precision != "int8":
         raise EdgekitError(f"onnx has no {precision} variant here")
+    if options.max_drop_pp is not None and not getattr(ctx.task, "labelled", True):
+        raise EdgekitError(f"int8 option max_drop_pp is top-1 points on the calibration labels, and {ctx.task.name} "
+                           f"has none: use min_agreement (top-1 agreement with fp32) instead")
     q = ctx.device.quantization
     pinned = [k for k in ("activation_type", "weight_type", "per_channel") if getattr(options, k) is not None]
     cfg = OrtQuantConfig(
@@ -158,4 +161,22 @@ def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) 
         ctx.info["quantization"].update(details)
     if skipped:
         ctx.info["quantization"]["search_skipped"] = skipped
+    if options.min_agreement is not None or options.max_drop_pp is not None:
+        out = _fallback(fp32, out, calib, cfg, options, ctx)
+    return out
+
+
+def _fallback(fp32: Path, out: Path, calib, cfg, options: OnnxOptions, ctx) -> Path:
+    """min_agreement / max_drop_pp: layers back to float until the budget holds on the calibration split, each step
+    priced by the export's timer where the device is this machine, else estimated (``fallback.py``)."""
+    from .fallback import Budget, estimated_pricer, fallback_label, int8_fallback, timed_pricer
+
+    labelled = getattr(ctx.task, "labelled", True)
+    labels = ctx.task.labels("calib")[:len(calib)] if labelled else None
+    threads = ctx.device.resolved_threads()
+    price = timed_pricer(ctx.timer, threads, calib[:1]) if ctx.timer is not None else \
+        estimated_pricer(ctx.device, threads)
+    out, cfg, record = int8_fallback(fp32, out, calib, labels, cfg, Budget.from_options(options), price)
+    ctx.info["quantization"].update(config=cfg.label() + fallback_label(cfg), fallback=record,
+                                    nodes_to_exclude=list(cfg.nodes_to_exclude))
     return out
