@@ -17,17 +17,24 @@ def judged_by(variants: Sequence[Variant]) -> str:
     return "accuracy" if variants and variants[0].accuracy is not None else "agreement"
 
 
+def fallback_of(v: Variant) -> dict:
+    """The int8 fallback's record of a variant (``onnx`` options min_agreement / max_drop_pp), or {}."""
+    return ((v.info or {}).get("quantization") or {}).get("fallback") or {}
+
+
 def recommend(variants: Sequence[Variant], budget_pp: float) -> Optional[Variant]:
     """The fastest variant with a latency whose accuracy is within the budget of the reference's.
 
     Without labels, top-1 agreement with fp32 stands in: a variant may disagree with fp32 on at most the budget's
     share of the images. That is stricter than the accuracy budget, never looser: an accuracy changes only where
-    the top-1 class changes.
+    the top-1 class changes. An int8 variant whose fallback missed its own budget, or met it only by a step no faster
+    than fp32, is never recommended: its record says fp32 is the better choice.
     """
     ref = variants[0]
     budget = budget_pp / 100
     metric = judged_by(variants)
-    timed = [v for v in variants if v.status == OK and v.latency is not None]
+    timed = [v for v in variants if v.status == OK and v.latency is not None
+             and not fallback_of(v).get("recommend_fp32")]
     floor = None if getattr(ref, metric) is None else getattr(ref, metric) - budget - 1e-9
     within = [v for v in timed if floor is not None and getattr(v, metric) is not None and getattr(v, metric) >= floor]
     return min(within, key=lambda v: v.latency.p50) if within else None
@@ -55,6 +62,10 @@ def assemble_report(model: str, model_info: Dict[str, Any], recipe: Recipe, devi
             notes.append(f"{v.name} ({v.format}) disagrees with fp32 on {100 * (1 - v.agreement):.2f}% of the "
                          f"{task.size('eval')} unlabelled images, more than the recipe's budget of "
                          f"{recipe.accuracy_budget_pp} points.")
+        fb = fallback_of(v)
+        if fb:
+            notes.append(f"{v.name} ({v.format}) int8 fallback, budget {fb.get('budget_text')} on the calibration "
+                         f"split: {fb.get('outcome')}.")
         if v.speedup is not None and v.speedup < 1.0:
             how = "measured" if v.latency.measured else "ESTIMATED, not measured"
             notes.append(f"{v.name} ({v.format}) is SLOWER than fp32 on {device.name} ({v.speedup:.2f}x the fp32 "
