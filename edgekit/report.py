@@ -230,6 +230,44 @@ def quantization_sections(report: dict) -> List[Tuple[str, List[str], List[List[
     return out
 
 
+def fallback_sections(report: dict) -> List[Tuple[str, List[str], List[List[str]]]]:
+    """(heading, columns, rows) per int8 variant with a fallback: each step's layers kept in float, what they bought
+    on the calibration split and what they cost in ms. Unlabelled runs speak of agreement only."""
+    out = []
+    for v in report["variants"]:
+        fb = ((v.get("details") or {}).get("quantization") or {}).get("fallback")
+        if not fb or not fb.get("steps"):
+            continue
+        accuracy = fb.get("metric") == "accuracy" and not unlabelled(report)
+        score = "accuracy" if accuracy else "agreement"
+        source = fb.get("latency_source")
+        head = (f"{v['name']} ({v['format']} {v['precision']}) fallback: budget {fb.get('budget_text')}, judged on "
+                f"{fb.get('num_calib')} images of {fb.get('judged_on')}; at most {fb.get('max_steps')} steps. "
+                f"Outcome: {fb.get('outcome')}.")
+        if source is not None:
+            how = "timed here, round-robin with fp32" if source == "measured" else \
+                "ESTIMATED by the latency model, not measured"
+            head += f" Latency {how}: fp32 p50 {fb['fp32_p50_ms']:.3f} ms."
+        cols = ["step", "kept in float (layers added)", f"calib {score}", f"bought ({score}, points)",
+                "calib SQNR dB", "p50 ms", "cost ms", "fp32/step", ""]
+        rows, prev = [], None
+        for st in fb["steps"]:
+            layers = ", ".join(x["node"] for x in st.get("layers", [])) or "none (int8 as made)"
+            extra = len(st.get("added", [])) - len(st.get("layers", []))
+            if extra > 0:
+                layers += f" (+{extra} nodes around them)"
+            bought = "" if prev is None else f"{100 * (st[score] - prev[score]):+.2f}"
+            cost = "" if prev is None or "p50_ms" not in st else f"{st['p50_ms'] - prev['p50_ms']:+.3f}"
+            mark = ("budget met" if fb.get("met_at_step") == st["step"] else "") + \
+                ("; shipped" if fb.get("shipped_step") == st["step"] else "")
+            rows.append([str(st["step"]), layers, _pct(st.get(score)), bought, _db(st.get("sqnr_db")),
+                         f"{st['p50_ms']:.3f}" + ("" if source == "measured" else " (est.)") if "p50_ms" in st else "—",
+                         cost, f"{st['vs_fp32'][0]:.2f}x" if st.get("vs_fp32") else "—", mark.strip("; ")])
+            prev = st
+        out.append((head, cols, rows))
+    return out
+
+
 def to_markdown(report: dict) -> str:
     task = report["task"]
     base = report["model_info"]["baseline"]
@@ -250,6 +288,12 @@ def to_markdown(report: dict) -> str:
                 out += ["", "  | " + " | ".join(cols) + " |", "  |" + "---|" * len(cols)]
                 out += ["  | " + " | ".join(r) + " |" for r in rows]
                 out += [""]
+    fallback = fallback_sections(report)
+    if fallback:
+        out += ["", "## int8 fallback", ""]
+        for head, cols, rows in fallback:
+            out += [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            out += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     if report.get("steps"):
         out += ["", "## Steps", ""] + [f"- `{s['kind']}` {json.dumps(s['params'])} ({s['seconds']} s)"
                                        for s in report["steps"]]
@@ -258,16 +302,10 @@ def to_markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_geometry(report: dict, width: int = 520, height: int = 320) -> Optional[Dict[str, Any]]:
-    """Accuracy (agreement with fp32 without labels) vs p50 latency, one labelled point per variant with both:
-    coordinates only, the template draws (and escapes) it."""
-    score = "agreement" if unlabelled(report) else "accuracy"
-    pts = [(v["latency_ms"]["p50"], v[score], f"{v['name']} {v['format']}") for v in report["variants"]
-           if v.get("latency_ms") and v["latency_ms"].get("p50") is not None and v.get(score) is not None]
-    if not pts:
-        return None
+def _frame(pts: List[Tuple[float, float, str]], width: int, height: int, extra_y: Tuple[float, ...] = ()):
+    """Axes from 0 ms and around the scores (and ``extra_y``): (sx, sy, ticks) for a plot's coordinates."""
     pad = 56
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts] + list(extra_y)
     x0, x1 = 0.0, max(max(xs) * 1.15, 1e-9)
     y0, y1 = min(ys) - 0.01, min(1.0, max(ys) + 0.005)
     if y1 <= y0:
@@ -282,13 +320,57 @@ def plot_geometry(report: dict, width: int = 520, height: int = 320) -> Optional
     ticks = [{"x": sx(x0 + (x1 - x0) * i / 4), "y": sy(y0 + (y1 - y0) * i / 4),
               "xlabel": f"{x0 + (x1 - x0) * i / 4:.2f}", "ylabel": f"{100 * (y0 + (y1 - y0) * i / 4):.1f}%"}
              for i in range(5)]
+    return sx, sy, ticks, (x0, x1), pad
+
+
+def plot_geometry(report: dict, width: int = 520, height: int = 320) -> Optional[Dict[str, Any]]:
+    """Accuracy (agreement with fp32 without labels) vs p50 latency, one labelled point per variant with both:
+    coordinates only, the template draws (and escapes) it."""
+    score = "agreement" if unlabelled(report) else "accuracy"
+    pts = [(v["latency_ms"]["p50"], v[score], f"{v['name']} {v['format']}") for v in report["variants"]
+           if v.get("latency_ms") and v["latency_ms"].get("p50") is not None and v.get(score) is not None]
+    if not pts:
+        return None
+    sx, sy, ticks, (x0, x1), pad = _frame(pts, width, height)
     target = (report.get("target") or {}).get("latency_ms")
     basis = "estimated" if _estimated(report) else "measured"
     return {"width": width, "height": height, "pad": pad, "ticks": ticks,
             "xlabel": f"p50 latency (ms, {report['device']}, {basis})",
             "ylabel": "top-1 agreement with fp32" if score == "agreement" else "top-1 accuracy",
             "target": sx(target) if target is not None and x0 <= target <= x1 else None,
-            "points": [{"x": sx(x), "y": sy(y), "label": label} for x, y, label in pts]}
+            "points": [{"x": sx(x), "y": sy(y), "label": label} for x, y, label in pts], "line": None, "marks": []}
+
+
+def fallback_plots(report: dict, width: int = 520, height: int = 320) -> List[Tuple[str, Dict[str, Any]]]:
+    """(caption, plot) per int8 variant whose fallback took steps: its calibration score against p50 latency, step
+    by step, with fp32's latency and the budget marked. Unlabelled runs plot agreement, never accuracy."""
+    out = []
+    for v in report["variants"]:
+        fb = ((v.get("details") or {}).get("quantization") or {}).get("fallback") or {}
+        steps = [st for st in fb.get("steps") or [] if st.get("p50_ms") is not None]
+        if len(steps) < 2 or fb.get("fp32_p50_ms") is None:
+            continue
+        score = "accuracy" if fb.get("metric") == "accuracy" and not unlabelled(report) else "agreement"
+        pts = [(st["p50_ms"], st[score], f"step {st['step']}") for st in steps]
+        fp32 = fb["fp32_p50_ms"]
+        budget = fb.get("budget") or {}
+        floor = budget.get("min_agreement") if score == "agreement" else None
+        sx, sy, ticks, _, pad = _frame(pts + [(fp32, pts[0][1], "")], width, height,
+                                       (floor,) if floor is not None else ())
+        marks = [{"x1": sx(fp32), "y1": pad, "x2": sx(fp32), "y2": height - pad, "label": "fp32",
+                  "lx": sx(fp32) + 3, "ly": pad + 10}]
+        if floor is not None:
+            marks.append({"x1": pad, "y1": sy(floor), "x2": width - pad, "y2": sy(floor), "label": "budget",
+                          "lx": width - pad - 44, "ly": sy(floor) - 4})
+        source = "measured" if fb.get("latency_source") == "measured" else "estimated"
+        plot = {"width": width, "height": height, "pad": pad, "ticks": ticks, "target": None, "marks": marks,
+                "xlabel": f"p50 latency (ms, {report['device']}, {source})",
+                "ylabel": f"calibration {'top-1 accuracy' if score == 'accuracy' else 'top-1 agreement with fp32'}",
+                "points": [{"x": sx(x), "y": sy(y), "label": label} for x, y, label in pts],
+                "line": " ".join(f"{sx(x)},{sy(y)}" for x, y, _ in pts)}
+        out.append((f"{v['name']} ({v['format']} {v['precision']}): the fallback's steps, each handing more layers "
+                    f"back to float; {score} on the calibration split against p50 latency ({source}).", plot))
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -319,7 +401,8 @@ def to_html(report: dict) -> str:
         baseline=(report.get("model_info") or {}).get("baseline", {}).get("source"), seed=report.get("seed"),
         columns=columns(report), rows=variant_rows(report, words=True), latency=latency_sentence(report),
         notes=[_segments(line) for line in summary_lines(report)], plot=plot_geometry(report),
-        quantization=quantization_sections(report),
+        quantization=quantization_sections(report), fallback=fallback_sections(report),
+        fallback_plots=fallback_plots(report),
         steps=[(s["kind"], json.dumps(s["params"]), s["seconds"]) for s in report.get("steps") or []],
         versions=", ".join(f"{k} {v}" for k, v in report["versions"].items()), machine=machine_line(report))
 
