@@ -230,3 +230,23 @@ def test_report_lists_the_layers_kept_in_float_and_plots_the_steps_in_agreement(
     assert "agreement" in plot["ylabel"] and "accuracy" not in caption
     html = to_html(r)
     assert html.count("<svg") == 2 and "<polyline" in html and ">budget</text>" in html
+
+
+def test_a_bundle_for_another_device_keeps_the_layers_the_fallback_kept_in_float(tmp_path):
+    """deploy re-quantizes a desktop run's int8 for rpi4 (S8S8) from fp32: the fallback's float layers stay float."""
+    from edgekit.deployment.retarget import plan_requant, requantize
+
+    export_onnx(_hard(), tmp_path / "model.fp32.onnx", (1, 3, 32, 32))
+    kept = ["/4/Conv", "/2/Conv"]
+    chosen = {"name": "int8", "format": "onnx", "precision": "int8", "path": "model.int8.onnx",
+              "details": {"quantization": {"activation_type": "uint8", "weight_type": "int8", "per_channel": True,
+                                           "config": "QDQ U8S8", "num_calib": 16, "nodes_to_exclude": kept}}}
+    report = {"device": "desktop-cpu", "recipe_spec": {"variants": []},
+              "task": {"name": "mnist", "input_shape": [1, 3, 32, 32], "num_classes": 10},
+              "variants": [{"name": "fp32", "format": "onnx", "precision": "fp32", "path": "model.fp32.onnx"}, chosen]}
+    dev = load_device("rpi4")
+    plan = plan_requant(tmp_path, report, dev, chosen)
+    assert plan.target.nodes_to_exclude == tuple(kept) and plan.target.activation_type == "int8"
+    info, why = requantize(plan, tmp_path, tmp_path / "rpi4.int8.onnx", dev)
+    assert _float_convs(tmp_path / "rpi4.int8.onnx") == set(kept)
+    assert info["config"].endswith("+2 nodes fp32") and "+2 nodes fp32" in why

@@ -145,6 +145,9 @@ def plan_requant(run_dir: Path, report: dict, dev, chosen: dict) -> Optional[Req
     ops = list(ops) if isinstance(ops, list) and ops and all(isinstance(o, str) and o.isalnum() for o in ops) else None
     fmt = opts.get("quant_format") if opts.get("quant_format") in ("qdq", "qoperator") else "qdq"
     target = replace(want, quant_format=fmt, op_types=ops, calibration="minmax" if method == "auto" else method)
+    kept = q.get("nodes_to_exclude")  # the run's int8 fallback kept these layers in float: so does the target's
+    if isinstance(kept, list) and kept and all(isinstance(n, str) for n in kept):
+        target = replace(target, nodes_to_exclude=tuple(kept))
     num = next((n for n in (opts.get("num_calib"), q.get("num_calib")) if isinstance(n, int) and n > 0), 256)
     return Requant(chosen, fp32, str(report.get("device")), run_config, target, method, num, task)
 
@@ -162,13 +165,15 @@ def requantize(plan: Requant, run_dir: Path, out: Path, dev) -> Tuple[dict, str]
     else:
         quantize_onnx(src, out, calib, plan.target)
         cfg = plan.target
-    info = {"from": plan.fp32["path"], "config": cfg.label(), "run_config": plan.run_config,
+    from ..export.fallback import fallback_label
+
+    info = {"from": plan.fp32["path"], "config": cfg.label() + fallback_label(cfg), "run_config": plan.run_config,
             "run_device": plan.run_device, "tool": "onnxruntime.quantization.quantize_static",
             "calibration": {"method": plan.calibration, "split": "calib", "images": len(calib),
                             **({"sqnr_db": details["calibration_sqnr_db"]} if "calibration_sqnr_db" in details
                                else {})},
             **_agreement(src, out, plan.task)}
-    why = (f"re-quantized for {dev.name}: {cfg.label()}, from the run's fp32 ONNX {plan.fp32['path']} (the run's "
+    why = (f"re-quantized for {dev.name}: {info['config']}, from the run's fp32 ONNX {plan.fp32['path']} (the run's "
            f"{plan.variant.get('path')} is {plan.run_config}, made for {plan.run_device})")
     return info, why
 
