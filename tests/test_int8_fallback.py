@@ -207,7 +207,7 @@ def test_the_recommendation_is_never_an_int8_the_fallback_calls_slower_or_short(
     # the final benchmark timed it faster than fp32 (noise): still fp32, and the note says why
     r = _report(slower, int8_ms=0.9)
     assert r["recommended"]["name"] == "fp32"
-    assert any("int8 fallback" in n and "not faster than fp32" in n for n in r["notes"])
+    assert any(n.startswith("Int8 fallback of int8") and "not faster than fp32" in n for n in r["notes"])
     _, _, fine = two_spots(0.99, _fake_pricer(1.0, 0.3, 0.15))
     assert _report(fine)["recommended"]["name"] == "int8"
     assert _report(fine, int8_ms=1.2)["recommended"]["name"] == "fp32"  # measured slower in the end: fp32 still

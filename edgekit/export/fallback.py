@@ -296,6 +296,7 @@ def int8_fallback(fp32_path: Path, int8_path: Path, calib: np.ndarray, labels: O
     from .onnx_int8 import quantize_onnx
 
     max_steps = MAX_STEPS if max_steps is None else max_steps
+    started = time.perf_counter()
     if budget.max_drop_pp is not None and labels is None:
         raise EdgekitError("int8 option max_drop_pp is top-1 points on the calibration labels, and this data has "
                            "none: use min_agreement (top-1 agreement with fp32) instead")
@@ -368,6 +369,7 @@ def int8_fallback(fp32_path: Path, int8_path: Path, calib: np.ndarray, labels: O
                     outcome=_outcome(met, chosen, fp32["p50"], source, stopped))
         if ship:
             shutil.copyfile(paths[str(ship)], int8_path)
+        info["seconds"] = round(time.perf_counter() - started, 1)
     return int8_path, replace(cfg, nodes_to_exclude=tuple(chosen["float_nodes"])), info
 
 

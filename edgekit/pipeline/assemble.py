@@ -64,7 +64,7 @@ def assemble_report(model: str, model_info: Dict[str, Any], recipe: Recipe, devi
                          f"{recipe.accuracy_budget_pp} points.")
         fb = fallback_of(v)
         if fb:
-            notes.append(f"{v.name} ({v.format}) int8 fallback, budget {fb.get('budget_text')} on the calibration "
+            notes.append(f"Int8 fallback of {v.name} ({v.format}), budget {fb.get('budget_text')} on the calibration "
                          f"split: {fb.get('outcome')}.")
         if v.speedup is not None and v.speedup < 1.0:
             how = "measured" if v.latency.measured else "ESTIMATED, not measured"
