@@ -51,8 +51,8 @@ class OnnxOptions(Options):
                                                          "logits SQNR on the calibration split, then that one "
                                                          "with cross-layer equalization and/or bias correction")
     equalize: Optional[StrictBool] = Field(
-        None, description="cross-layer equalization of conv pairs before calibration (ReLU6 between them becomes "
-                          "ReLU); None: calibration auto tries it, a named calibration leaves it off")
+        None, description="cross-layer equalization of conv pairs (across ReLU or nothing) before calibration; "
+                          "None: calibration auto tries it, a named calibration leaves it off")
     bias_correction: Optional[StrictBool] = Field(
         None, description="empirical bias correction of the int8 convs on the calibration split; None: "
                           "calibration auto tries it, a named calibration leaves it off")
