@@ -119,3 +119,37 @@ def test_auto_tries_cle_and_bias_correction_and_records_the_choice(tmp_path):
     _, cfg2, d2 = quantize_onnx_auto(fp32, tmp_path / "pinned.onnx", calib, OrtQuantConfig(), equalize=False,
                                      bias_correction=False)
     assert len(d2["calibration_sqnr_db"]) == 4 and not cfg2.equalize and "ptq_search_seconds" not in d2
+
+
+class _Task:
+    """Only what the onnx exporter asks of a task: calibration inputs."""
+
+    def arrays(self, split, limit=None):
+        x = np.random.default_rng(3).normal(size=(16, 3, 16, 16)).astype(np.float32)
+        return x[:limit], np.zeros(len(x[:limit]), np.int64)
+
+
+def test_report_records_what_auto_kept_and_explicit_options_pin_it(tmp_path):
+    from edgekit.config import load_device
+    from edgekit.export import ExportContext, export
+
+    model = _unbalanced()
+    device = load_device("jetson-orin-nano")  # not this machine: no latency search
+    ctx = ExportContext(tmp_path, _Task(), device, (1, 3, 16, 16), name="auto")
+    export("onnx", model, "int8", {"calibration": "auto"}, ctx)
+    q = ctx.info["quantization"]
+    assert len(q["calibration_sqnr_db"]) == 7 and "ptq_search_seconds" in q
+    assert q["equalize"] is True and candidate_key(_cfg(q)) == max(q["calibration_sqnr_db"],
+                                                                  key=q["calibration_sqnr_db"].get)
+    ctx = ExportContext(tmp_path, _Task(), device, (1, 3, 16, 16), name="pinned")
+    export("onnx", model, "int8", {"calibration": "auto", "equalize": False}, ctx)
+    q = ctx.info["quantization"]
+    assert q["equalize"] is False and [k for k in q["calibration_sqnr_db"] if "+" in k] == [
+        next(k for k in q["calibration_sqnr_db"] if k.endswith("+bias-correction"))]
+    ctx = ExportContext(tmp_path, _Task(), device, (1, 3, 16, 16), name="named")
+    export("onnx", model, "int8", {"calibration": "minmax", "bias_correction": True}, ctx)
+    assert ctx.info["quantization"]["bias_correction"] is True and ctx.info["quantization"]["equalize"] is False
+
+
+def _cfg(q: dict) -> OrtQuantConfig:
+    return OrtQuantConfig(**{k: q[k] for k in OrtQuantConfig.__dataclass_fields__ if k in q})
