@@ -102,7 +102,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as d:
             results.append(bench_model(name, args.epochs, base, Path(d)))
     if args.json:
-        args.json.write_text(json.dumps({"hardware": hardware, "config": base.label(), "results": results}, indent=1))
+        args.json.write_text(json.dumps({"hardware": hardware, "load_after": round(os.getloadavg()[0], 2),
+                                         "config": base.label(), "results": results}, indent=1))
     table = Table(title=f"int8 CLE / bias correction ({base.label()}; {hardware}; * = auto's choice)")
     for c in ("model", "candidate", "calib SQNR dB", "eval SQNR dB", "eval agreement", "quantize s"):
         table.add_column(c, justify="left" if c in ("model", "candidate") else "right")

@@ -138,7 +138,7 @@ def test_report_records_what_auto_kept_and_explicit_options_pin_it(tmp_path):
     ctx = ExportContext(tmp_path, _Task(), device, (1, 3, 16, 16), name="auto")
     export("onnx", model, "int8", {"calibration": "auto"}, ctx)
     q = ctx.info["quantization"]
-    assert len(q["calibration_sqnr_db"]) == 7 and "ptq_search_seconds" in q
+    assert len(q["calibration_sqnr_db"]) == 7 and "ptq_search_seconds" not in q  # timings stay out of it
     assert q["equalize"] is True and candidate_key(_cfg(q)) == max(q["calibration_sqnr_db"],
                                                                   key=q["calibration_sqnr_db"].get)
     ctx = ExportContext(tmp_path, _Task(), device, (1, 3, 16, 16), name="pinned")

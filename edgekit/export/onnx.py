@@ -160,6 +160,7 @@ def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) 
     ctx.info["quantization"] = {"tool": "onnxruntime.quantization.quantize_static", "config": cfg.label(),
                                 "num_calib": len(calib), **{k: v for k, v in vars(cfg).items() if k != "extra_options"}}
     if details is not None:  # logits SQNR vs fp32 on the calibration split; the layouts timed here
+        details.pop("ptq_search_seconds", None)  # a timing: the same model and data must give the same info
         ctx.info["quantization"].update(details)
     if skipped:
         ctx.info["quantization"]["search_skipped"] = skipped
