@@ -38,6 +38,7 @@ class Artifact:
     input_shape: Tuple[Optional[int], ...]  # NCHW; None where any size goes
     runtime: str
     version: str
+    classes: Optional[int] = None  # the output's class count where the file says it
 
     def describe(self) -> dict:
         return {"path": str(self.path), "format": self.kind, "runtime": f"{self.runtime} {self.version}",
@@ -73,7 +74,7 @@ def _torch_artifact(path: Path, model: Optional[str]) -> Artifact:
         with torch.no_grad():
             return net(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
-    return Artifact(path, "torch", run, (None, in_chans, None, None), "torch", torch.__version__)
+    return Artifact(path, "torch", run, (None, in_chans, None, None), "torch", torch.__version__, int(head.shape[0]))
 
 
 def load_artifact(path: str | Path, model: Optional[str] = None, threads: Optional[int] = None) -> Artifact:
@@ -90,7 +91,11 @@ def load_artifact(path: str | Path, model: Optional[str] = None, threads: Option
     if kind == "torch":
         return _torch_artifact(p, model)
     runner = load_runner(RUNTIME_OF[kind], p, threads=threads)
-    return Artifact(p, kind, runner.run, tuple(runner.input_shape), runner.runtime, runner.version)
+    classes = None
+    if kind == "onnx":
+        dims = runner.session.get_outputs()[0].shape
+        classes = dims[1] if len(dims) == 2 and isinstance(dims[1], int) else None
+    return Artifact(p, kind, runner.run, tuple(runner.input_shape), runner.runtime, runner.version, classes)
 
 
 def _common_shape(a: Artifact, b: Artifact) -> Tuple[Optional[int], ...]:
@@ -107,8 +112,35 @@ def _common_shape(a: Artifact, b: Artifact) -> Tuple[Optional[int], ...]:
     return tuple(out)
 
 
-def _inputs(shape: Sequence[Optional[int]], task: Any, data: Any, limit: Optional[int]):
-    """(batches of (x, labels or None), number of inputs, source): a task's split is streamed, never held."""
+REPORT_MAX_BYTES = 16 * 2**20
+
+
+def run_preprocess(*paths: Path):
+    """The eval transform recorded in the report.json of the run folder the artifacts sit in (a pretrained model's
+    own normalisation), or None: the same photos through another transform would be other inputs."""
+    import json
+
+    from .data import Preprocess
+
+    for folder in {Path(p).resolve().parent for p in paths}:
+        rep = folder / "report.json"
+        try:
+            if not rep.is_file() or rep.stat().st_size > REPORT_MAX_BYTES:
+                continue
+            pre = json.loads(rep.read_text()).get("task", {}).get("preprocess")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(pre, dict):
+            return Preprocess.from_json(pre)
+    return None
+
+
+def _inputs(shape: Sequence[Optional[int]], task: Any, data: Any, limit: Optional[int],
+            classes: Optional[int] = None, preprocess: Any = None):
+    """(batches of (x, labels or None), number of inputs, source): a task's split is streamed, never held.
+
+    Without a task or data: the MNIST digits for a 10-class model (what edgekit trains), the unlabelled photos for
+    any other RGB classifier (a pretrained ImageNet head would score 0% on digit labels)."""
     from .data import Task, load_task
 
     c, h, w = (list(shape) + [None, None, None])[:3]
@@ -127,7 +159,11 @@ def _inputs(shape: Sequence[Optional[int]], task: Any, data: Any, limit: Optiona
     elif data is not None:
         t = load_task(data=str(data), **kw)
     else:
-        t = load_task(task or "mnist", **kw, **({"in_chans": c} if c and (task or "mnist") == "mnist" else {}))
+        if task is None:
+            task = "photos" if classes not in (None, 10) and c in (None, 3) else "mnist"
+        if task == "photos" and preprocess is not None:
+            kw["preprocess"] = preprocess
+        t = load_task(task, **kw, **({"in_chans": c} if c and task == "mnist" else {}))
     n = t.size("eval") if limit is None else min(limit, t.size("eval"))
     batches = t.batches("eval", batch_size=64, limit=n)
     if not t.labelled:  # label -1 everywhere: no accuracy to report, only the comparison
@@ -152,7 +188,9 @@ def compare_artifacts(a: str | Path, b: str | Path, task: Any = None, data: Any 
     art_a = load_artifact(a, model, threads)
     art_b = load_artifact(b, model, threads)
     shape = _common_shape(art_a, art_b)
-    batches, n, source = _inputs(shape, task, data, limit)
+    known = {art.classes for art in (art_a, art_b)} - {None}
+    batches, n, source = _inputs(shape, task, data, limit, known.pop() if len(known) == 1 else None,
+                                 run_preprocess(art_a.path, art_b.path))
     first = next(iter(batches), None) if n else None
     if first is None:
         raise EdgekitError("No inputs to compare on")
@@ -173,13 +211,15 @@ def compare_artifacts(a: str | Path, b: str | Path, task: Any = None, data: Any 
     if la.shape != lb.shape:
         raise EdgekitError(f"Output shapes differ: {art_a.path.name} gives {la.shape[1:]}, "
                            f"{art_b.path.name} gives {lb.shape[1:]}")
-    row = {"output": "logits", "agreement": agreement(la, lb), "cosine": cosine(la, lb),
+    row = {"output": "logits (this machine's kernels)", "agreement": agreement(la, lb), "cosine": cosine(la, lb),
            "max_abs": float(np.abs(la - lb).max()), "sqnr_db": sqnr_db(la, lb)}
     if y is not None:
         row.update({"accuracy_a": top1(la, y), "accuracy_b": top1(lb, y)})
     result: Dict[str, Any] = {"a": art_a.describe(), "b": art_b.describe(), "inputs": source,
                               "num_inputs": int(pred.count), "outputs": [row], "layers": None,
                               "first_divergence": None, "threshold_db": threshold_db}
+    if art_a.kind == "onnx" and art_b.kind == "onnx" and (_has_qdq(art_a.path) or _has_qdq(art_b.path)):
+        result["outputs"].append(_simulated_row(art_a.path, art_b.path, x[:layer_inputs], row, threads))
     if per_layer:
         if art_a.kind == "onnx" and art_b.kind == "onnx":
             layers = compare_onnx_layers(art_a.path, art_b.path, x[:layer_inputs], threads=threads)
@@ -315,6 +355,34 @@ def _pct(v: Any) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
+KERNEL_GAP_DB = 3.0  # the int8 kernels losing this much more than the Q/DQ arithmetic is worth a warning
+
+
+def _has_qdq(path: Path) -> bool:
+    import onnx
+
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul")
+               for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _simulated_row(a: Path, b: Path, x: np.ndarray, real: dict, threads: Optional[int]) -> dict:
+    """The logits with every Q/DQ pair computed as written, in float (no fused int8 kernels), beside the real
+    session's: the per-layer table is this simulation, and a gap between the two rows is the CPU's int8 arithmetic
+    (saturating u8 x s8 kernels on x86 without VNNI), not the quantization itself."""
+    from .runtime.onnxruntime import OrtRunner
+
+    la, lb = (np.concatenate([OrtRunner(p, threads=threads, simulate_qdq=True).run(x[i:i + 1]) for i in range(len(x))])
+              for p in (a, b))
+    row = {"output": f"logits, Q/DQ simulated ({len(x)} inputs)", "agreement": agreement(la, lb),
+           "cosine": cosine(la, lb), "max_abs": float(np.abs(la - lb).max()), "sqnr_db": sqnr_db(la, lb),
+           "simulated": True}
+    gap = row["sqnr_db"] - real["sqnr_db"]
+    if np.isfinite(gap) and gap > KERNEL_GAP_DB:
+        row["note"] = (f"the real int8 kernels lose {gap:.1f} dB more than the Q/DQ arithmetic: on x86 without VNNI "
+                       f"ONNX Runtime's u8 x s8 kernels can saturate; quantize with reduce_range (7-bit weights)")
+    return row
+
+
 def render_comparison(result: dict, max_layers: int = 40):
     """Rich renderables for the CLI: the outputs table, then the per-layer table around the divergence."""
     from rich.table import Table
@@ -331,9 +399,12 @@ def render_comparison(result: dict, max_layers: int = 40):
         cells = [r["output"], _pct(r["agreement"]), _fmt(r["cosine"], ".6f"), _fmt(r["max_abs"], ".3g"),
                  _fmt(r["sqnr_db"], ".1f")]
         if has_acc:
-            cells += [_pct(r["accuracy_a"]), _pct(r["accuracy_b"])]
+            cells += [_pct(r.get("accuracy_a")), _pct(r.get("accuracy_b"))]
         out.add_row(*cells)
     tables = [out]
+    for r in result["outputs"]:
+        if r.get("note"):
+            tables.append(f"[bold yellow]warning:[/] {r['note']}")
     layers = result.get("layers")
     if layers:
         first = result.get("first_divergence")

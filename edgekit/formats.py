@@ -59,7 +59,14 @@ class OnnxOptions(Options):
 
     opset: Opset = DEFAULT_OPSET
     calibration: Calibration = Field("auto", description="auto: best of minmax/percentile x op scopes by "
-                                                         "logits SQNR on the calibration split")
+                                                         "logits SQNR on the calibration split, then that one "
+                                                         "with cross-layer equalization and/or bias correction")
+    equalize: Optional[StrictBool] = Field(
+        None, description="cross-layer equalization of conv pairs (across ReLU or nothing) before calibration; "
+                          "None: calibration auto tries it, a named calibration leaves it off")
+    bias_correction: Optional[StrictBool] = Field(
+        None, description="empirical bias correction of the int8 convs on the calibration split; None: "
+                          "calibration auto tries it, a named calibration leaves it off")
     num_calib: NumCalib = 256
     per_channel: Optional[StrictBool] = Field(None, description="None: the device profile's")
     activation_type: Optional[Literal["uint8", "int8"]] = Field(None, description="None: the device profile's")

@@ -121,7 +121,7 @@ def compare(
     result = compare_artifacts(a, b, data=str(data) if data else None, per_layer=per_layer, model=model,
                                limit=limit, threshold_db=threshold_db)
     for table in render_comparison(result, max_layers=max_layers):
-        out.print(fit_table(table))
+        out.print(table if isinstance(table, str) else fit_table(table), highlight=False)
     first = result.get("first_divergence")
     if result.get("layers") is not None:
         out.print(f"first layer below {threshold_db} dB: " + (f"{first['node']} ({first['op']}, "

@@ -134,6 +134,8 @@ def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) 
         quant_format=options.quant_format,
         reduce_range=int8_reduce_range(ctx.device) if options.reduce_range is None else options.reduce_range,
         op_types=options.op_types,
+        equalize=bool(options.equalize),
+        bias_correction=bool(options.bias_correction),
     )
     calib, _ = ctx.task.arrays("calib", limit=options.num_calib)
     # search: latency (default where the device is this machine) times the int8 layouts here and keeps the
@@ -152,12 +154,16 @@ def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) 
                                                candidates=AUTO_CANDIDATES if auto else (cfg.calibration,),
                                                scopes=AUTO_SCOPES if auto else (None,),
                                                latency_threads=ctx.device.resolved_threads()
-                                               if search == "latency" else None, timer=ctx.timer)
+                                               if search == "latency" else None, timer=ctx.timer,
+                                               # None: auto tries CLE / bias correction as extra candidates
+                                               equalize=options.equalize if auto else cfg.equalize,
+                                               bias_correction=options.bias_correction if auto else cfg.bias_correction)
     else:
         out = quantize_onnx(fp32, ctx.path(".onnx"), calib, cfg)
     ctx.info["quantization"] = {"tool": "onnxruntime.quantization.quantize_static", "config": cfg.label(),
                                 "num_calib": len(calib), **{k: v for k, v in vars(cfg).items() if k != "extra_options"}}
     if details is not None:  # logits SQNR vs fp32 on the calibration split; the layouts timed here
+        details.pop("ptq_search_seconds", None)  # a timing: the same model and data must give the same info
         ctx.info["quantization"].update(details)
     if skipped:
         ctx.info["quantization"]["search_skipped"] = skipped

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -54,6 +55,10 @@ class OrtQuantConfig:
     # Keep the node that produces the logits in fp32: quantizing logits to 8 bits creates argmax ties,
     # and the classifier is a tiny share of the compute.
     fp32_output_layer: bool = True
+    # Data-free quantization aids (edgekit.export.ptq): cross-layer equalization of the fp32 graph before
+    # calibration, and empirical bias correction of the quantized convs after it.
+    equalize: bool = False
+    bias_correction: bool = False
     extra_options: dict = field(default_factory=dict)
 
     def label(self) -> str:
@@ -63,13 +68,23 @@ class OrtQuantConfig:
             else "per-tensor"
         label = f"{self.quant_format.upper()} {a}{w} {gran} {self.calibration}"
         return (label + scope_label(self.op_types) + ("" if self.preprocess else " no-preprocess")
-                + ("" if self.fp32_output_layer else " int8-logits") + (" 7-bit-weights" if self.reduce_range else ""))
+                + ("" if self.fp32_output_layer else " int8-logits") + (" 7-bit-weights" if self.reduce_range else "")
+                + ptq_label(self))
+
+
+def ptq_label(cfg: OrtQuantConfig) -> str:
+    return (" +CLE" if cfg.equalize else "") + (" +bias-correction" if cfg.bias_correction else "")
 
 
 # Quantize only the layers that carry the compute (their inputs and outputs get Q/DQ); element-wise ops
 # (residual Add, SiLU's Mul, squeeze-excite scaling) stay fp32 between them. On SiLU/SE networks such as
 # EfficientNetV2 this keeps 2 dB more logits SQNR than quantizing every op (bench/int8_speed.py).
 CONV_ONLY = ("Conv", "Gemm", "MatMul")
+
+
+def candidate_key(cfg: OrtQuantConfig) -> str:
+    """A ``calibration: auto`` candidate's name in ``calibration_sqnr_db``: method, op scope, PTQ aids."""
+    return cfg.calibration + scope_label(cfg.op_types) + ptq_label(cfg)
 
 
 def scope_label(op_types) -> str:
@@ -186,6 +201,11 @@ def _quantize(fp32_path, out_path: Path, calib: np.ndarray, cfg: OrtQuantConfig,
 
     with tempfile.TemporaryDirectory(prefix="edgekit-q-") as tmp:
         src = Path(fp32_path)
+        if cfg.equalize:
+            from .ptq import equalize
+
+            equalize(src, Path(tmp) / "cle.onnx")
+            src = Path(tmp) / "cle.onnx"
         if cfg.preprocess:
             pre = Path(tmp) / "pre.onnx"
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
@@ -212,6 +232,10 @@ def _quantize(fp32_path, out_path: Path, calib: np.ndarray, cfg: OrtQuantConfig,
                 per_channel=per_channel, reduce_range=cfg.reduce_range, calibrate_method=methods[cfg.calibration],
                 op_types_to_quantize=cfg.op_types, nodes_to_exclude=exclude, extra_options=extra,
             )
+        if cfg.bias_correction:
+            from .ptq import correct_bias
+
+            correct_bias(src, tmp_out, calib)
         shutil.move(str(tmp_out), out_path)
 
 
@@ -239,7 +263,8 @@ SEARCH_NEEDS_TIMER = "no timer was given to time the int8 layouts with (ExportCo
 
 def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, cfg: OrtQuantConfig,
                        candidates=AUTO_CANDIDATES, scopes=AUTO_SCOPES, latency_threads: Optional[int] = None,
-                       rounds: int = 100, timer: Optional[Timer] = None) -> tuple[Path, OrtQuantConfig, dict]:
+                       rounds: int = 100, timer: Optional[Timer] = None, equalize: Optional[bool] = False,
+                       bias_correction: Optional[bool] = False) -> tuple[Path, OrtQuantConfig, dict]:
     """Quantize with each calibration method and op scope; keep the one whose logits are closest to fp32.
 
     Closeness is the SQNR of the logits on the calibration split (never the eval
@@ -255,6 +280,10 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
     most accurate one wins when it is faster beyond the timing noise (else the most accurate
     stays, and ``details["search_decision"]`` says it was a tie, with the interval).
     Without a timer the search is skipped and ``details["search_skipped"]`` says why.
+
+    ``equalize`` / ``bias_correction`` (``edgekit.export.ptq``): True or False pins them for every candidate;
+    None tries them as one extra family on the best method and scope only (not a product with them): that
+    candidate + bias correction, + CLE, + both, kept only when their SQNR is higher.
     Returns the path, the config used and ``{"calibration_sqnr_db": ..., "search": [...]}``.
     """
     from dataclasses import replace
@@ -271,28 +300,42 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
     ref = logits(Path(fp32_path))
     scopes = (cfg.op_types,) if cfg.op_types else scopes
     scores, tried, failed = {}, [], {}  # tried: (cfg, path, sqnr, agreement)
+    base = replace(cfg, equalize=bool(equalize), bias_correction=bool(bias_correction))
     with tempfile.TemporaryDirectory(prefix="edgekit-qa-") as tmp:
-        for i, (method, ops) in enumerate((m, o) for m in candidates for o in scopes):
-            c = replace(cfg, calibration=method, op_types=list(ops) if ops else None)
+        def attempt(c: OrtQuantConfig) -> None:
+            key = candidate_key(c)
             try:
-                p = quantize_onnx(fp32_path, Path(tmp) / f"cand{i}.onnx", calib, c)
+                p = quantize_onnx(fp32_path, Path(tmp) / f"cand{len(scores) + len(failed)}.onnx", calib, c)
             except (ValueError, RuntimeError, AssertionError) as exc:
                 # ORT's calibrators can fail on one method and not another (the percentile histogram of a
                 # tensor whose range is a few float steps: "Too many bins for data range"): the others still count.
-                failed[method + scope_label(ops)] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-                continue
+                failed[key] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                return
             out = logits(p)
-            scores[method + scope_label(ops)] = round(sqnr_db(ref, out), 2)
-            tried.append((c, p, scores[method + scope_label(ops)], agreement(ref, out)))
+            scores[key] = round(sqnr_db(ref, out), 2)
+            tried.append((c, p, scores[key], agreement(ref, out)))
+
+        for method, ops in ((m, o) for m in candidates for o in scopes):
+            attempt(replace(base, calibration=method, op_types=list(ops) if ops else None))
         if not tried:
             raise EdgekitError("ONNX Runtime could not quantize this model with any calibration candidate: "
                                + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         best = max(tried, key=lambda t: t[2])
+        started = time.perf_counter()
+        for e, b in (((False, True), (True, False), (True, True)) if equalize is None and bias_correction is None
+                     else ((True, base.bias_correction),) if equalize is None
+                     else ((base.equalize, True),) if bias_correction is None else ()):
+            attempt(replace(best[0], equalize=e, bias_correction=b))
+        ptq_seconds = time.perf_counter() - started
+        best = max(tried, key=lambda t: t[2])  # the first of equals: the plainer candidate
         details: dict = {"calibration_sqnr_db": scores, **({"failed": failed} if failed else {})}
+        if equalize is None or bias_correction is None:
+            details["ptq_search_seconds"] = round(ptq_seconds, 2)
         if latency_threads and timer is None:
             details["search_skipped"] = SEARCH_NEEDS_TIMER
         elif latency_threads:
-            same_calibration = [t for t in tried if t is not best and t[0].calibration == best[0].calibration]
+            same_calibration = [t for t in tried if t is not best and t[0].calibration == best[0].calibration
+                                and ptq_label(t[0]) == ptq_label(best[0])]
             best, details["search"], details["search_decision"] = _fastest_layout(
                 fp32_path, Path(tmp), calib, [best, *same_calibration], ref, logits, latency_threads, rounds, timer)
         shutil.move(str(best[1]), out_path)
