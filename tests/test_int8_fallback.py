@@ -250,3 +250,21 @@ def test_a_bundle_for_another_device_keeps_the_layers_the_fallback_kept_in_float
     info, why = requantize(plan, tmp_path, tmp_path / "rpi4.int8.onnx", dev)
     assert _float_convs(tmp_path / "rpi4.int8.onnx") == set(kept)
     assert info["config"].endswith("+2 nodes fp32") and "+2 nodes fp32" in why
+
+
+def test_fallback_runs_after_cle_and_bias_correction(tmp_path):
+    """The fallback starts from whatever int8 the exporter made: CLE evens out the widened channel, so nothing goes
+    back to float; bias correction does not, and the fallback re-quantizes with it on."""
+    model = _hard()
+    task = _task(model, labelled=False)
+    (tmp_path / "cle").mkdir()
+    ctx = _ctx(tmp_path / "cle", task, device="rpi4")
+    out = export_variant(model, "int8", _options(min_agreement=0.97, equalize=True), ctx)
+    rec = ctx.info["quantization"]["fallback"]
+    assert rec["met_at_step"] == 0 and len(rec["steps"]) == 1 and not _float_convs(out)
+    assert rec["outcome"].startswith("met without fallback")
+    ctx = _ctx(tmp_path, task, device="rpi4")
+    out = export_variant(model, "int8", _options(min_agreement=0.97, bias_correction=True), ctx)
+    q = ctx.info["quantization"]
+    assert q["fallback"]["met_at_step"] >= 1 and {"/2/Conv", "/4/Conv"} <= _float_convs(out)
+    assert q["config"].endswith("+bias-correction +2 nodes fp32") and q["bias_correction"] is True

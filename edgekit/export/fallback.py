@@ -148,7 +148,10 @@ def layer_group(model, name: str, depth: int = 4) -> Tuple[str, ...]:
 
 
 def local_sqnr(fp32_path: Path, calib: np.ndarray, cfg, layers: Sequence[str], tmp: Path) -> Dict[str, float]:
-    """Each layer's local SQNR in dB (module docstring), on the first :data:`PROBE_IMAGES` calibration images."""
+    """Each layer's local SQNR in dB (module docstring), on the first :data:`PROBE_IMAGES` calibration images.
+
+    A ReLU/Clip that ORT folded away is copied from ``fp32_path``; under ``equalize`` (CLE rescales the graph before
+    quantization, and may turn a ReLU6 into a ReLU) that copy is approximate, which only shifts the shortlist."""
     import onnx
     import onnxruntime as ort
 
