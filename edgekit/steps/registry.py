@@ -47,7 +47,7 @@ class Step:
 
 def _load_steps() -> None:
     """Importing the step modules fills the table (each registers itself with ``register_step``)."""
-    from . import distill, lowrank, prune  # noqa: F401
+    from . import distill, lowrank, prune, qat  # noqa: F401
 
 
 STEPS: Registry[Type[Step]] = Registry("step", loader=_load_steps)
