@@ -38,6 +38,8 @@ def trained_qat(**kw):
         for _ in range(3):  # BatchNorm statistics that are not the identity
             m(torch.randn(16, *SHAPE[1:]) * 2)
     m.eval()
+    with torch.no_grad():
+        m.stem[0].weight[0].abs_()  # a channel of one sign: its weights must still be symmetric (zero point 0)
     qm = prepare_qat(m, SHAPE, **kw)
     qm.calibrate(torch.randn(16, *SHAPE[1:]) for _ in range(4))
     before = {k: v.clone() for k, v in qm.state_dict().items() if k.endswith(".scale")}
@@ -93,6 +95,9 @@ def test_qdq_onnx_and_tflite_reproduce_the_fake_quant_model_within_one_quantum(t
     assert {np.dtype(np.int8), np.dtype(np.int32)} <= types  # int8 weights and int32 biases stored, not float
     w = [onnx.numpy_helper.to_array(t) for t in dq_inputs if t.data_type == onnx.TensorProto.INT8]
     assert max(int(np.abs(a).max()) for a in w) <= 64  # 7-bit weights
+    w_zps = [onnx.numpy_helper.to_array(inits[n.input[2]]) for n in g.node if n.op_type == "DequantizeLinear"
+             and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+    assert w_zps and all(not z.any() for z in w_zps)  # symmetric, as int8 kernels require
     zps = [onnx.numpy_helper.to_array(inits[n.input[2]]) for n in g.node
            if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
     assert zps and all(z.dtype == np.uint8 for z in zps)
@@ -119,3 +124,54 @@ def test_float_logits_int8_activations_per_tensor(tmp_path):
     assert tol < np.abs(ref).max() / 4  # the bound is tighter than the logits themselves
     got = run(export_qat_onnx(qm, tmp_path / "q.onnx", SHAPE, "int8"), "onnxruntime", x.numpy())
     assert np.abs(got - ref).max() <= tol
+
+
+def test_recipe_checking_knows_the_step_without_torch():
+    from edgekit.errors import EdgekitError
+    from edgekit.steps.params import STEP_PARAMS
+
+    p = STEP_PARAMS.get("qat").model_validate({"epochs": 0.5})
+    assert (p.teacher, p.alpha, p.int8_logits) == ("baseline", 1.0, False)
+    from edgekit.steps import build_step
+
+    with pytest.raises(EdgekitError, match="teacher"):
+        build_step("qat", {"teacher": "resnet18"})
+
+
+QAT_RECIPE = """description: qat test recipe
+train: {epochs: 1}
+steps:
+  - qat: {epochs: 0.2, num_calib: 64}
+variants:
+  - {format: onnx, precision: int8, options: {search: none}}
+  - {format: tflite, precision: int8}
+accuracy_budget_pp: 5.0
+"""
+
+
+@pytest.mark.slow
+def test_compress_with_a_qat_step_exports_the_learned_scales(tmp_path):
+    """``edgekit compress`` with a qat step (~50 s on 2 shared cores): both int8 files, the step in report.json."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgekit.cli import app
+
+    recipe = tmp_path / "qat.yaml"
+    recipe.write_text(QAT_RECIPE)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["compress", "shufflenetv2-x0.5", "--recipe", str(recipe), "--input-size", "32",
+                                   "--out", str(out), "--runs", "10"])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    step = r["steps"][0]
+    assert step["kind"] == "qat" and step["teacher"] == "fp32 baseline" and step["scheme"]["per_channel"] is True
+    by_format = {v["format"]: v for v in r["variants"] if v["precision"] == "int8"}
+    assert set(by_format) == {"onnx", "tflite"}
+    for v in by_format.values():
+        assert v["status"] == "ok", v
+        assert v["details"]["quantization"]["tool"].startswith("QAT, learned scales")
+        # the files compute what the trained fake-quant model computed: the same accuracy within a few images
+        assert abs(v["accuracy"] - step["acc_after"]) <= 0.02, (v["accuracy"], step)
+    assert (out / by_format["onnx"]["path"]).is_file() and (out / by_format["tflite"]["path"]).is_file()

@@ -116,12 +116,22 @@ def is_qat(model) -> bool:
 
 
 def _config(per_channel: bool, reduce_range: bool):
+    """litert-torch's QAT config, with weights fake-quantized by ``FakeQuantize`` and 7-bit where asked.
+
+    Its weights' ``FusedMovingAvgObsFakeQuantize`` gives a per-channel "symmetric" channel whose weights all have
+    one sign a zero point of +-64 (the fused kernel leaves 0 out of the range): int8 kernels (TFLite: "unsupported
+    zero-point value") take symmetric weights only. ``FakeQuantize`` uses the observer's symmetric parameters.
+    """
     from litert_torch.quantize import pt2e_quantizer as pq
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize
+    from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
 
     cfg = pq.get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=True)
+    observer = MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver
+    weight = replace(cfg.weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=observer, eps=2**-12))
     if reduce_range:  # ORT's 7-bit symmetric weights: [-64, 64]
-        cfg = replace(cfg, weight=replace(cfg.weight, quant_min=-64, quant_max=64))
-    return cfg
+        weight = replace(weight, quant_min=-64, quant_max=64)
+    return replace(cfg, weight=weight)
 
 
 def prepare_qat(model: nn.Module, input_shape: Tuple[int, ...], *, per_channel: bool = True,

@@ -75,7 +75,7 @@ class Qat(Step):
             if ref is not None and getattr(task, "labelled", True):
                 info["fp32_acc"] = round(top1(ref, labels), 4)
             score("before")  # the calibrated fake-quant model: post-training quantization with these ranges
-        lr = p.lr or default_lr(ctx.model_name) / 10
+        lr = p.lr or float(f"{default_lr(ctx.model_name) / 10:.3g}")
         cfg = FitConfig(epochs=p.epochs, lr=lr, batch_size=p.batch_size, seed=ctx.seed, temperature=p.temperature,
                         alpha=p.alpha if teacher is not None else 0.0, device=ctx.train_device, amp=False)
         fit(qm, task, cfg, teacher=teacher, description="qat")
