@@ -175,3 +175,41 @@ def test_compress_with_a_qat_step_exports_the_learned_scales(tmp_path):
         # the files compute what the trained fake-quant model computed: the same accuracy within a few images
         assert abs(v["accuracy"] - step["acc_after"]) <= 0.02, (v["accuracy"], step)
     assert (out / by_format["onnx"]["path"]).is_file() and (out / by_format["tflite"]["path"]).is_file()
+
+
+QAT_TORCHRUN = """
+import sys
+from pathlib import Path
+import torch
+from edgekit import distributed, zoo
+from edgekit.data import load_task
+from edgekit.steps import StepContext, build_step
+from edgekit.train import recording
+
+out = Path(sys.argv[1])
+task = load_task("mnist", input_size=32)
+torch.manual_seed(0)
+baseline = zoo.create("shufflenetv2-x0.5", num_classes=10).eval()
+ctx = StepContext(task=task, baseline=baseline, model_name="shufflenetv2-x0.5", device=None)
+with recording() as log:
+    step = build_step("qat", {"epochs": 0.05, "num_calib": 32, "evaluate": False})
+    qm = step.apply(baseline, ctx)
+torch.save({"state": qm.state_dict(), "training": log.summary()}, out / f"rank{distributed.rank()}.pt")
+distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_qat_under_torchrun_keeps_the_ranks_identical(tmp_path):
+    """DDP over the fake-quantized graph (gloo, 2 processes, ~40 s): weights and learned scales agree on both ranks."""
+    from test_distributed import torchrun
+
+    script = tmp_path / "job.py"
+    script.write_text(QAT_TORCHRUN)
+    res = torchrun([script, tmp_path], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["training"]["world_size"] == 2 and r0["training"]["fits"][-1]["description"] == "qat"
+    assert r0["state"].keys() == r1["state"].keys()
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    assert any(k.endswith(".scale") for k in r0["state"])

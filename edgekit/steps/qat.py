@@ -28,6 +28,7 @@ class Qat(Step):
     Params = QatParams
 
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
+        from .. import distributed
         from ..evaluate import agreement, top1
         from ..export.onnx import int8_reduce_range
         from ..export.qat import is_qat, prepare_qat
@@ -79,6 +80,9 @@ class Qat(Step):
         cfg = FitConfig(epochs=p.epochs, lr=lr, batch_size=p.batch_size, seed=ctx.seed, temperature=p.temperature,
                         alpha=p.alpha if teacher is not None else 0.0, device=ctx.train_device, amp=False)
         fit(qm, task, cfg, teacher=teacher, description="qat")
+        # Under torchrun DDP syncs buffers before each forward, so each rank's last batch left its own ranges:
+        # rank 0's go to every rank, as fit does with BatchNorm statistics (one process: nothing happens).
+        distributed.broadcast_state(qm, params=False)
         qm.eval()  # ranges frozen from here on
         if p.evaluate:
             score("after")
