@@ -114,7 +114,8 @@ def test_qdq_onnx_and_tflite_reproduce_the_fake_quant_model_within_one_quantum(t
 
 
 def test_float_logits_int8_activations_per_tensor(tmp_path):
-    """int8 activations (ARM), per-tensor weights, float logits: within one input quantum through the weights."""
+    """int8 activations (ARM), per-tensor weights, float logits, NHWC TFLite: within one input quantum of the
+    logits layer through its weights."""
     qm, _ = trained_qat(per_channel=False, reduce_range=False, activation_type="int8", int8_logits=False)
     assert qm.output_scale() is None
     x = torch.randn(48, *SHAPE[1:])
@@ -123,6 +124,12 @@ def test_float_logits_int8_activations_per_tensor(tmp_path):
     tol = float_logits_tolerance(qm)
     assert tol < np.abs(ref).max() / 4  # the bound is tighter than the logits themselves
     got = run(export_qat_onnx(qm, tmp_path / "q.onnx", SHAPE, "int8"), "onnxruntime", x.numpy())
+    assert np.abs(got - ref).max() <= tol
+
+    from edgekit.export.qat import convert_qat_tflite
+
+    convert_qat_tflite(qm, tmp_path / "q.tflite", SHAPE, nhwc=True)  # NHWC input, as cameras deliver it
+    got = run(tmp_path / "q.tflite", "litert", x.numpy())  # the runner transposes NCHW input itself
     assert np.abs(got - ref).max() <= tol
 
 
@@ -136,6 +143,14 @@ def test_recipe_checking_knows_the_step_without_torch():
 
     with pytest.raises(EdgekitError, match="teacher"):
         build_step("qat", {"teacher": "resnet18"})
+    from types import SimpleNamespace
+
+    from edgekit.steps import validate_steps
+
+    specs = [SimpleNamespace(kind="qat", params={}), SimpleNamespace(kind="svd", params={})]
+    with pytest.raises(EdgekitError, match="'qat' must be the last step"):
+        validate_steps(specs)
+    assert len(validate_steps(specs[::-1])) == 2
 
 
 QAT_RECIPE = """description: qat test recipe

@@ -318,7 +318,8 @@ def convert_qat_tflite(model: QatModel, path: Path, input_shape: Tuple[int, ...]
     sample = torch.randn(*input_shape)
     module = quantized
     if nhwc:
-        module = litert_torch.to_channel_last_io(quantized, args=[0]).eval()
+        module = litert_torch.to_channel_last_io(quantized, args=[0])
+        module.training = False  # .eval() would reach the exported graph, which refuses it (already in eval)
         sample = sample.permute(0, 2, 3, 1).contiguous()
     try:
         edge = litert_torch.convert(module, (sample,), quant_config=QuantConfig(pt2e_quantizer=model.quantizer))
