@@ -67,7 +67,7 @@ def float_logits_tolerance(qm) -> float:
     conv = qm.converted()
     nodes = {n.name: n for n in conv.graph.nodes}
     linear = next(n for n in nodes.values() if n.target == torch.ops.aten.linear.default)
-    x_dq, w_dq = linear.args[0], linear.args[1]
+    x_dq = linear.args[0]
     s_x = float(x_dq.args[1] if not hasattr(x_dq.args[1], "op") else getattr(conv, x_dq.args[1].target))
     w = conv.fc.weight.detach()
     return s_x * float(w.abs().sum(1).max()) * 1.01

@@ -350,6 +350,9 @@ def export_qat_onnx_variant(model: QatModel, precision: str, options, ctx) -> Pa
     _fixed_by_training(model, "onnx", per_channel=options.per_channel, reduce_range=options.reduce_range)
     if options.weight_type not in (None, "int8"):
         raise EdgekitError("onnx int8 of a QAT model: its weights are int8 (weight_type: uint8 was asked)")
+    if options.quant_format != "qdq" or options.op_types:
+        raise EdgekitError("onnx int8 of a QAT model is the QDQ graph of the ops it trained quantized; "
+                           "quant_format: qoperator and op_types do not apply")
     act = options.activation_type or model.scheme["activation_type"]
     out = export_qat_onnx(model, ctx.path(".onnx"), ctx.input_shape, act, opset=options.opset)
     ctx.info["quantization"] = {"tool": "QAT, learned scales (torchao prepare_qat_pt2e / convert_pt2e, "
