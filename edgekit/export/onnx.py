@@ -100,9 +100,14 @@ def fp32_onnx(model, path: str | Path, input_shape: Tuple[int, ...], opset: int 
     """The fp32 graph every ONNX-based row starts from: exported from PyTorch, or the user's ONNX file at the run's
     static input shape (its own opset kept)."""
     from .onnx_source import OnnxModel
+    from .qat import is_qat
 
     if isinstance(model, OnnxModel):
         return model.save_static(path, min_opset=13)
+    if is_qat(model):
+        from ..formats import FormatUnavailable
+
+        raise FormatUnavailable("a QAT model has no fp32 ONNX graph; its int8 is the onnx int8 variant")
     return export_onnx(model, path, input_shape, opset=opset)
 
 
@@ -110,7 +115,10 @@ def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) 
     """fp32: export. int8: export fp32 once per model, then ORT static quantization with the device's types."""
     from .onnx_int8 import (AUTO_CANDIDATES, AUTO_SCOPES, SEARCH_NEEDS_TIMER, OrtQuantConfig, quantize_onnx,
                             quantize_onnx_auto)
+    from .qat import export_qat_onnx_variant, is_qat
 
+    if is_qat(model):  # the QDQ graph with the scales it learned; ORT calibrates nothing
+        return export_qat_onnx_variant(model, precision, options, ctx)
     key = ("onnx-fp32", id(model))
     fp32 = ctx.cache.get(key)
     if fp32 is None:

@@ -259,6 +259,22 @@ def export_tflite(model: nn.Module, precision: str, options: TfliteOptions, ctx)
             "input_shape": list(ctx.input_shape[:1]) + (list(ctx.input_shape[2:]) + [ctx.input_shape[1]]
                                                         if nhwc else list(ctx.input_shape[1:]))}
     out = ctx.path(".tflite")
+    from .qat import convert_qat_tflite, is_qat
+
+    if is_qat(model):  # the converted QAT graph with its learned scales; no calibration
+        if precision != "int8":
+            raise FormatUnavailable(f"a QAT model converts to int8 only (tflite {precision}: convert the model "
+                                    "before qat)")
+        if options.per_channel != model.scheme["per_channel"]:
+            raise EdgekitError(f"tflite int8 of a QAT model: per_channel {options.per_channel} differs from what "
+                               f"the qat step trained ({model.scheme['weights']})")
+        info["quantization"] = {"tool": "QAT, learned scales (torchao prepare_qat_pt2e / convert_pt2e, litert-torch)",
+                                "scheme": f"full-integer int8: weights {model.scheme['weights']}, activations int8 "
+                                          f"per-tensor affine, int8 input; logits {model.scheme['logits']}",
+                                "calibration": "none (learned during QAT)",
+                                "float_edges_rewired": convert_qat_tflite(model, out, ctx.input_shape, nhwc=nhwc)}
+        ctx.info.update(info)
+        return out
     if precision == "int8":
         calib, _ = ctx.task.arrays("calib", limit=options.num_calib)
         per_channel = options.per_channel

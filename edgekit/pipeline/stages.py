@@ -85,12 +85,13 @@ def export_variants(models: Dict[str, nn.Module], specs: Sequence[VariantSpec], 
     reference's failure when ``reference_required`` (nothing can be compared without it)."""
     from ..export import ExportContext, export
     from ..export.onnx_source import OnnxModel
+    from ..export.qat import is_qat
 
     cache: Dict[Any, Path] = {}
     variants: List[Variant] = []
     for i, spec in enumerate(specs):
         fmt, name, m = FORMATS.get(spec.format), spec.label, models[spec.stage]
-        st = m.stats() if isinstance(m, OnnxModel) else zoo.model_stats(m, task.input_shape)
+        st = m.stats() if isinstance(m, OnnxModel) or is_qat(m) else zoo.model_stats(m, task.input_shape)
         ctx = ExportContext(out_dir=out_dir, task=task, device=device, input_shape=task.input_shape, name=name,
                             cache=cache, **({"timer": timer} if timer is not None else {}))
         var = Variant(name, fmt.name, spec.precision, ctx.path(fmt.suffix), spec.stage, st["params"], st["macs"])

@@ -126,3 +126,21 @@ class SVDParams(StepParams):
         if self.energy is None and self.macs is None:
             self.energy = 0.9
         return self
+
+
+@STEP_PARAMS.register("qat")
+class QatParams(StepParams):
+    epochs: float = Field(1, gt=0, le=10_000, allow_inf_nan=False)
+    lr: Optional[float] = Field(None, gt=0, le=10, allow_inf_nan=False,
+                                description="default: a tenth of the fine-tune lr (the model's training lr, at most "
+                                            "3e-3)")
+    teacher: Literal["baseline", "none"] = Field(
+        "baseline", description="baseline: distil from the fp32 model the recipe started from; none: labels only")
+    alpha: float = Field(1.0, ge=0, le=1, allow_inf_nan=False,
+                         description="weight of the soft-target loss from the teacher (1 - alpha: labels)")
+    temperature: float = Field(4.0, gt=0, le=1000, allow_inf_nan=False)
+    num_calib: int = Field(256, ge=1, le=100_000, description="calibration images that set the initial ranges")
+    batch_size: int = Field(64, ge=1, le=65_536)
+    int8_logits: bool = Field(False, description="quantize the logits too (default: float logits from int8 "
+                                                 "weights and input, as the ONNX int8 export keeps them)")
+    evaluate: bool = Field(True, description="record accuracy and agreement with the fp32 baseline before and after")

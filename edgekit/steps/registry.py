@@ -47,7 +47,7 @@ class Step:
 
 def _load_steps() -> None:
     """Importing the step modules fills the table (each registers itself with ``register_step``)."""
-    from . import distill, lowrank, prune  # noqa: F401
+    from . import distill, lowrank, prune, qat  # noqa: F401
 
 
 STEPS: Registry[Type[Step]] = Registry("step", loader=_load_steps)
@@ -75,6 +75,10 @@ def build_step(kind: str, params: Dict[str, Any], where: str = "recipe") -> Step
 
 
 def validate_steps(specs, where: str = "recipe") -> List[Step]:
+    kinds = [s.kind for s in specs]
+    if "qat" in kinds[:-1]:  # the other steps change float layers, which a QAT graph no longer has
+        raise EdgekitError(f"Invalid steps in {where}: 'qat' must be the last step (it is followed by "
+                           f"{', '.join(kinds[kinds.index('qat') + 1:])})")
     return [build_step(s.kind, s.params, where) for s in specs]
 
 
