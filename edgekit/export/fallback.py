@@ -37,6 +37,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import EdgekitError
+from .tensorrt_qdq import _consumers as _readers, _producers  # one graph index for both Q/DQ passes
 
 MAX_STEPS = 8  # re-quantizations at most
 GROWTH = 1.5  # each step hands back half as many layers again as are in float already (at least one)
@@ -89,18 +90,6 @@ def scores(ref: np.ndarray, out: np.ndarray, labels: Optional[np.ndarray]) -> di
         acc, acc_fp32 = top1(out, labels), top1(ref, labels)
         s.update(accuracy=round(acc, 4), drop_pp=round(100 * (acc_fp32 - acc), 2))
     return s
-
-
-def _producers(graph) -> Dict[str, object]:
-    return {o: n for n in graph.node for o in n.output}
-
-
-def _readers(graph) -> Dict[str, list]:
-    out: Dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
-    return out
 
 
 def quantized_layers(model) -> List[str]:

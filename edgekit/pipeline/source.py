@@ -73,8 +73,8 @@ class ResolvedSource:
                 task_kw["input_size"] = input_size
             return load_task("mnist", **task_kw)
         if self.onnx is not None and self.onnx.input_shape[1] != 3:
-            raise EdgekitError(f"{self.onnx.path.name} takes {self.onnx.input_shape[1]}-channel images; photos are "
-                               "RGB: give --data in the model's own format is not possible, export it with 3 channels")
+            raise EdgekitError(f"{self.onnx.path.name} takes {self.onnx.input_shape[1]}-channel images and the "
+                               "photos edgekit judges it on are RGB: export the model with a 3-channel input")
         pre = self.preprocess(input_size)
         if data is None:
             return load_task("photos", preprocess=pre, input_size=input_size, **kw)
