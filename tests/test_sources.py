@@ -68,6 +68,8 @@ def user_files(tmp_path_factory):
                       dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}, "logits": {0: "n"}})
     recipe = d / "fast.yaml"
     recipe.write_text(FAST)
+    (d / "garbage.onnx").write_bytes(b"$(touch pwned)\x00\xff not protobuf" * 40)
+    (d / "truncated.onnx").write_bytes((d / "user.onnx").read_bytes()[:500])
     return d
 
 
@@ -111,6 +113,8 @@ def _one_line_exit_2(res, words: str) -> None:
     ("{d}/mynet.py:broken", "RuntimeError: the user's factory failed"),
     ("{d}/missing.py:MyNet", "Python file not found"),
     ("{d}/dynamic.onnx", "give --input-size"),
+    ("{d}/garbage.onnx", "as ONNX"),
+    ("{d}/truncated.onnx", "as ONNX"),
     ("timm:not_a_timm_model", "timm has no model"),
 ])
 def test_bad_sources_are_one_line(user_files, tmp_path, ref, words):
