@@ -106,11 +106,15 @@ def parse_dockerfile(text: str):
     return global_args, stages, directives
 
 
-def arg_defaults(args: List[Instruction]) -> Dict[str, Optional[str]]:
-    out = {}
+def arg_defaults(args: List[Instruction], expand: bool = False) -> Dict[str, Optional[str]]:
+    """ARG name -> default; ``expand``: with the ${NAME}s of earlier ARGs replaced, as the builders do."""
+    out: Dict[str, Optional[str]] = {}
     for a in args:
         name, eq, default = a.args.partition("=")
-        out[name.strip()] = default.strip().strip('"') if eq else None
+        value = default.strip().strip('"') if eq else None
+        if expand and value is not None:
+            value = re.sub(r"\$\{(\w+)\}", lambda m: out.get(m.group(1)) or "", value)
+        out[name.strip()] = value
     return out
 
 
@@ -186,7 +190,7 @@ def test_arg_defaults_are_the_bundle_versions(parsed):
     from edgekit.deployment import versions
 
     global_args, stages, _ = parsed
-    defaults = arg_defaults(global_args)
+    defaults = arg_defaults(global_args, expand=True)
     for name, value in versions.DOCKER_ARGS.items():
         assert defaults.get(name) == value, f"Dockerfile ARG {name}={defaults.get(name)} but versions.py says {value}"
     # no stage pins a runtime version by a literal: they all go through the ARGs
