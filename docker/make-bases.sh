@@ -114,6 +114,7 @@ for ARCH in $ARCHES; do
         echo "$ARCH $IMAGE $MODE"
         continue
     fi
+    OLD=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
     say "making $IMAGE ($MODE) from $MIRROR"
     start=$(date +%s)
     TAR="$WORK/$ARCH.tar"
@@ -138,6 +139,10 @@ for ARCH in $ARCHES; do
         --change "LABEL org.edgekit.base=\"$STAMP\"" \
         "$TAR" "$IMAGE" >/dev/null || die "podman import failed for $ARCH"
     rm -f "$TAR"
+    # the base this one replaces, once nothing uses it (an image built on it keeps it)
+    if [ -n "$OLD" ] && [ "$OLD" != "$(podman image inspect --format '{{.Id}}' "$IMAGE")" ]; then
+        podman rmi "$OLD" >/dev/null 2>&1 || true
+    fi
     say "made $IMAGE in $(( $(date +%s) - start )) s ($(podman image inspect --format '{{.Size}}' "$IMAGE") bytes)"
     echo "$ARCH $IMAGE $MODE"
 done

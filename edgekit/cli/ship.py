@@ -79,7 +79,7 @@ def docker(
                                                                 "edgekit:toolkit)."),
     run: bool = typer.Option(False, "--run", help="Run the commands instead of printing them."),
     smoke: bool = typer.Option(False, "--smoke", help="With --run and --bundle (podman): run the bundle's smoke "
-                                                      "test inside the built image and compare with the host's outputs."),
+                                                      "test inside the built image, compared with the host's outputs."),
     push: bool = typer.Option(False, "--push", help="Push instead of loading into the local engine."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):

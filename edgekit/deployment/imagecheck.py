@@ -14,6 +14,7 @@ Raspberry Pi 4's CPU description (arm64_sysroot.sh --cpu-files), which both ways
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -67,6 +68,31 @@ def _resolve_exe(root: Path, name: str, path_env: str) -> str:
     raise EdgekitError(f"{name} is not in the image (PATH {path_env})")
 
 
+@contextlib.contextmanager
+def mounted(image: str, engine: str = "podman"):
+    """A writable copy of ``image``'s files (a created, never started container, removed on exit): its root path."""
+    cid = subprocess.run([engine, "create", "--pull=never", image], capture_output=True, text=True)
+    if cid.returncode != 0:
+        raise EdgekitError(f"{engine} create {image} failed: {cid.stderr.strip()[-300:]}")
+    ctr = cid.stdout.strip().splitlines()[-1]
+    try:
+        m = subprocess.run([engine, "mount", ctr], capture_output=True, text=True)
+        if m.returncode != 0:
+            raise EdgekitError(f"{engine} mount failed: {m.stderr.strip()[-300:]}")
+        yield Path(m.stdout.strip())
+    finally:
+        subprocess.run([engine, "rm", "-f", ctr], capture_output=True)
+
+
+def chroot_argv(root: Path, native: bool) -> List[str]:
+    """The command prefix that runs a program inside ``root``. A native image gets its own /proc (mounted in a
+    private mount namespace, gone when the program ends); an emulated one keeps the CPU description written
+    under its proc/ folder, which a real /proc would hide."""
+    if native and shutil.which("unshare"):
+        return ["unshare", "--mount", "--pid", "--fork", f"--mount-proc={root}/proc", "chroot", str(root)]
+    return ["chroot", str(root)]
+
+
 def smoke_image(image: str, engine: str = "podman", launcher: str = "auto", timeout: float = 300) -> dict:
     """Run the bundle's smoke test in ``image``; raises EdgekitError when an output differs from the host's."""
     from ..device.bundlecheck import BundleError, verify_tree
@@ -85,8 +111,8 @@ def smoke_image(image: str, engine: str = "podman", launcher: str = "auto", time
     if len(entry) < 2:
         raise EdgekitError(f"{image} has no runner entrypoint (got {entry}): not an edgekit runtime image")
     emulated = arch != host_arch()
-    if launcher == "auto":
-        launcher = "chroot" if binfmt(arch)[0] else "qemu"
+    if launcher == "auto" or not emulated:
+        launcher = "chroot" if not emulated or binfmt(arch)[0] else "qemu"
     qemu = None
     if launcher == "qemu" and emulated:
         q = QEMU_ARCH.get(arch, arch)
@@ -97,15 +123,7 @@ def smoke_image(image: str, engine: str = "podman", launcher: str = "auto", time
         raise EdgekitError(f"chroot into a {arch} image needs qemu binfmt: {binfmt(arch)[1]}")
 
     t0 = time.perf_counter()
-    cid = subprocess.run([engine, "create", "--pull=never", image], capture_output=True, text=True)
-    if cid.returncode != 0:
-        raise EdgekitError(f"{engine} create {image} failed: {cid.stderr.strip()[-300:]}")
-    ctr = cid.stdout.strip().splitlines()[-1]
-    try:
-        m = subprocess.run([engine, "mount", ctr], capture_output=True, text=True)
-        if m.returncode != 0:
-            raise EdgekitError(f"{engine} mount failed: {m.stderr.strip()[-300:]}")
-        root = Path(m.stdout.strip())
+    with mounted(image, engine) as root:
         app = env.get("EDGEKIT_APP", "/opt/edgekit/app")
         try:
             manifest = verify_tree(str(_in_root(root, app, "EDGEKIT_APP")))
@@ -125,8 +143,8 @@ def smoke_image(image: str, engine: str = "podman", launcher: str = "auto", time
         inside = "/" + str(work.relative_to(root))
 
         def run(args: List[str]) -> str:
-            if launcher == "chroot" or not emulated:
-                argv = ["chroot", str(root), *entry, *args]
+            if launcher == "chroot":
+                argv = [*chroot_argv(root, not emulated), *entry, *args]
             else:
                 exe = _resolve_exe(root, entry[0], env.get("PATH", "/usr/local/bin:/usr/bin:/bin"))
                 argv = [qemu, "-L", str(root), exe, *entry[1:], *args]
@@ -137,7 +155,7 @@ def smoke_image(image: str, engine: str = "podman", launcher: str = "auto", time
             return p.stdout.strip().splitlines()[-1]
 
         def path(rel_in_image: str) -> str:  # qemu -L: a host path under root works for files not yet there too
-            return rel_in_image if launcher == "chroot" or not emulated else str(root) + rel_in_image
+            return rel_in_image if launcher == "chroot" else str(root) + rel_in_image
 
         runner_info = json.loads(run(["info"]))
         checks = []
@@ -161,10 +179,8 @@ def smoke_image(image: str, engine: str = "podman", launcher: str = "auto", time
                                        f"{check['argmax']} vs {check['expected_argmax']}, max |diff| {diff}, "
                                        f"atol {atol})")
             checks.append(check)
-        return {"image": image, "arch": arch, "launcher": launcher + (" (native)" if not emulated else ""),
+        return {"image": image, "arch": arch, "launcher": launcher if emulated else "chroot (native)",
                 "model": model, "atol": atol, "expected_by": sample.get("expected_by"), "info": runner_info,
                 "checks": checks, "matches_host": bool(expected) and all("expected_argmax" in c for c in checks),
                 "seconds": round(time.perf_counter() - t0, 1)}
-    finally:
-        subprocess.run([engine, "rm", "-f", ctr], capture_output=True)
 
