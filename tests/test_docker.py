@@ -369,6 +369,8 @@ def test_engine_options_refused_with_reasons(machine):
         docker_plan("rpi4", engine="containerd")
     with pytest.raises(EdgekitError, match="--smoke .* pass --run and --bundle"):
         docker_cmd("rpi4", smoke=True)
+    with pytest.raises(EdgekitError, match="--smoke mounts the built image with podman"):
+        docker_cmd("rpi4", bundle="rpi4.tar.gz", smoke=True, run=True, engine="docker")
 
 
 def test_pip_settings_become_build_args_and_read_only_mounts(tmp_path):

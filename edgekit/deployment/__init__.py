@@ -178,10 +178,12 @@ def docker_cmd(device: Optional[str] = None, bundle: Optional[str | Path] = None
     ``smoke``: then the bundle's smoke test runs inside the built image (:mod:`.imagecheck`).
     """
     from ..errors import EdgekitError
-    from .containers import run_plan
+    from .containers import pick_engine, run_plan
 
     if smoke and not (run and bundle is not None):
         raise EdgekitError("--smoke runs the bundle's smoke test in the image it builds: pass --run and --bundle")
+    if smoke and pick_engine(engine) != "podman":
+        raise EdgekitError("--smoke mounts the built image with podman: pass --engine podman")
     plan = docker_plan(device, bundle=bundle, tag=tag, push=push, engine=engine, **kw)
     out = _plan_dict(plan)
     if run:
