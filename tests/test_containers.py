@@ -96,7 +96,7 @@ def bases(storage):
     seconds = time.perf_counter() - t0
     print(f"\nbases in {seconds:.0f} s: " + ", ".join(f"{image} ({mode}, {size_mb(image):.0f} MB)"
                                                    for image, mode in made.values()))
-    print("make-bases: " + " | ".join(ln for ln in p.stderr.splitlines() if "binfmt" in ln or "made" in ln))
+    print(" | ".join(ln for ln in p.stderr.splitlines() if any(w in ln for w in ("binfmt", "made", "reusing"))))
     return made
 
 
@@ -132,16 +132,15 @@ def test_runtime_image_for_arm64_runs_the_bundle(bases, bundle):
     assert podman("image", "inspect", "--format", "{{.Architecture}}", RUNTIME_TAG) == "arm64"
 
     smoke = res["smoke"]
-    manifest_model = json.loads(Path(str(bundle).replace(".tar.gz", ".docker-context"), "manifest.json")
-                                .read_text())["artifact"]["path"]
-    assert smoke["model"] == manifest_model == "model.int8.onnx"
+    manifest = json.loads(Path(str(bundle).replace(".tar.gz", ".docker-context"), "manifest.json").read_text())
+    assert smoke["model"] == manifest["artifact"]["path"] == "model.int8.onnx"
     assert smoke["launcher"] == ("chroot" if emulation else "qemu")
-    assert smoke["matches_host"] and len(smoke["checks"]) == 4, smoke
+    assert smoke["matches_host"] and len(smoke["checks"]) == len(manifest["sample"]["inputs"]) > 0, smoke
     import onnxruntime
 
     assert smoke["expected_by"] == f"onnxruntime {onnxruntime.__version__}"  # the host's outputs, from this machine
-    for c in smoke["checks"]:
-        assert c["machine"] == "aarch64" and c["runtime"] == "onnxruntime 1.32.0", c
+    for c in smoke["checks"]:  # the image's own arm64 ONNX Runtime, the version the bundle pins
+        assert c["machine"] == "aarch64" and c["runtime"] == f"onnxruntime {manifest['versions']['onnxruntime']}", c
         assert c["argmax"] == c["expected_argmax"] and c["max_abs_diff"] <= smoke["atol"], c
     info = smoke["info"]
     assert info["machine"] == "aarch64" and info["runtimes"]["onnxruntime"] and info["runtimes"]["ai_edge_litert"]
@@ -174,7 +173,7 @@ def test_arm64_fallback_without_binfmt(bases, bundle):
     step, = run_plan(plan, only=[argv])
     assert podman("image", "inspect", "--format", "{{.Architecture}}", CROSS_TAG) == "arm64"
     smoke = smoke_image(CROSS_TAG, launcher="qemu")
-    assert smoke["launcher"] == "qemu" and smoke["matches_host"] and len(smoke["checks"]) == 4, smoke
+    assert smoke["launcher"] == "qemu" and smoke["matches_host"] and len(smoke["checks"]) > 0, smoke
     assert all(c["machine"] == "aarch64" and c["argmax"] == c["expected_argmax"] for c in smoke["checks"])
     print(f"\nfallback: extract base {t_base:.0f} s ({size_mb(EXTRACT_PREFIX + ':bookworm-arm64'):.0f} MB), "
           f"runtime-cross build {step['seconds']:.0f} s ({size_mb(CROSS_TAG):.0f} MB), qemu -L smoke "
