@@ -106,11 +106,15 @@ def parse_dockerfile(text: str):
     return global_args, stages, directives
 
 
-def arg_defaults(args: List[Instruction]) -> Dict[str, Optional[str]]:
-    out = {}
+def arg_defaults(args: List[Instruction], expand: bool = False) -> Dict[str, Optional[str]]:
+    """ARG name -> default; ``expand``: with the ${NAME}s of earlier ARGs replaced, as the builders do."""
+    out: Dict[str, Optional[str]] = {}
     for a in args:
         name, eq, default = a.args.partition("=")
-        out[name.strip()] = default.strip().strip('"') if eq else None
+        value = default.strip().strip('"') if eq else None
+        if expand and value is not None:
+            value = re.sub(r"\$\{(\w+)\}", lambda m: out.get(m.group(1)) or "", value)
+        out[name.strip()] = value
     return out
 
 
@@ -186,7 +190,7 @@ def test_arg_defaults_are_the_bundle_versions(parsed):
     from edgekit.deployment import versions
 
     global_args, stages, _ = parsed
-    defaults = arg_defaults(global_args)
+    defaults = arg_defaults(global_args, expand=True)
     for name, value in versions.DOCKER_ARGS.items():
         assert defaults.get(name) == value, f"Dockerfile ARG {name}={defaults.get(name)} but versions.py says {value}"
     # no stage pins a runtime version by a literal: they all go through the ARGs
@@ -270,3 +274,135 @@ def test_docker_command_with_a_bundle(tiny_run, tmp_path):
         docker_command("rpi4", bundle=tmp_path / "nope.tar.gz")
     with pytest.raises(EdgekitError, match="Unknown device"):
         docker_command("rpi44")
+
+
+# ----------------------------------------------------------------------------- engines (no build runs here)
+
+
+@pytest.fixture()
+def machine(monkeypatch):
+    """Decide what this 'machine' allows: qemu binfmt for foreign arches, and whether podman runs containers."""
+    from edgekit.deployment import containers
+
+    state = {"binfmt": True, "run": False}
+    monkeypatch.setattr(containers, "binfmt", lambda arch: (state["binfmt"] or arch == containers.host_arch(),
+                                                             "qemu-aarch64 is not registered with binfmt_misc"))
+    monkeypatch.setattr(containers, "containers_run",
+                        lambda image: (state["run"], "crun: setrlimit `RLIMIT_NOFILE`: Operation not permitted"))
+    return state
+
+
+def build_args_of(argv):
+    return dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--build-arg")
+
+
+def test_dockerfile_cross_stage_runs_nothing_on_the_target(parsed):
+    _, stages, _ = parsed
+    by_name = {s.name: s for s in stages}
+    packages, cross = by_name["runtime-packages"], by_name["runtime-cross"]
+    assert packages.platform == "$BUILDPLATFORM" and cross.platform == "$TARGETPLATFORM"
+    assert not [i for i in cross.instructions if i.keyword == "RUN"]
+    assert [i.words[-1] for i in cross.instructions if i.keyword == "ENTRYPOINT"] == ["/opt/edgekit/runner.py"]
+    for s in ("toolkit", "runtime", "runtime-cross"):
+        assert "${" in by_name[s].base  # every Python stage builds FROM a base build arg
+
+
+@pytest.mark.parametrize("emulation", [True, False])
+def test_podman_plan_from_local_bases(machine, emulation):
+    from edgekit.deployment import docker_plan
+
+    machine["binfmt"] = emulation
+    plan = docker_plan("rpi4", engine="podman", local_bases=True)
+    assert plan.before == [["sh", "docker/make-bases.sh", "--arch", "arm64", "--arch", "amd64", "--binfmt"]]
+    argv = plan.build
+    assert argv[:4] == ["podman", "build", "--isolation", "chroot"] and "--pull=never" in argv
+    assert "crun: setrlimit" in " ".join(plan.notes)
+    args = build_args_of(argv)
+    assert args["PYTHON_BASE"] == "localhost/edgekit-base:bookworm-arm64"
+    assert argv[argv.index("--platform") + 1] == "linux/arm64" and argv[-3:] == ["-t", "edgekit-runtime:rpi4", "."]
+    if emulation:
+        assert plan.target == "runtime" and "BUILDPLATFORM" not in args
+    else:  # no qemu binfmt: the stage whose RUN step runs on this machine, said so
+        assert plan.target == "runtime-cross" and argv[argv.index("--target") + 1] == "runtime-cross"
+        assert args["BUILDPLATFORM"] == "linux/amd64" and args["BUILD_BASE"] == "localhost/edgekit-base:bookworm-amd64"
+        assert any("qemu-aarch64 is not registered" in n and "runtime-cross" in n for n in plan.notes)
+
+
+def test_podman_runs_containers_where_it_can(machine):
+    from edgekit.deployment import docker_plan
+
+    machine["run"] = True
+    plan = docker_plan(None, toolkit=True, engine="podman")
+    assert plan.build[:4] == ["podman", "build", "--platform", "linux/amd64"] and "--isolation" not in plan.build
+    assert plan.target == "toolkit" and plan.tag == "edgekit:toolkit" and plan.before == [] and plan.notes == []
+    assert "--pull=never" not in plan.build and build_args_of(plan.build) == {}  # the public base, pulled
+    pushed = docker_plan(None, toolkit=True, engine="podman", push=True, tag="registry.example/edgekit:1")
+    assert pushed.after == [["podman", "push", "registry.example/edgekit:1"]]
+
+
+def test_docker_engine_plans_stay_buildx(machine):
+    from edgekit.deployment import docker_plan
+
+    plan = docker_plan(None, toolkit=True, engine="docker")
+    assert plan.build == ["docker", "buildx", "build", "--platform", "linux/amd64", "--target", "toolkit",
+                          "-t", "edgekit:toolkit", "--load", "."]
+    cross = docker_plan("rpi5", engine="docker", cross=True)
+    assert cross.target == "runtime-cross" and "BUILDPLATFORM" not in build_args_of(cross.build)  # buildx sets it
+    machine["binfmt"] = False  # a docker builder's binfmt is its own: the target stays runtime
+    assert docker_plan("rpi4", engine="docker").target == "runtime"
+
+
+def test_engine_options_refused_with_reasons(machine):
+    from edgekit.deployment import docker_cmd, docker_plan
+
+    with pytest.raises(EdgekitError, match="--local-bases needs --engine podman"):
+        docker_plan("rpi4", engine="docker", local_bases=True)
+    with pytest.raises(EdgekitError, match="No local base for Jetson"):
+        docker_plan("jetson-orin-nano", engine="podman", local_bases=True)
+    with pytest.raises(EdgekitError, match="takes no --device"):
+        docker_plan("rpi4", toolkit=True)
+    with pytest.raises(EdgekitError, match="--device DEVICE .* or --toolkit"):
+        docker_plan(None)
+    with pytest.raises(EdgekitError, match="runtime-jetson has no cross variant"):
+        docker_plan("jetson-orin-nano", engine="podman", cross=True)
+    with pytest.raises(EdgekitError, match="Unknown engine"):
+        docker_plan("rpi4", engine="containerd")
+    with pytest.raises(EdgekitError, match="--smoke .* pass --run and --bundle"):
+        docker_cmd("rpi4", smoke=True)
+    with pytest.raises(EdgekitError, match="--smoke mounts the built image with podman"):
+        docker_cmd("rpi4", bundle="rpi4.tar.gz", smoke=True, run=True, engine="docker")
+
+
+def test_pip_settings_become_build_args_and_read_only_mounts(tmp_path):
+    from edgekit.deployment.containers import pip_settings
+
+    (tmp_path / "pypi" / "simple").mkdir(parents=True)
+    (tmp_path / "wheels").mkdir()
+    listing = (f":env:.find-links='{tmp_path}/wheels'\n"
+               f"global.find-links='/elsewhere'\n"
+               f"global.extra-index-url='file://{tmp_path}/pypi/simple https://mirror.example/simple'\n"
+               f"global.cert='{tmp_path}/ca.pem'\n"
+               f"global.timeout='60'\n"
+               f"download.index-url='https://ignored.example/simple'\n")
+    (tmp_path / "ca.pem").write_text("x")
+    args, paths = pip_settings(listing)
+    assert args == {"PIP_EXTRA_INDEX_URL": f"file://{tmp_path}/pypi/simple https://mirror.example/simple",
+                    "PIP_FIND_LINKS": f"{tmp_path}/wheels", "PIP_CERT": f"{tmp_path}/ca.pem"}
+    # the folder index's parent (its ../../files links), the find-links folder the environment names, the cert
+    assert paths == [str(tmp_path / "pypi"), str(tmp_path / "wheels"), str(tmp_path / "ca.pem")]
+    assert pip_settings("") == ({}, [])
+
+
+def test_cli_prints_every_command_for_the_engine(machine, monkeypatch):
+    from edgekit.cli import app
+    from edgekit.deployment import containers
+    from typer.testing import CliRunner
+
+    monkeypatch.setattr(containers, "host_pip", lambda: ({"PIP_FIND_LINKS": "/opt/wheels"}, ["/opt/wheels"]))
+    res = CliRunner().invoke(app, ["docker", "--device", "rpi4", "--engine", "podman", "--local-bases",
+                                   "--host-pip"])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stdout.splitlines() if ln and not ln.startswith("#")]
+    assert lines[0] == "sh docker/make-bases.sh --arch arm64 --arch amd64 --binfmt"
+    assert shlex.split(lines[1])[:4] == ["podman", "build", "--isolation", "chroot"]
+    assert "--volume /opt/wheels:/opt/wheels:ro" in lines[1] and "PIP_FIND_LINKS=/opt/wheels" in lines[1]

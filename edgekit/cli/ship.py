@@ -63,22 +63,49 @@ def deploy(
 @app.command()
 @handle_errors
 def docker(
-    device: str = typer.Option(..., "--device", "-d", help="Device profile: rpi4, jetson-orin-nano, desktop-cpu ..."),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="Device profile: rpi4, jetson-orin-nano, "
+                                                                      "desktop-cpu ..."),
+    toolkit: bool = typer.Option(False, "--toolkit", help="The x86_64 toolkit image instead of a device's runtime."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="A bundle .tar.gz (or extracted folder) to put "
                                                                  "in the image."),
-    tag: Optional[str] = typer.Option(None, "--tag", "-t", help="Image tag (default edgekit-runtime:DEVICE)."),
-    run: bool = typer.Option(False, "--run", help="Run the build (needs docker buildx) instead of printing it."),
+    engine: str = typer.Option("auto", "--engine", help="docker (buildx), podman, or auto: the one installed here."),
+    local_bases: bool = typer.Option(False, "--local-bases", help="podman: build FROM the Debian bases "
+                                     "docker/make-bases.sh makes from Debian packages (no registry needed)."),
+    host_pip: bool = typer.Option(False, "--host-pip", help="Give the build's pip this machine's index, find-links "
+                                  "and cert settings (podman mounts the local folders they name read-only)."),
+    cross: bool = typer.Option(False, "--cross", help="Build runtime-cross: no RUN step on the device's platform "
+                               "(chosen by itself with podman where no qemu binfmt is registered)."),
+    tag: Optional[str] = typer.Option(None, "--tag", "-t", help="Image tag (default edgekit-runtime:DEVICE, or "
+                                                                "edgekit:toolkit)."),
+    run: bool = typer.Option(False, "--run", help="Run the commands instead of printing them."),
+    smoke: bool = typer.Option(False, "--smoke", help="With --run and --bundle (podman): run the bundle's smoke "
+                                                      "test inside the built image, compared with the host's outputs."),
     push: bool = typer.Option(False, "--push", help="Push instead of loading into the local engine."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ):
-    """Print (or --run) the `docker buildx build` command of a device's runtime image."""
+    """Print (or --run) the commands that build a device's runtime image, or the toolkit image."""
     from ..deployment import docker_cmd
 
-    res = docker_cmd(device, bundle=bundle, run=run, tag=tag, push=push)
+    res = docker_cmd(device, bundle=bundle, run=run, tag=tag, push=push, engine=engine, smoke=smoke,
+                     toolkit=toolkit, local_bases=local_bases, host_pip=host_pip, cross=cross)
+    if as_json:
+        typer.echo(json.dumps(res, default=str))
+        return
+    for note in res["notes"]:
+        err.print(f"# {note}", highlight=False, markup=False, soft_wrap=True)
     if run:
-        out.print(f"[bold green]built[/] {res['argv'][res['argv'].index('-t') + 1]}", highlight=False)
+        took = ", ".join(f"{s['argv'][0]} {s['argv'][1]} {s['seconds']:.0f} s" for s in res["steps"])
+        out.print(f"[bold green]built[/] {res['tag']} ({res['target']}, {res['platform']}; {took})", highlight=False)
+        sm = res.get("smoke")
+        if sm:
+            worst = max((c.get("max_abs_diff") or 0.0 for c in sm["checks"]), default=0.0)
+            out.print(f"smoke test in the image ({sm['arch']}, {sm['launcher']}): {len(sm['checks'])} samples of "
+                      f"{sm['model']}, " + (f"match the host (max |diff| {worst:.2e}, atol {sm['atol']})"
+                                            if sm["matches_host"] else "ran (no host reference)"), highlight=False)
     else:
         err.print(f"# run in {res['cwd']}", highlight=False)
-        typer.echo(res["command"])
+        for c in res["commands"]:
+            typer.echo(c)
 
 
 @app.command()

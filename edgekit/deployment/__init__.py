@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import List, Optional
 
@@ -94,9 +93,11 @@ def docker_target(dev) -> str:
     return DOCKER_TARGETS["cpu"]
 
 
-def docker_command(device: str, bundle: Optional[str | Path] = None, tag: Optional[str] = None,
-                   context: str | Path = ".", push: bool = False) -> List[str]:
-    """The ``docker buildx build`` argument list of ``device``'s runtime image.
+def docker_plan(device: Optional[str] = None, bundle: Optional[str | Path] = None, tag: Optional[str] = None,
+                context: str | Path = ".", push: bool = False, engine: Optional[str] = "docker",
+                toolkit: bool = False, local_bases: bool = False, host_pip: bool = False, cross: bool = False):
+    """The :class:`~edgekit.deployment.containers.BuildPlan` of ``device``'s runtime image (or, ``toolkit``, of the
+    x86_64 toolkit image) for ``engine`` (docker, podman, or auto: the one installed here).
 
     ``bundle``: an extracted bundle folder (or a bundle .tar.gz, extracted and verified next to itself)
     passed as the ``bundle`` build context; its runtime versions become the build args.
@@ -104,14 +105,25 @@ def docker_command(device: str, bundle: Optional[str | Path] = None, tag: Option
     from ..config import load_device
     from ..errors import EdgekitError
     from . import versions
+    from .containers import DOCKER_ARCH, TOOLKIT_TAG, plan_build
 
+    common = {"engine": engine, "local_bases": local_bases, "use_host_pip": host_pip, "push": push,
+              "context": str(context)}
+    if toolkit:
+        if device is not None or bundle is not None:
+            raise EdgekitError("--toolkit builds the x86_64 toolkit image: it takes no --device or --bundle")
+        if cross:
+            raise EdgekitError("--cross builds a device's runtime image, not the toolkit")
+        return plan_build("toolkit", "amd64", tag or TOOLKIT_TAG, {}, **common)
+    if device is None:
+        raise EdgekitError("Pass --device DEVICE (the runtime image of a device) or --toolkit")
     dev = load_device(device)
     if dev.arch not in versions.ARCHES:
         raise EdgekitError(f"No runtime image for {dev.name}: {dev.arch} is not a docker platform here "
                            f"({', '.join(versions.ARCHES)})")
     build_args = {"PYTHON_VERSION": versions.PYTHON_VERSION, "NUMPY_VERSION": versions.NUMPY_VERSION,
                   "ONNXRUNTIME_VERSION": versions.ONNXRUNTIME_VERSION, "LITERT_VERSION": versions.LITERT_VERSION}
-    argv = ["docker", "buildx", "build", "--platform", versions.ARCHES[dev.arch][0], "--target", docker_target(dev)]
+    bdir = None
     if bundle is not None:
         from .bundle import safe_version
 
@@ -127,11 +139,14 @@ def docker_command(device: str, bundle: Optional[str | Path] = None, tag: Option
                           ("NUMPY_VERSION", "numpy")):
             if mv.get(name):  # build args reach RUN lines of the Dockerfile: plain versions only
                 build_args[key] = safe_version(mv[name], f"versions.{name} in {bundle}'s manifest.json")
-        argv += ["--build-context", f"bundle={bdir}"]
-    for k, v in build_args.items():
-        argv += ["--build-arg", f"{k}={v}"]
-    argv += ["-t", tag or f"edgekit-runtime:{dev.name}", "--push" if push else "--load", str(context)]
-    return argv
+    return plan_build(docker_target(dev), DOCKER_ARCH[dev.arch], tag or f"edgekit-runtime:{dev.name}", build_args,
+                      bundle_dir=bdir, cross=cross, **common)
+
+
+def docker_command(device: str, bundle: Optional[str | Path] = None, tag: Optional[str] = None,
+                   context: str | Path = ".", push: bool = False, engine: Optional[str] = "docker", **kw) -> List[str]:
+    """The build command (argument list) of ``device``'s runtime image; see :func:`docker_plan`."""
+    return docker_plan(device, bundle=bundle, tag=tag, context=context, push=push, engine=engine, **kw).build
 
 
 def _bundle_context(bundle: Path) -> Path:
@@ -154,29 +169,42 @@ def _bundle_context(bundle: Path) -> Path:
     return dest.resolve()
 
 
-def docker_cmd(device: str, bundle: Optional[str | Path] = None, run: bool = False, tag: Optional[str] = None,
-               push: bool = False) -> dict:
-    """``edgekit docker --device D [--bundle B] [--run]``: the buildx command, printed or run from the repo root."""
-    import shutil
-    import subprocess
+def docker_cmd(device: Optional[str] = None, bundle: Optional[str | Path] = None, run: bool = False,
+               tag: Optional[str] = None, push: bool = False, engine: Optional[str] = "docker", smoke: bool = False,
+               **kw) -> dict:
+    """``edgekit docker``: the build commands for the engine, printed or (``run``) run from the repository root.
 
+    Run, the bases are made first and the build planned again (registering binfmt can change the target).
+    ``smoke``: then the bundle's smoke test runs inside the built image (:mod:`.imagecheck`).
+    """
     from ..errors import EdgekitError
+    from .containers import pick_engine, run_plan
 
-    argv = docker_command(device, bundle=bundle, tag=tag, context=".", push=push)
-    out = {"argv": argv, "command": " ".join(shlex.quote(a) for a in argv), "cwd": str(REPO_ROOT), "ran": False}
+    if smoke and not (run and bundle is not None):
+        raise EdgekitError("--smoke runs the bundle's smoke test in the image it builds: pass --run and --bundle")
+    if smoke and pick_engine(engine) != "podman":
+        raise EdgekitError("--smoke mounts the built image with podman: pass --engine podman")
+    plan = docker_plan(device, bundle=bundle, tag=tag, push=push, engine=engine, **kw)
+    out = _plan_dict(plan)
     if run:
-        if shutil.which("docker") is None:
-            raise EdgekitError("docker is not installed here; run the printed command on a machine with "
-                               "docker buildx")
-        probe = subprocess.run(["docker", "buildx", "version"], capture_output=True, text=True)
-        if probe.returncode != 0:
-            raise EdgekitError("docker buildx is not available here (install the docker-buildx plugin); run the "
-                               "printed command on a machine with docker buildx")
-        if not (REPO_ROOT / "Dockerfile").is_file():
-            raise EdgekitError(f"No Dockerfile in {REPO_ROOT}: run from a source checkout of edgekit")
-        proc = subprocess.run(argv, cwd=REPO_ROOT)
-        out.update({"ran": True, "returncode": proc.returncode})
-        if proc.returncode != 0:
-            raise EdgekitError(f"docker buildx build failed (exit {proc.returncode}); is a Docker engine with "
-                               f"buildx (and QEMU binfmt for other platforms) available?")
+        steps = []
+        if plan.before:
+            steps += run_plan(plan, only=plan.before)
+            plan = docker_plan(device, bundle=bundle, tag=tag, push=push, engine=engine, **kw)
+            out = _plan_dict(plan)
+        steps += run_plan(plan, only=[plan.build, *plan.after])
+        out.update({"ran": True, "steps": steps})
+        if smoke:
+            from .imagecheck import smoke_image
+
+            out["smoke"] = smoke_image(plan.tag, engine=plan.engine)
     return out
+
+
+def _plan_dict(plan) -> dict:
+    import shlex
+
+    return {"engine": plan.engine, "target": plan.target, "platform": plan.platform, "tag": plan.tag,
+            "argv": plan.build, "command": " ".join(shlex.quote(a) for a in plan.build),
+            "commands": [" ".join(shlex.quote(a) for a in c) for c in plan.commands], "notes": plan.notes,
+            "cwd": str(REPO_ROOT), "ran": False}

@@ -3,6 +3,7 @@
 # bundle's runner on an x86_64 machine under qemu-user, without binfmt_misc and without root for the sysroot:
 #
 #   sh edgekit/deployment/arm64_sysroot.sh [DEST]        # prints DEST on its last line
+#   sh edgekit/deployment/arm64_sysroot.sh --cpu-files DIR   # only DIR/proc/cpuinfo and DIR/sys/.../cpu (see below)
 #   qemu-aarch64-static -L DEST DEST/usr/bin/python3.11 -c 'import platform; print(platform.machine())'
 #
 # DEST defaults to ${EDGEKIT_SYSROOT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgekit}/arm64-sysroot-bookworm.
@@ -22,6 +23,43 @@ STAMP="$DEST/.edgekit-sysroot"
 
 say() { echo "arm64_sysroot: $*" >&2; }
 die() { say "error: $*"; exit 1; }
+
+# A Raspberry Pi 4's CPU description (4x Cortex-A72). qemu-user 7.2 passes /proc/cpuinfo and /sys through from
+# the x86 host unless the -L prefix has the file; ONNX Runtime's cpuinfo library parses them as ARM and
+# crashes (SIGSEGV) on x86 text. Files under the prefix win, so the emulated programs see an arm64 CPU.
+# (also written alone, into a container image's filesystem, by --cpu-files DIR)
+fake_cpu() {
+    root=$1  # the loop's set -- reuses the positional parameters
+    N=4
+    mkdir -p "$root/proc" "$root/sys/devices/system/cpu"
+    : > "$root/proc/cpuinfo"
+    i=0
+    while [ $i -lt $N ]; do
+        printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n' \
+            $i >> "$root/proc/cpuinfo"
+        c="$root/sys/devices/system/cpu/cpu$i"
+        mkdir -p "$c/topology" "$c/cpufreq" "$c/cache/index0" "$c/cache/index1" "$c/cache/index2"
+        echo 0 > "$c/topology/physical_package_id"; echo 0 > "$c/topology/cluster_id"; echo $i > "$c/topology/core_id"
+        for f in cluster_cpus_list core_siblings_list package_cpus_list; do echo "0-$((N - 1))" > "$c/topology/$f"; done
+        for f in thread_siblings_list core_cpus_list; do echo $i > "$c/topology/$f"; done
+        echo 1500000 > "$c/cpufreq/cpuinfo_max_freq"; echo 600000 > "$c/cpufreq/cpuinfo_min_freq"
+        for j in 0 1 2; do
+            case $j in 0) set -- 1 Data 32K $i;; 1) set -- 1 Instruction 48K $i;; 2) set -- 2 Unified 1024K "0-$((N - 1))";; esac
+            echo "$1" > "$c/cache/index$j/level"; echo "$2" > "$c/cache/index$j/type"
+            echo "$3" > "$c/cache/index$j/size"; echo "$4" > "$c/cache/index$j/shared_cpu_list"
+        done
+        i=$((i + 1))
+    done
+    printf 'Hardware\t: BCM2835\nModel\t\t: Raspberry Pi 4 Model B (emulated by qemu-user)\n' >> "$root/proc/cpuinfo"
+    for f in possible present online; do echo "0-$((N - 1))" > "$root/sys/devices/system/cpu/$f"; done
+    echo 255 > "$root/sys/devices/system/cpu/kernel_max"
+}
+
+if [ "${1:-}" = "--cpu-files" ]; then
+    [ -n "${2:-}" ] || die "--cpu-files needs a folder"
+    fake_cpu "$2"
+    exit 0
+fi
 
 # ---- qemu-user ---------------------------------------------------------------------------------------------
 if ! command -v qemu-aarch64-static >/dev/null 2>&1 && ! command -v qemu-aarch64 >/dev/null 2>&1; then
@@ -85,32 +123,7 @@ done
 [ -x "$TMP/usr/bin/python3.11" ] || die "python3.11 is missing from the unpacked packages"
 ln -sf python3.11 "$TMP/usr/bin/python3"
 
-# A Raspberry Pi 4's CPU description (4x Cortex-A72). qemu-user 7.2 passes /proc/cpuinfo and /sys through from
-# the x86 host unless the -L prefix has the file; ONNX Runtime's cpuinfo library parses them as ARM and
-# crashes (SIGSEGV) on x86 text. Files under the prefix win, so the emulated programs see an arm64 CPU.
-N=4
-mkdir -p "$TMP/proc" "$TMP/sys/devices/system/cpu"
-: > "$TMP/proc/cpuinfo"
-i=0
-while [ $i -lt $N ]; do
-    printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n' \
-        $i >> "$TMP/proc/cpuinfo"
-    c="$TMP/sys/devices/system/cpu/cpu$i"
-    mkdir -p "$c/topology" "$c/cpufreq" "$c/cache/index0" "$c/cache/index1" "$c/cache/index2"
-    echo 0 > "$c/topology/physical_package_id"; echo 0 > "$c/topology/cluster_id"; echo $i > "$c/topology/core_id"
-    for f in cluster_cpus_list core_siblings_list package_cpus_list; do echo "0-$((N - 1))" > "$c/topology/$f"; done
-    for f in thread_siblings_list core_cpus_list; do echo $i > "$c/topology/$f"; done
-    echo 1500000 > "$c/cpufreq/cpuinfo_max_freq"; echo 600000 > "$c/cpufreq/cpuinfo_min_freq"
-    for j in 0 1 2; do
-        case $j in 0) set -- 1 Data 32K $i;; 1) set -- 1 Instruction 48K $i;; 2) set -- 2 Unified 1024K "0-$((N - 1))";; esac
-        echo "$1" > "$c/cache/index$j/level"; echo "$2" > "$c/cache/index$j/type"
-        echo "$3" > "$c/cache/index$j/size"; echo "$4" > "$c/cache/index$j/shared_cpu_list"
-    done
-    i=$((i + 1))
-done
-printf 'Hardware\t: BCM2835\nModel\t\t: Raspberry Pi 4 Model B (emulated by qemu-user)\n' >> "$TMP/proc/cpuinfo"
-for f in possible present online; do echo "0-$((N - 1))" > "$TMP/sys/devices/system/cpu/$f"; done
-echo 255 > "$TMP/sys/devices/system/cpu/kernel_max"
+fake_cpu "$TMP"
 echo "$STAMP_TEXT" > "$TMP/.edgekit-sysroot"
 chmod 755 "$TMP"
 rm -rf "$DEST"

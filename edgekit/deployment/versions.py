@@ -1,9 +1,9 @@
 """Runtime versions shipped to devices: the single source for bundles and the Dockerfile's ARG defaults.
 
 ``tests/test_docker.py`` checks that every ``ARG NAME=value`` in the Dockerfile whose name is in
-:data:`DOCKER_ARGS` has exactly this value, so bundles and images cannot drift apart. A bundle pins
-the onnxruntime version recorded in the run's report.json (the version the artifacts were made and
-checked with) and falls back to :data:`ONNXRUNTIME_VERSION` when the report has none.
+:data:`DOCKER_ARGS` has exactly this value (after expanding the ARGs it names), so bundles and images cannot
+drift apart. A bundle pins the onnxruntime version recorded in the run's report.json (the version the artifacts were
+made and checked with) and falls back to :data:`ONNXRUNTIME_VERSION` when the report has none.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ DOCKER_ARGS: Dict[str, str] = {
     "ONNXRUNTIME_VERSION": ONNXRUNTIME_VERSION,
     "LITERT_VERSION": LITERT_VERSION,
     "DEBIAN_SUITE": DEBIAN_SUITE,
+    "PYTHON_BASE": RUNTIME_BASE_IMAGE,  # the Dockerfile spells it with ${PYTHON_VERSION} and ${DEBIAN_SUITE}
+    "BUILD_BASE": RUNTIME_BASE_IMAGE,
     "L4T_BASE": L4T_BASE_IMAGE,
 }
 
