@@ -35,6 +35,9 @@ NumCalib = Annotated[int, BeforeValidator(_number), Field(ge=1, le=MAX_IMAGES,
                                                           description="calibration images for int8")]
 Opset = Annotated[int, BeforeValidator(_number), Field(ge=7, le=30, description="ONNX opset of the export")]
 Calibration = Literal["auto", "minmax", "entropy", "percentile"]
+# ONNX int8 has two more (edgekit.export.onnx_int8.CALIBRATIONS): mse and mean-minmax. TensorRT's symmetric
+# activations keep ORT's three.
+OnnxCalibration = Literal["auto", "minmax", "entropy", "percentile", "mse", "mean-minmax"]
 
 
 def _real(v: Any) -> Any:
@@ -58,7 +61,7 @@ class OnnxOptions(Options):
     """``onnx``: the export's opset and ONNX Runtime's static int8 quantization (int8 options apply to int8)."""
 
     opset: Opset = DEFAULT_OPSET
-    calibration: Calibration = Field("auto", description="auto: best of minmax/percentile x op scopes by "
+    calibration: OnnxCalibration = Field("auto", description="auto: best of minmax/percentile/mse x op scopes by "
                                                          "logits SQNR on the calibration split, then that one "
                                                          "with cross-layer equalization and/or bias correction")
     equalize: Optional[StrictBool] = Field(

@@ -208,7 +208,7 @@ BAD_OPTIONS = [  # (format, precision, options as YAML lines, line of the key, m
     ("onnx", "int8", "per_channel: 'yes'", 5, "per_channel must be true or false, got 'yes'"),
     ("tflite", "int8", "nhwc: 1", 5, "nhwc must be true or false, got 1"),
     ("onnx", "int8", "calibration: magic", 5,
-     "calibration must be 'auto', 'minmax', 'entropy' or 'percentile', got 'magic'"),
+     "calibration must be 'auto', 'minmax', 'entropy', 'percentile', 'mse' or 'mean-minmax', got 'magic'"),
     ("onnx", "int8", "search: fast", 5, "search must be 'latency' or 'none', got 'fast'"),
     ("onnx", "int8", "num_calib: '64'", 5, "num_calib must be an integer from 1 to 100000, got '64'"),
     ("onnx", "int8", "num_calib: true", 5, "num_calib must be an integer from 1 to 100000, got True"),

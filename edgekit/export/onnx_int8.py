@@ -42,7 +42,7 @@ class OrtQuantConfig:
     activation_type: str = "uint8"  # uint8 | int8
     weight_type: str = "int8"
     per_channel: bool = True
-    calibration: str = "minmax"  # minmax | entropy | percentile
+    calibration: str = "minmax"  # one of CALIBRATIONS
     quant_format: str = "qdq"  # qdq | qoperator
     preprocess: bool = True
     reduce_range: bool = False
@@ -171,6 +171,13 @@ def memoised_weight_params():
         qq.compute_data_quant_params = original
 
 
+# Activation range methods. ORT's own: minmax (the extremes over every image), entropy (KL divergence on a
+# histogram), percentile (99.999th). edgekit's: mse (per tensor the range of least expected squared error on the
+# histogram, ort_calibration.mse_range) and mean-minmax (the mean over images of each image's extremes: ORT's
+# MinMax with CalibMovingAverage, which smooths the range against the one outlier image).
+CALIBRATIONS = ("minmax", "entropy", "percentile", "mse", "mean-minmax")
+
+
 def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray,
                   cfg: OrtQuantConfig = OrtQuantConfig()) -> Path:
     """Quantize ``fp32_path`` into ``out_path`` with calibration inputs ``calib`` (float32 NCHW)."""
@@ -180,7 +187,8 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray
         raise EdgekitError("Calibration needs at least one input; the calibration split is empty")
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+               "percentile": CalibrationMethod.Percentile, "mse": CalibrationMethod.Percentile,
+               "mean-minmax": CalibrationMethod.MinMax}
     for key, table in (("activation_type", types), ("weight_type", types), ("calibration", methods)):
         if getattr(cfg, key) not in table:
             raise EdgekitError(f"quantize: {key} must be one of {', '.join(table)}, not {getattr(cfg, key)!r}")
@@ -215,7 +223,8 @@ def _quantize(fp32_path, out_path: Path, calib: np.ndarray, cfg: OrtQuantConfig,
         outputs = {o.name for o in graph.output}
         exclude = [n.name for n in graph.node if set(n.output) & outputs] if cfg.fp32_output_layer else []
         exclude += [n for n in cfg.nodes_to_exclude if n not in exclude]
-        extra = {"ActivationSymmetric": False, "WeightSymmetric": True, **cfg.extra_options}
+        extra = {"ActivationSymmetric": False, "WeightSymmetric": True,
+                 **({"CalibMovingAverage": True} if cfg.calibration == "mean-minmax" else {}), **cfg.extra_options}
         per_channel = cfg.per_channel
         if per_channel and cfg.per_channel_grouped_only:
             per_channel = False  # ... and per-channel overrides (axis 0) for the grouped convs' weights
@@ -224,7 +233,7 @@ def _quantize(fp32_path, out_path: Path, calib: np.ndarray, cfg: OrtQuantConfig,
                        and next((a.i for a in n.attribute if a.name == "group"), 1) > 1}
             extra["TensorQuantOverrides"] = {**grouped, **extra.get("TensorQuantOverrides", {})}
         tmp_out = Path(tmp) / "q.onnx"
-        with memoised_weight_params(), streamed_calibration():
+        with memoised_weight_params(), streamed_calibration("mse" if cfg.calibration == "mse" else None):
             quantize_static(
                 str(src), str(tmp_out), _Reader(input_name, calib),
                 quant_format=QuantFormat.QDQ if cfg.quant_format == "qdq" else QuantFormat.QOperator,
