@@ -233,7 +233,8 @@ def _quantize(fp32_path, out_path: Path, calib: np.ndarray, cfg: OrtQuantConfig,
                        and next((a.i for a in n.attribute if a.name == "group"), 1) > 1}
             extra["TensorQuantOverrides"] = {**grouped, **extra.get("TensorQuantOverrides", {})}
         tmp_out = Path(tmp) / "q.onnx"
-        with memoised_weight_params(), streamed_calibration("mse" if cfg.calibration == "mse" else None):
+        with memoised_weight_params(), streamed_calibration(
+                cfg.calibration if cfg.calibration in ("mse", "entropy") else None):
             quantize_static(
                 str(src), str(tmp_out), _Reader(input_name, calib),
                 quant_format=QuantFormat.QDQ if cfg.quant_format == "qdq" else QuantFormat.QOperator,
