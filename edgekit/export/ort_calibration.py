@@ -39,10 +39,6 @@ import numpy as np
 
 _RANGES: Dict[Any, Any] = {}  # (model, op types, method, options, inputs) -> TensorsData
 _RANGES_MAX = 32
-# ORT's Entropy calibrator defaults to 128 histogram bins and 128 quantized bins, which leaves its KL search one
-# candidate threshold, the whole range: its ranges are then MinMax's (measured: identical models on
-# EfficientNet-Lite0/1/2). 2048 bins, TensorRT's histogram size, give it 961 thresholds to choose from.
-ENTROPY_BINS = 2048
 
 
 class _Fallback(Exception):
@@ -54,8 +50,7 @@ def streamed_calibration(method: Optional[str] = None):
     """Within it, ``quantize_static`` calibrates in bounded memory and reuses ranges it computed before.
 
     ``method="mse"``: ``quantize_static`` must be called with the Percentile method (whose calibrator exposes the
-    raw tensors); the ranges are :func:`mse_range`'s instead. ``method="entropy"``: ORT's Entropy calibrator with
-    :data:`ENTROPY_BINS` histogram bins. Neither can be turned off by the variable.
+    raw tensors); the ranges are :func:`mse_range`'s instead. That one cannot be turned off by the variable.
     """
     try:
         qz = importlib.import_module("onnxruntime.quantization.quantize")
@@ -63,8 +58,8 @@ def streamed_calibration(method: Optional[str] = None):
         yield
         return
     original = getattr(qz, "create_calibrator", None)
-    if method is not None and original is None:  # pragma: no cover - every supported ORT has it
-        raise RuntimeError(f"this onnxruntime has no create_calibrator for edgekit's {method} calibration")
+    if method == "mse" and original is None:  # pragma: no cover - every supported ORT has it
+        raise RuntimeError("this onnxruntime has no create_calibrator for edgekit's mse calibration to replace")
     if original is None or (os.environ.get("EDGEKIT_ORT_STREAMED_CALIBRATION") == "0" and method is None):
         yield
         return
@@ -73,10 +68,7 @@ def streamed_calibration(method: Optional[str] = None):
     def create(*args, **kwargs):
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        if method == "entropy":
-            arguments["extra_options"] = {"num_bins": ENTROPY_BINS, **(arguments.get("extra_options") or {})}
-        return _Calibrator(lambda: original(**arguments), arguments, method)
+        return _Calibrator(lambda: original(*args, **kwargs), dict(bound.arguments), method)
 
     qz.create_calibrator = create
     try:

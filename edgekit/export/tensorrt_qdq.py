@@ -284,8 +284,7 @@ def _quantize_trt(fp32_path: str | Path, out_path: Path, calib: np.ndarray, cali
         logging.disable(logging.WARNING)  # ORT's quantizer warns per tensor on the root logger
         try:
             # calibrators print; ORT's histograms are built in bounded memory (ort_calibration.py)
-            with contextlib.redirect_stdout(io.StringIO()), memoised_weight_params(), streamed_calibration(
-                    "entropy" if calibration == "entropy" else None):
+            with contextlib.redirect_stdout(io.StringIO()), memoised_weight_params(), streamed_calibration():
                 quantize_static(str(fp32_path), str(tmp_out), _Reader(src.graph.input[0].name, calib),
                                 quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                                 weight_type=QuantType.QInt8, per_channel=True, reduce_range=False,
