@@ -17,7 +17,7 @@ from edgekit.errors import EdgekitError
 from edgekit.evaluate import sqnr_db
 from edgekit.export.onnx import export_onnx
 from edgekit.export.onnx_int8 import OrtQuantConfig, candidate_key, quantize_onnx
-from edgekit.export.ptq import QUANT_SUFFIX, adaround
+from edgekit.export.ptq import QUANT_SUFFIX, adaround, correct_bias
 from edgekit.runtime import load_runner
 
 
@@ -89,18 +89,22 @@ def test_adaround_beats_nearest_rounding_within_one_step(tmp_path):
 
 
 def test_adaround_flag_runs_before_bias_correction_and_is_labelled(tmp_path):
+    """``OrtQuantConfig.adaround`` is AdaRound on ORT's output, then bias correction on the learned weights."""
     fp32 = export_onnx(_hard_to_round(), tmp_path / "fp32.onnx", (1, 3, 16, 16))
-    calib, held_out = _data(16, 0), _data(32, 1)
-    cfg = OrtQuantConfig(adaround=True, bias_correction=True)  # per-channel, pre-processed: edgekit's defaults
+    calib = _data(16, 0)
+    cfg = OrtQuantConfig(preprocess=False, adaround=True, bias_correction=True)  # per-channel
     assert cfg.label().endswith(" +AdaRound +bias-correction") and candidate_key(cfg) == "minmax +AdaRound " \
                                                                                          "+bias-correction"
     assert "AdaRound" not in OrtQuantConfig().label()
     q = quantize_onnx(fp32, tmp_path / "q.onnx", calib, cfg)
-    plain = quantize_onnx(fp32, tmp_path / "plain.onnx", calib, OrtQuantConfig(bias_correction=True))
-    ref = _logits(fp32, held_out)
-    assert sqnr_db(ref, _logits(q, held_out)) > sqnr_db(ref, _logits(plain, held_out))
+    by_hand = quantize_onnx(fp32, tmp_path / "hand.onnx", calib, replace(cfg, adaround=False, bias_correction=False))
+    adaround(fp32, by_hand, calib)
+    correct_bias(fp32, by_hand, calib)
+    want = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "hand.onnx")).graph.initializer}
+    got = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(q)).graph.initializer}
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
     with pytest.raises(EdgekitError, match="AdaRound needs at least one calibration input"):
-        adaround(fp32, plain, calib[:0], out_path=tmp_path / "none.onnx")
+        adaround(fp32, q, calib[:0], out_path=tmp_path / "none.onnx")
 
 
 def test_conv_samples_are_crops_of_the_padded_input(tmp_path):
