@@ -150,3 +150,38 @@ def test_auto_tries_adaround_once_on_the_best_candidate(tmp_path):
     _, pinned, d2 = quantize_onnx_auto(fp32, tmp_path / "off.onnx", calib, replace(cfg, adaround=True),
                                        candidates=("minmax",), scopes=(None,))
     assert not pinned.adaround and list(d2["calibration_sqnr_db"]) == ["minmax"]  # False: not even tried
+
+
+def test_adaround_needs_the_qdq_format(tmp_path):
+    fp32 = export_onnx(_hard_to_round(), tmp_path / "fp32.onnx", (1, 3, 16, 16))
+    with pytest.raises(EdgekitError, match="^adaround learns the int8 weights of the QDQ graph: use quant_format qdq$"):
+        quantize_onnx(fp32, tmp_path / "q.onnx", _data(4, 0), OrtQuantConfig(quant_format="qoperator", adaround=True))
+
+
+class _Task:
+    """Only what the onnx exporter asks of a task: calibration inputs."""
+
+    def arrays(self, split, limit=None):
+        x = _data(16, 3)
+        return x[:limit], np.zeros(len(x[:limit]), np.int64)
+
+
+def test_onnx_option_is_off_by_default_null_lets_auto_try_it_true_pins_it(tmp_path):
+    from edgekit.config import load_device
+    from edgekit.export import ExportContext, export
+
+    model, device = _hard_to_round(), load_device("jetson-orin-nano")  # not this machine: no latency search
+    runs = {}
+    for name, options in (("default", {"calibration": "auto", "equalize": False, "bias_correction": False}),
+                          ("null", {"calibration": "auto", "equalize": False, "bias_correction": False,
+                                    "adaround": None}),
+                          ("named", {"calibration": "minmax", "adaround": True})):
+        ctx = ExportContext(tmp_path, _Task(), device, (1, 3, 16, 16), name=name)
+        export("onnx", model, "int8", options, ctx)
+        runs[name] = ctx.info["quantization"]
+    assert runs["default"]["adaround"] is False and not any("AdaRound" in k for k in
+                                                            runs["default"]["calibration_sqnr_db"])
+    tried = [k for k in runs["null"]["calibration_sqnr_db"] if "AdaRound" in k]
+    assert len(tried) == 1 and runs["null"]["adaround"] == (runs["null"]["calibration_sqnr_db"][tried[0]] == max(
+        runs["null"]["calibration_sqnr_db"].values()))
+    assert runs["named"]["adaround"] is True and runs["named"]["config"].endswith("minmax +AdaRound")

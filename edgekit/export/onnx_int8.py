@@ -188,6 +188,8 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray
     for key, table in (("activation_type", types), ("weight_type", types), ("calibration", methods)):
         if getattr(cfg, key) not in table:
             raise EdgekitError(f"quantize: {key} must be one of {', '.join(table)}, not {getattr(cfg, key)!r}")
+    if cfg.adaround and cfg.quant_format != "qdq":
+        raise EdgekitError("adaround learns the int8 weights of the QDQ graph: use quant_format qdq")
     out_path = Path(out_path)
     logging.disable(logging.WARNING)  # ORT's quantizer logs per-tensor warnings on the root logger
     try:
