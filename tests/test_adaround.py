@@ -185,3 +185,24 @@ def test_onnx_option_is_off_by_default_null_lets_auto_try_it_true_pins_it(tmp_pa
     assert len(tried) == 1 and runs["null"]["adaround"] == (runs["null"]["calibration_sqnr_db"][tried[0]] == max(
         runs["null"]["calibration_sqnr_db"].values()))
     assert runs["named"]["adaround"] is True and runs["named"]["config"].endswith("minmax +AdaRound")
+
+
+def test_latency_search_times_layouts_without_adaround_and_gives_it_to_the_chosen_one(tmp_path):
+    """Layouts are quantized without AdaRound (the integers do not change the speed); a faster eligible layout that
+    wins is quantized once more with it."""
+    from edgekit.export.onnx_int8 import quantize_onnx_auto
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", (1, 3, 16, 16))
+    calib = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32)
+
+    def timer(runs_by_name, x, warmup=10, rounds=100, description="", raw=False):  # no-preprocess: 2x faster
+        return {k: {"p50": 0.5 if "no-preprocess" in k else 1.0, "times": [0.5 if "no-preprocess" in k else 1.0] * 5}
+                for k in runs_by_name}
+    _, cfg, details = quantize_onnx_auto(fp32, tmp_path / "q.onnx", calib, OrtQuantConfig(), candidates=("minmax",),
+                                         scopes=(None,), latency_threads=1, rounds=5, timer=timer, adaround=True)
+    rows = details["search"]
+    assert [r["config"] for r in rows if "AdaRound" in r["config"]] == [rows[0]["config"]]  # only the candidate
+    assert cfg.adaround and not cfg.preprocess and details["search_decision"].endswith("; then AdaRound on it")
