@@ -195,8 +195,8 @@ def test_cli_bad_number_exits_2_with_one_stderr_line(tmp_path, flag, name, text,
 
 # ----------------------------------------------------------------------------- variant options: schemas per format
 
-ONNX_KNOWN = ("activation_type, bias_correction, calibration, equalize, max_drop_pp, min_agreement, num_calib, "
-              "op_types, opset, per_channel, quant_format, reduce_range, search, weight_type")
+ONNX_KNOWN = ("activation_type, adaround, bias_correction, calibration, equalize, max_drop_pp, min_agreement, "
+              "num_calib, op_types, opset, per_channel, quant_format, reduce_range, search, weight_type")
 BAD_OPTIONS = [  # (format, precision, options as YAML lines, line of the key, message after the location)
     ("onnx", "int8", "num_calb: 64", 5,
      f"Unknown onnx option 'num_calb'. Did you mean: num_calib? Known onnx options: {ONNX_KNOWN}"),

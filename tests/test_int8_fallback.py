@@ -8,6 +8,7 @@ activation ranges crush the other channels into a few int8 steps.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +269,26 @@ def test_fallback_runs_after_cle_and_bias_correction(tmp_path):
     q = ctx.info["quantization"]
     assert q["fallback"]["met_at_step"] >= 1 and {"/2/Conv", "/4/Conv"} <= _float_convs(out)
     assert q["config"].endswith("+bias-correction +2 nodes fp32") and q["bias_correction"] is True
+
+
+def test_fallback_under_adaround_searches_without_it_and_ships_with_it(tmp_path):
+    """AdaRound costs minutes on a real model: ranking and steps re-quantize without it, the shipped step with it."""
+    from edgekit.export.ptq import QUANT_SUFFIX
+
+    model = _hard()
+    task = _task(model, labelled=False)
+    ctx = _ctx(tmp_path, task, device="rpi4")
+    out = export_variant(model, "int8", _options(min_agreement=0.97, adaround=True), ctx)
+    q = ctx.info["quantization"]
+    assert q["fallback"]["met_at_step"] >= 1 and {"/2/Conv", "/4/Conv"} <= _float_convs(out)
+    assert q["config"].endswith("+AdaRound +2 nodes fp32") and q["adaround"] is True
+    cfg = OrtQuantConfig(**{k: q[k] for k in OrtQuantConfig.__dataclass_fields__ if k in q})
+    x = task.arrays("calib", limit=N)[0]
+    plain = quantize_onnx(tmp_path / "model.int8.fp32-src.onnx", tmp_path / "plain.onnx", x,
+                          replace(cfg, adaround=False))
+
+    def weights(path):
+        return {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
+                if i.name.endswith(QUANT_SUFFIX) and i.data_type == onnx.TensorProto.INT8}
+    shipped, nearest = weights(out), weights(plain)
+    assert shipped.keys() == nearest.keys() and any((shipped[k] != nearest[k]).any() for k in shipped)

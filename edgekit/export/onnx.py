@@ -144,6 +144,7 @@ def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) 
         op_types=options.op_types,
         equalize=bool(options.equalize),
         bias_correction=bool(options.bias_correction),
+        adaround=bool(options.adaround),
     )
     calib, _ = ctx.task.arrays("calib", limit=options.num_calib)
     # search: latency (default where the device is this machine) times the int8 layouts here and keeps the
@@ -163,9 +164,11 @@ def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) 
                                                scopes=AUTO_SCOPES if auto else (None,),
                                                latency_threads=ctx.device.resolved_threads()
                                                if search == "latency" else None, timer=ctx.timer,
-                                               # None: auto tries CLE / bias correction as extra candidates
+                                               # None: auto tries CLE / bias correction (/ AdaRound) as extra
+                                               # candidates
                                                equalize=options.equalize if auto else cfg.equalize,
-                                               bias_correction=options.bias_correction if auto else cfg.bias_correction)
+                                               bias_correction=options.bias_correction if auto else cfg.bias_correction,
+                                               adaround=options.adaround if auto else cfg.adaround)
     else:
         out = quantize_onnx(fp32, ctx.path(".onnx"), calib, cfg)
     ctx.info["quantization"] = {"tool": "onnxruntime.quantization.quantize_static", "config": cfg.label(),

@@ -59,6 +59,9 @@ class OrtQuantConfig:
     # calibration, and empirical bias correction of the quantized convs after it.
     equalize: bool = False
     bias_correction: bool = False
+    # AdaRound (edgekit.export.ptq.adaround): the int8 weights' rounding learned per layer on the calibration
+    # split, after calibration and before bias correction. Costs minutes on a 224 px model.
+    adaround: bool = False
     extra_options: dict = field(default_factory=dict)
 
     def label(self) -> str:
@@ -73,7 +76,8 @@ class OrtQuantConfig:
 
 
 def ptq_label(cfg: OrtQuantConfig) -> str:
-    return (" +CLE" if cfg.equalize else "") + (" +bias-correction" if cfg.bias_correction else "")
+    return (" +CLE" if cfg.equalize else "") + (" +AdaRound" if cfg.adaround else "") \
+        + (" +bias-correction" if cfg.bias_correction else "")
 
 
 # Quantize only the layers that carry the compute (their inputs and outputs get Q/DQ); element-wise ops
@@ -194,6 +198,8 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray
     for key, table in (("activation_type", types), ("weight_type", types), ("calibration", methods)):
         if getattr(cfg, key) not in table:
             raise EdgekitError(f"quantize: {key} must be one of {', '.join(table)}, not {getattr(cfg, key)!r}")
+    if cfg.adaround and cfg.quant_format != "qdq":
+        raise EdgekitError("adaround learns the int8 weights of the QDQ graph: use quant_format qdq")
     out_path = Path(out_path)
     logging.disable(logging.WARNING)  # ORT's quantizer logs per-tensor warnings on the root logger
     try:
@@ -243,6 +249,10 @@ def _quantize(fp32_path, out_path: Path, calib: np.ndarray, cfg: OrtQuantConfig,
                 per_channel=per_channel, reduce_range=cfg.reduce_range, calibrate_method=methods[cfg.calibration],
                 op_types_to_quantize=cfg.op_types, nodes_to_exclude=exclude, extra_options=extra,
             )
+        if cfg.adaround:  # on ORT's weights and scales; bias correction then corrects the learned weights
+            from .ptq import adaround
+
+            adaround(src, tmp_out, calib)
         if cfg.bias_correction:
             from .ptq import correct_bias
 
@@ -275,7 +285,8 @@ SEARCH_NEEDS_TIMER = "no timer was given to time the int8 layouts with (ExportCo
 def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, cfg: OrtQuantConfig,
                        candidates=AUTO_CANDIDATES, scopes=AUTO_SCOPES, latency_threads: Optional[int] = None,
                        rounds: int = 100, timer: Optional[Timer] = None, equalize: Optional[bool] = False,
-                       bias_correction: Optional[bool] = False) -> tuple[Path, OrtQuantConfig, dict]:
+                       bias_correction: Optional[bool] = False,
+                       adaround: Optional[bool] = False) -> tuple[Path, OrtQuantConfig, dict]:
     """Quantize with each calibration method and op scope; keep the one whose logits are closest to fp32.
 
     Closeness is the SQNR of the logits on the calibration split (never the eval
@@ -295,6 +306,8 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
     ``equalize`` / ``bias_correction`` (``edgekit.export.ptq``): True or False pins them for every candidate;
     None tries them as one extra family on the best method and scope only (not a product with them): that
     candidate + bias correction, + CLE, + both, kept only when their SQNR is higher.
+    ``adaround`` (minutes per candidate on a 224 px model, so never a product either): True or None quantizes the
+    best candidate once more with AdaRound, kept always (True) or only when its SQNR is higher (None).
     Returns the path, the config used and ``{"calibration_sqnr_db": ..., "search": [...]}``.
     """
     from dataclasses import replace
@@ -311,7 +324,7 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
     ref = logits(Path(fp32_path))
     scopes = (cfg.op_types,) if cfg.op_types else scopes
     scores, tried, failed = {}, [], {}  # tried: (cfg, path, sqnr, agreement)
-    base = replace(cfg, equalize=bool(equalize), bias_correction=bool(bias_correction))
+    base = replace(cfg, equalize=bool(equalize), bias_correction=bool(bias_correction), adaround=False)
     with tempfile.TemporaryDirectory(prefix="edgekit-qa-") as tmp:
         def attempt(c: OrtQuantConfig) -> None:
             key = candidate_key(c)
@@ -337,10 +350,14 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
                      else ((True, base.bias_correction),) if equalize is None
                      else ((base.equalize, True),) if bias_correction is None else ()):
             attempt(replace(best[0], equalize=e, bias_correction=b))
-        ptq_seconds = time.perf_counter() - started
         best = max(tried, key=lambda t: t[2])  # the first of equals: the plainer candidate
+        if adaround is not False:
+            attempt(replace(best[0], adaround=True))
+            if tried[-1][0].adaround and (adaround or tried[-1][2] > best[2]):
+                best = tried[-1]
+        ptq_seconds = time.perf_counter() - started
         details: dict = {"calibration_sqnr_db": scores, **({"failed": failed} if failed else {})}
-        if equalize is None or bias_correction is None:
+        if equalize is None or bias_correction is None or adaround is not False:
             details["ptq_search_seconds"] = round(ptq_seconds, 2)
         if latency_threads and timer is None:
             details["search_skipped"] = SEARCH_NEEDS_TIMER
@@ -376,8 +393,9 @@ def _fastest_layout(fp32_path, tmp: Path, calib, quantized: list, ref, logits, t
 
     best = quantized[0]
     cands = list(quantized)
-    layouts = [replace(best[0], activation_type=act, per_channel=pc, per_channel_grouped_only=grouped, preprocess=pre)
-               for act, pc, grouped, pre in LAYOUT_CANDIDATES]
+    # Without AdaRound (minutes each; the integers do not change the speed): the chosen layout gets it at the end.
+    layouts = [replace(best[0], activation_type=act, per_channel=pc, per_channel_grouped_only=grouped, preprocess=pre,
+                       adaround=False) for act, pc, grouped, pre in LAYOUT_CANDIDATES]
     # ... and ORT's own defaults, so edgekit never ships an int8 slower than plain quantize_static when that is
     # accurate enough.
     layouts.append(replace(ORT_DEFAULT, calibration=best[0].calibration))
@@ -415,6 +433,11 @@ def _fastest_layout(fp32_path, tmp: Path, calib, quantized: list, ref, logits, t
         if c is chosen:
             row["decision"] = decision
         table.append(row)
+    if best[0].adaround and not chosen[0].adaround:
+        c = replace(chosen[0], adaround=True)
+        p = quantize_onnx(fp32_path, tmp / "chosen-adaround.onnx", calib, c)
+        out = logits(p)
+        chosen, decision = (c, p, round(sqnr_db(ref, out), 2), agreement(ref, out)), decision + "; then AdaRound on it"
     return chosen, table, decision
 
 
