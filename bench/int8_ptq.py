@@ -35,7 +35,7 @@ from edgekit.data import load_task
 from edgekit.evaluate import agreement, sqnr_db
 from edgekit.export.onnx import device_quant_config, export_onnx
 from edgekit.export.onnx_int8 import candidate_key, quantize_onnx, quantize_onnx_auto
-from edgekit.export import ptq
+from edgekit.export import adaround as adaround_module
 from edgekit.export.ptq import equalize
 from edgekit.runtime import load_runner
 
@@ -71,13 +71,13 @@ def bench_model(name: str, epochs: float, base, work: Path) -> dict:
     relu6["fp32_sqnr_db"] = round(sqnr_db(ref, _logits(work / "cle-relu6.onnx", x)), 2)
     rows = []
     adarounds: list = []  # what each AdaRound call inside quantize_onnx reported
-    learn = ptq.adaround
+    learn = adaround_module.adaround
 
     def recorded(*args, **kwargs):
         adarounds.append(learn(*args, **kwargs))
         return adarounds[-1]
 
-    ptq.adaround = recorded
+    adaround_module.adaround = recorded
     try:
         for method in ("minmax", "percentile"):
             for eq, bc, ada in ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
@@ -97,7 +97,7 @@ def bench_model(name: str, epochs: float, base, work: Path) -> dict:
         _, chosen, details = quantize_onnx_auto(fp32, work / "auto.onnx", calib, base, equalize=None,
                                                 bias_correction=None, adaround=None)
     finally:
-        ptq.adaround = learn
+        adaround_module.adaround = learn
     auto_s = time.perf_counter() - t0
     return {"model": name, "calib_images": len(calib), "eval_images": len(x), "input": list(calib.shape[1:]),
             "cle": cle, "cle_relu6_to_relu": relu6,

@@ -17,7 +17,8 @@ from edgekit.errors import EdgekitError
 from edgekit.evaluate import sqnr_db
 from edgekit.export.onnx import export_onnx
 from edgekit.export.onnx_int8 import OrtQuantConfig, candidate_key, quantize_onnx
-from edgekit.export.ptq import QUANT_SUFFIX, adaround, correct_bias
+from edgekit.export.adaround import adaround
+from edgekit.export.ptq import QUANT_SUFFIX, correct_bias
 from edgekit.runtime import load_runner
 
 
@@ -111,7 +112,8 @@ def test_conv_samples_are_crops_of_the_padded_input(tmp_path):
     """The sampled crops (stride 2, dilation 2, asymmetric pads) give exactly the conv's outputs somewhere."""
     from onnx import TensorProto, helper
 
-    from edgekit.export.ptq import _Graph, _layer_fn, _rounding_jobs, _Sampler
+    from edgekit.export.adaround import _layer_fn, _rounding_jobs, _Sampler
+    from edgekit.export.ptq import _Graph
 
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(6, 4, 3, 3)).astype(np.float32), rng.normal(size=6).astype(np.float32)

@@ -59,7 +59,7 @@ class OrtQuantConfig:
     # calibration, and empirical bias correction of the quantized convs after it.
     equalize: bool = False
     bias_correction: bool = False
-    # AdaRound (edgekit.export.ptq.adaround): the int8 weights' rounding learned per layer on the calibration
+    # AdaRound (edgekit.export.adaround.adaround): the int8 weights' rounding learned per layer on the calibration
     # split, after calibration and before bias correction. Costs minutes on a 224 px model.
     adaround: bool = False
     extra_options: dict = field(default_factory=dict)
@@ -250,7 +250,7 @@ def _quantize(fp32_path, out_path: Path, calib: np.ndarray, cfg: OrtQuantConfig,
                 op_types_to_quantize=cfg.op_types, nodes_to_exclude=exclude, extra_options=extra,
             )
         if cfg.adaround:  # on ORT's weights and scales; bias correction then corrects the learned weights
-            from .ptq import adaround
+            from .adaround import adaround
 
             adaround(src, tmp_out, calib)
         if cfg.bias_correction:
