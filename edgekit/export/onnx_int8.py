@@ -175,12 +175,12 @@ def memoised_weight_params():
         qq.compute_data_quant_params = original
 
 
-# Activation range methods. ORT's own: minmax (the extremes over every image), entropy (KL divergence on a
-# histogram; at ORT's defaults, 128 bins and 128 quantized bins, its search has one threshold, the whole range, so
-# it gave MinMax's SQNR and agreement exactly on EfficientNet-Lite0/1/2; with TensorRT's 2048 bins it clipped them to
-# 1.3 dB logits SQNR, so ORT's defaults are kept), percentile (99.999th). edgekit's: mse (per tensor the range of least expected squared error on the
-# histogram, ort_calibration.mse_range) and mean-minmax (the mean over images of each image's extremes: ORT's
-# MinMax with CalibMovingAverage, which smooths the range against the one outlier image).
+# Activation range methods. ORT's own: minmax (the extremes over every image), entropy (KL divergence on a histogram;
+# at ORT's defaults, 128 bins and 128 quantized bins, its search has one threshold, the whole range, so it gave
+# MinMax's SQNR and agreement exactly on EfficientNet-Lite0/1/2; with TensorRT's 2048 bins it clipped them to 1.2-1.5
+# dB logits SQNR, so ORT's defaults are kept), percentile (99.999th). edgekit's: mse (per tensor the range of least
+# expected squared error on the histogram, ort_calibration.mse_range) and mean-minmax (the mean over images of each
+# image's extremes: ORT's MinMax with CalibMovingAverage, which smooths the range against the one outlier image).
 CALIBRATIONS = ("minmax", "entropy", "percentile", "mse", "mean-minmax")
 
 
