@@ -24,13 +24,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from edgekit.config import Recipe, TrainSpec, load_device
 from edgekit.data import load_task
-from edgekit.evaluate import agreement, sqnr_db, top1, topk_overlap
+from edgekit.evaluate import agreement, predict_arrays, sqnr_db, top1, topk_overlap
 from edgekit.export.onnx import device_quant_config, export_onnx
 from edgekit.export.onnx_int8 import AUTO_CANDIDATES, CALIBRATIONS, CONV_ONLY, candidate_key, quantize_onnx
 from edgekit.runtime import load_runner
@@ -40,8 +39,7 @@ SCOPES = {"all": None, "conv-only": CONV_ONLY}
 
 
 def _logits(path, x):
-    run = load_runner("onnxruntime", path, threads=1).run
-    return np.concatenate([run(x[i:i + 1]) for i in range(len(x))])
+    return predict_arrays(load_runner("onnxruntime", path, threads=1).run, x, batch_size=1)
 
 
 def _model_and_task(name: str, epochs: float, input_size: int):

@@ -15,7 +15,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..errors import EdgekitError
-from .ptq import QUANT_SUFFIX, _attr, _clip_bounds, _Graph
+from .ptq import QUANT_SUFFIX, _attr, _clip_bounds, _Graph, tensor_session
 
 # AIMET's constants and defaults (aimet_common.defs.AdaroundConstants; aimet_torch.adaround AdaroundParameters):
 # the rectified sigmoid's stretch, the regulariser's weight lambda, its beta annealed 20 -> 2 (cosine) after a
@@ -127,21 +127,6 @@ def _rounding_jobs(fp: _Graph, q: _Graph) -> List[_Rounding]:
                 continue
         jobs.append(_Rounding(node, qname, w, bias, scale, zp, qv, _activation(fp, node)))
     return jobs
-
-
-def _session(model, tensors: List[str]):
-    """An ONNX Runtime session of ``model`` (not optimised, so every tensor exists) that also outputs ``tensors``."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    model = type(model).FromString(model.SerializeToString())
-    have = {o.name for o in model.graph.output}
-    for t in tensors:
-        if t not in have:
-            model.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 class _Sampler:
@@ -324,7 +309,7 @@ def adaround_model(fp32_path: str | Path, qmodel, calib: np.ndarray, iterations:
     pick = np.unique(np.linspace(0, len(calib) - 1, min(images, len(calib))).round().astype(int))
     x = np.ascontiguousarray(calib[pick], dtype=np.float32)
     tensors = sorted({j.input for j in jobs})
-    probe = _session(fp_model, tensors)
+    probe = tensor_session(fp_model, tensors)
     name = probe.get_inputs()[0].name
     shapes = dict(zip(tensors, (o.shape for o in probe.run(tensors, {name: x[:1]}))))
     del probe
@@ -341,7 +326,7 @@ def adaround_model(fp32_path: str | Path, qmodel, calib: np.ndarray, iterations:
     for chunk in chunks:
         t0 = time.perf_counter()
         wanted = sorted({s.job.input for s in chunk})
-        sess = _session(fp_model, wanted)
+        sess = tensor_session(fp_model, wanted)
         for i in range(len(x)):
             outs = dict(zip(wanted, sess.run(wanted, {name: x[i:i + 1]})))
             for s in chunk:

@@ -233,22 +233,30 @@ def _dequantized(graph: _Graph, dq_node) -> Optional[np.ndarray]:
     return (q.astype(np.float64) - zp) * scale
 
 
-def input_means(fp32_path: str | Path, tensors: List[str], calib: np.ndarray) -> Dict[str, np.ndarray]:
-    """Mean over the calibration inputs of each named tensor of the fp32 model (per sample: batch axis dropped),
-    one input at a time."""
-    import onnx
+def tensor_session(model, tensors: List[str], threads: Optional[int] = None):
+    """An ONNX Runtime session of ``model`` (not optimised, so every tensor exists) that also outputs ``tensors``;
+    ``model`` is left as it was."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    model = onnx.load(str(fp32_path))
+    model = type(model).FromString(model.SerializeToString())
     have = {o.name for o in model.graph.output}
     for t in tensors:
         if t not in have:
             model.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def input_means(fp32_path: str | Path, tensors: List[str], calib: np.ndarray) -> Dict[str, np.ndarray]:
+    """Mean over the calibration inputs of each named tensor of the fp32 model (per sample: batch axis dropped),
+    one input at a time."""
+    import onnx
+
+    sess = tensor_session(onnx.load(str(fp32_path)), tensors, threads=1)
     name = sess.get_inputs()[0].name
     sums: Dict[str, np.ndarray] = {}
     for i in range(len(calib)):
