@@ -14,14 +14,15 @@ SHAPE = (1, 3, 32, 32)
 
 
 class Tiny(nn.Module):
-    """Conv-BN-ReLU, a depthwise residual block (Add), a strided conv, pooling, a linear classifier."""
+    """Conv-BN-ReLU, a depthwise residual block (Add), a strided conv with ReLU6, pooling, a linear classifier."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                                 nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
-        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU6())
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x):
@@ -105,6 +106,14 @@ def test_qdq_onnx_and_tflite_reproduce_the_fake_quant_model_within_one_quantum(t
     q_in = next(n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
     s_in = float(onnx.numpy_helper.to_array(inits[q_in.input[1]]))
     assert s_in == pytest.approx(float(qm.graph.activation_post_process_0.scale), rel=1e-6)
+    # conv+ReLU6 is observed after the clip, so ORT drops the Clip and every conv runs as an int8 kernel
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 4 and "Conv" not in ops and "Clip" not in ops, ops
 
     from edgekit.export.qat import convert_qat_tflite
 

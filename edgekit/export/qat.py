@@ -2,9 +2,10 @@
 
 One mechanism serves both formats: the model is ``torch.export``-ed, its BatchNorms folded into the convolutions,
 and torchao's ``prepare_qat_pt2e`` inserts fake quantizers where litert-torch's ``PT2EQuantizer`` annotates (inputs
-and outputs of conv / conv+ReLU / linear / add / mul / cat / pools; not Hardswish or SiLU, which stay float between
-them). Weights: int8 symmetric, per output channel (axis 0) where the device asks for it, 7-bit ([-64, 64], ORT's
-``reduce_range``) where its kernels saturate. Activations: per-tensor affine int8; the ONNX file stores them as
+and outputs of conv / conv+ReLU / linear / add / mul / cat / pools, and conv+ReLU6 as edgekit's
+``tflite.litert_quantizer`` adds it; not Hardswish or SiLU, which stay float between them). Weights: int8
+symmetric, per output channel (axis 0) where the device asks for it, 7-bit ([-64, 64], ORT's ``reduce_range``)
+where its kernels saturate. Activations: per-tensor affine int8; the ONNX file stores them as
 uint8 with the zero point moved by 128 where the device runs U8S8, which is the same arithmetic. Ranges are
 moving averages of what the training batches produce, frozen in eval mode.
 
@@ -137,11 +138,11 @@ def _config(per_channel: bool, reduce_range: bool):
 def prepare_qat(model: nn.Module, input_shape: Tuple[int, ...], *, per_channel: bool = True,
                 reduce_range: bool = False, activation_type: str = "int8", int8_logits: bool = False) -> QatModel:
     """Export ``model`` (eval mode, dynamic batch), fold its BatchNorms, insert the fake quantizers."""
-    from litert_torch.quantize import pt2e_quantizer as pq
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
     from ..zoo import model_stats
+    from .tflite import litert_quantizer
 
     stats = model_stats(model, input_shape)
     model = copy.deepcopy(model).eval()
@@ -156,7 +157,7 @@ def prepare_qat(model: nn.Module, input_shape: Tuple[int, ...], *, per_channel: 
             from exc
     # Folded BatchNorm (frozen statistics, as QAT usually ends anyway): the exports see the same conv weights.
     _fuse_conv_bn_(graph)
-    quantizer = pq.PT2EQuantizer().set_global(_config(per_channel, reduce_range))
+    quantizer = litert_quantizer(_config(per_channel, reduce_range))
     # litert-torch's QAT-only conv+BN annotators fail on torchao 0.18 (they export a function); no BN is left here.
     quantizer.STATIC_QAT_ONLY_OPS = []
     prepared = prepare_qat_pt2e(graph, quantizer)

@@ -6,7 +6,8 @@
   LiteRT equivalent of TFLiteConverter's ``supported_types=[tf.float16]``).
 - int8: PT2E post-training quantization with litert-torch's ``PT2EQuantizer``
   (int8 symmetric per-channel weights, int8 per-tensor affine activations calibrated on
-  the task's calibration split), converted to a full-integer model: int8 kernels throughout
+  the task's calibration split; a ReLU6 after a conv observed after its clip, as a ReLU is: ``litert_quantizer``),
+  converted to a full-integer model: int8 kernels throughout
   and int8 input and output tensors (their scale / zero point are in the model;
   ``edgekit.runtime.litert`` applies them).
 - ``options: {nhwc: true}``: input (and nothing else) is NHWC, as camera pipelines on
@@ -162,6 +163,62 @@ def unshare_dequantize(gm) -> int:
     return added
 
 
+_CONV = ("conv1d.default", "conv2d.default", "convolution.default")
+_RELU6 = "edgekit_conv_relu6"
+
+
+def _annotate_conv_relu6(gm, quantization_config, filter_fn=None):
+    """conv -> ReLU6 as one quantized op whose output is observed *after* the clip, as conv -> ReLU is.
+
+    litert-torch annotates conv+ReLU only; a ReLU6 (``hardtanh(0, 6)``) then shares the conv's observer, which
+    sees the unclipped pre-activation: on EfficientNet-Lite that range is several times 6, so every ReLU6 output
+    keeps a few of its 256 levels. TFLite fuses the clip into the conv (fused RELU6) and ORT drops a Clip whose
+    Quantize range lies inside it, so neither runtime pays for the clip.
+    """
+    from litert_torch.quantize import pt2e_quantizer_utils as pu
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    found = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or str(n.target).removeprefix("aten.") not in ("hardtanh.default",
+                                                                                  "hardtanh_.default"):
+            continue
+        lo = n.args[1] if len(n.args) > 1 else n.kwargs.get("min_val", -1.0)
+        hi = n.args[2] if len(n.args) > 2 else n.kwargs.get("max_val", 1.0)
+        conv = n.args[0]
+        if (float(lo), float(hi)) != (0.0, 6.0) or not isinstance(conv, torch.fx.Node) \
+                or conv.op != "call_function" or str(conv.target).removeprefix("aten.") not in _CONV:
+            continue
+        qspec = {conv.args[0]: pu.get_input_act_qspec(quantization_config),
+                 conv.args[1]: pu.get_weight_qspec(quantization_config)}
+        part = [n, conv, conv.args[1]]
+        bias = conv.args[2] if len(conv.args) > 2 else None
+        if isinstance(bias, torch.fx.Node):
+            qspec[bias] = pu.get_bias_qspec(quantization_config)
+            part.append(bias)
+        if pu._is_annotated(part) or (filter_fn and not all(filter_fn(x) for x in part)):
+            continue
+        conv.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=qspec, _annotated=True)
+        n.meta["quantization_annotation"] = QuantizationAnnotation(
+            output_qspec=pu.get_output_act_qspec(quantization_config), _annotated=True)
+        pu._mark_nodes_as_annotated(part)
+        found.append(part)
+    return found
+
+
+def litert_quantizer(config):
+    """litert-torch's ``PT2EQuantizer`` with ``config`` global, and conv+ReLU6 annotated like conv+ReLU."""
+    from litert_torch.quantize import pt2e_quantizer as pq
+    from litert_torch.quantize import pt2e_quantizer_utils as pu
+
+    pu.OP_TO_ANNOTATOR.setdefault(_RELU6, _annotate_conv_relu6)
+    quantizer = pq.PT2EQuantizer().set_global(config)
+    ops = list(quantizer.STATIC_OPS)
+    ops.insert(ops.index("conv_relu") + 1, _RELU6)  # before plain "conv" claims the conv
+    quantizer.STATIC_OPS = ops
+    return quantizer
+
+
 @contextlib.contextmanager
 def _without_qat_conv_bn_fold():
     """``convert_pt2e`` without torchao's QAT conv-BN folding pass, for graphs made by ``prepare_pt2e``.
@@ -206,8 +263,8 @@ def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], cal
     module, sample = _prepare(model, input_shape, nhwc)
 
     def attempt(shared_cat_scales: bool):
-        quantizer = pq.PT2EQuantizer().set_global(
-            pq.get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=False))
+        quantizer = litert_quantizer(pq.get_symmetric_quantization_config(is_per_channel=per_channel,
+                                                                           is_dynamic=False))
         graph = torch.export.export(module, (sample,)).module()
         if shared_cat_scales:
             mark_cat_sources(graph)
