@@ -2,6 +2,8 @@
 
     python bench/int8_candidates.py --models efficientnet-lite0,efficientnet-lite1,efficientnet-lite2
     python bench/int8_candidates.py --models efficientnetv2-b0,mobilenetv3-large --scopes all,conv-only
+    python bench/int8_candidates.py --models efficientnet-lite2 --methods percentile,mse --bias-correction on \
+        --aids none,cle,adaround,cle+adaround
 
 Methods: ORT's minmax, entropy and percentile, and edgekit's mse (per tensor, the range of least expected squared
 error) and mean-minmax (the mean of each image's extremes). ``efficientnet-lite0/1/2`` are the pretrained
@@ -36,6 +38,17 @@ from edgekit.runtime import load_runner
 
 PRETRAINED = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 SCOPES = {"all": None, "conv-only": CONV_ONLY}
+# Aids on top of a range method, '+'-joined in --aids: cross-layer equalization, AdaRound, per-channel weights on
+# depthwise convs only.
+AIDS = {"cle": "equalize", "adaround": "adaround", "dw-per-channel": "per_channel_grouped_only"}
+
+
+def _key(cfg) -> str:
+    return candidate_key(cfg) + (" dw-per-channel" if cfg.per_channel_grouped_only else "")
+
+
+def _aids(spec: str) -> dict:
+    return {} if spec == "none" else {AIDS[a]: True for a in spec.split("+")}
 
 
 def _logits(path, x):
@@ -65,18 +78,18 @@ def bench_model(name: str, args, base, work: Path) -> dict:
     rows = []
     for method in args.methods:
         for scope in args.scopes:
-            for bc in args.bias_correction:
+            for bc, aids in ((b, a) for b in args.bias_correction for a in args.aids):
                 cfg = replace(base, calibration=method, op_types=list(SCOPES[scope]) if SCOPES[scope] else None,
-                              bias_correction=bc)
+                              bias_correction=bc, **_aids(aids))
                 t0 = time.perf_counter()
                 try:
                     p = quantize_onnx(fp32, work / "q.onnx", calib, cfg)
                 except (ValueError, RuntimeError) as exc:  # an ORT calibrator that cannot handle a tensor
-                    rows.append({"candidate": candidate_key(cfg), "failed": str(exc).splitlines()[0][:120]})
+                    rows.append({"candidate": _key(cfg), "failed": str(exc).splitlines()[0][:120]})
                     continue
                 seconds = time.perf_counter() - t0
                 out = _logits(p, x)
-                row = {"candidate": candidate_key(cfg), "method": method, "bias_correction": bc,
+                row = {"candidate": _key(cfg), "method": method, "bias_correction": bc, "aids": aids,
                        "calib_sqnr_db": round(sqnr_db(cref, _logits(p, calib)), 2),
                        "eval_sqnr_db": round(sqnr_db(ref, out), 2), "eval_agreement": round(agreement(ref, out), 4),
                        "eval_top5_overlap": round(topk_overlap(ref, out) or 0.0, 4), "quantize_s": round(seconds, 1)}
@@ -97,6 +110,8 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(CALIBRATIONS))
     ap.add_argument("--scopes", default="all", help="comma-separated: all, conv-only")
     ap.add_argument("--bias-correction", default="off,on", help="off, on or off,on")
+    ap.add_argument("--aids", default="none", help=f"comma-separated, each none or a '+'-joined set of "
+                    f"{', '.join(AIDS)}")
     ap.add_argument("--epochs", type=float, default=4, help="training epochs of MNIST baselines")
     ap.add_argument("--input-size", type=int, default=64, help="MNIST baselines' input size")
     ap.add_argument("--calib", type=int, default=256, help="calibration images at most (the photos task has 80)")
@@ -106,9 +121,11 @@ def main() -> int:
     args.methods = args.methods.split(",")
     args.scopes = args.scopes.split(",")
     args.bias_correction = [v == "on" for v in args.bias_correction.split(",")]
-    bad = [m for m in args.methods if m not in CALIBRATIONS] + [s for s in args.scopes if s not in SCOPES]
+    args.aids = args.aids.split(",")
+    bad = [m for m in args.methods if m not in CALIBRATIONS] + [s for s in args.scopes if s not in SCOPES] \
+        + [a for spec in args.aids if spec != "none" for a in spec.split("+") if a not in AIDS]
     if bad:
-        ap.error(f"unknown method or scope: {', '.join(bad)}")
+        ap.error(f"unknown method, scope or aid: {', '.join(bad)}")
     base = device_quant_config(load_device(args.device))
     hardware = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}"
     results = []

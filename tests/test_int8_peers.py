@@ -68,10 +68,12 @@ def test_ort_default_and_edgekit_ptq_rows(peers, bench):
 
 def test_nncf_row(peers, bench):
     pytest.importorskip("nncf", reason="nncf is a bench-only extra (pip install -e .[bench]); CI does not install it")
-    made, scores, lat = _check(peers, bench, ("edgekit-ptq", "nncf"))  # edgekit PTQ is made once per bench
-    assert "PERFORMANCE" in made["nncf"].info["config"]
+    made, scores, lat = _check(peers, bench, ("edgekit-ptq", "nncf", "nncf-mixed"))  # edgekit PTQ is made once
+    assert "PERFORMANCE" in made["nncf"].info["config"] and "MIXED" in made["nncf-mixed"].info["config"]
     g = peers.goal_check({k: {"status": "ok", **s} for k, s in scores.items()}, lat, labelled=True)
     assert set(g["rows"]) == {"edgekit-ptq"} and g["holds"] is g["rows"]["edgekit-ptq"]["meets"]
+    closer = max(peers.NNCF_ROWS, key=lambda k: (scores[k]["sqnr_db"], scores[k]["top1"]))
+    assert g["nncf"] == closer and g["rows"]["edgekit-ptq"]["nncf_sqnr_db"] == scores[closer]["sqnr_db"]
 
 
 def test_nncf_missing_is_one_row_not_a_stop(peers, bench, monkeypatch):
