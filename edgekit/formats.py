@@ -103,6 +103,9 @@ class TfliteOptions(Options):
     nhwc: StrictBool = Field(False, description="NHWC input, as camera pipelines deliver it")
     num_calib: NumCalib = 256
     per_channel: StrictBool = Field(True, description="int8 weights per output channel (else per tensor)")
+    bias_correction: Optional[StrictBool] = Field(
+        None, description="int8: empirical bias correction of the int8 convs on the calibration split; None: kept "
+                          "where it raises the calibration logits' SQNR (torch simulation of the int8 graph)")
 
 
 class TensorrtOptions(Options):

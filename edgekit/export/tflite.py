@@ -20,7 +20,7 @@ import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -246,10 +246,13 @@ def _without_qat_conv_bn_fold():
 
 
 def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], calib: np.ndarray, nhwc: bool = False,
-                 per_channel: bool = True) -> int:
-    """Full-integer int8 by PT2E: export, insert observers, calibrate, convert, lower to TFLite.
+                 per_channel: bool = True, bias_correction: Optional[bool] = None,
+                 report: Optional[dict] = None) -> int:
+    """Full-integer int8 by PT2E: export, insert observers, calibrate, convert, correct biases, lower to TFLite.
 
-    Writes ``path``; returns how many float edges :func:`route_through_qdq` rewired.
+    ``bias_correction`` (``pt2e_bias``): True applies it, None keeps it where the calibration logits' SQNR rises,
+    False skips it; what it did goes to ``report["bias_correction"]``. Writes ``path``; returns how many float
+    edges :func:`route_through_qdq` rewired.
     """
     _quiet_litert()
     import litert_torch
@@ -257,6 +260,8 @@ def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], cal
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from .pt2e_bias import calibration_batches, correct_bias_pt2e
 
     if len(calib) == 0:
         raise EdgekitError("Calibration needs at least one input; the calibration split is empty")
@@ -270,16 +275,20 @@ def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], cal
             mark_cat_sources(graph)
         prepared = prepare_pt2e(graph, quantizer)
         move_exported_model_to_eval(prepared)
-        n = input_shape[0]  # the exported graph has the static batch of the sample input
+        # the exported graph has the static batch of the sample input
+        batches = calibration_batches(calib, input_shape[0], nhwc)
         with torch.no_grad():
-            for i in range(0, len(calib) - n + 1, n):
-                x = torch.from_numpy(np.ascontiguousarray(calib[i:i + n]))
-                prepared(x.permute(0, 2, 3, 1).contiguous() if nhwc else x)
+            for x in batches:
+                prepared(x)
         with _without_qat_conv_bn_fold():
             quantized = convert_pt2e(prepared, fold_quantize=False)
         move_exported_model_to_eval(quantized)  # eval-mode ops; the flag below is what litert-torch reads
         for sub in quantized.modules():
             sub.training = False
+        if bias_correction is not False:
+            done = correct_bias_pt2e(quantized, batches, auto=bias_correction is None)
+            if report is not None:
+                report["bias_correction"] = done
         rewired = route_through_qdq(quantized)
         unshare_dequantize(quantized)
         return litert_torch.convert(quantized, (sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer)), rewired
@@ -335,7 +344,9 @@ def export_tflite(model: nn.Module, precision: str, options: TfliteOptions, ctx)
     if precision == "int8":
         calib, _ = ctx.task.arrays("calib", limit=options.num_calib)
         per_channel = options.per_channel
-        rewired = convert_int8(model, out, ctx.input_shape, calib, nhwc=nhwc, per_channel=per_channel)
+        report: dict = {}
+        rewired = convert_int8(model, out, ctx.input_shape, calib, nhwc=nhwc, per_channel=per_channel,
+                               bias_correction=options.bias_correction, report=report)
         info["quantization"] = {
             "tool": "litert-torch PT2EQuantizer + torchao prepare_pt2e/convert_pt2e",
             "scheme": "full-integer int8: weights int8 symmetric " + ("per-channel (axis 0)" if per_channel
@@ -343,6 +354,7 @@ def export_tflite(model: nn.Module, precision: str, options: TfliteOptions, ctx)
                       + ", activations int8 per-tensor affine (HistogramObserver), int8 input and output",
             "num_calib": len(calib),
             "float_edges_rewired": rewired,
+            "bias_correction": report.get("bias_correction", {"kept": False, "why": "bias_correction: false"}),
         }
     else:
         key = ("tflite-fp32", id(model), nhwc)
