@@ -1,7 +1,8 @@
 """int8 of edgekit and its peers side by side, per model, timed round-robin in one run (issue #29, item 4).
 
     python bench/int8_peers.py [--models efficientnet-lite0,efficientnet-lite1,efficientnet-lite2]
-        [--variants fp32,ort-default,nncf,nncf-mixed,litert,edgekit-ptq,edgekit-fallback,edgekit-qat] [--threads 2]
+        [--variants fp32,ort-default,nncf,nncf-mixed,litert,edgekit-ptq,edgekit-adaround,edgekit-fallback,edgekit-qat]
+        [--threads 2]
         [--rounds 200] [--qat-epochs 4] [--json bench/results/int8_peers/NAME.json] [--markdown]
 
 Models: ``efficientnet-lite0/1/2`` are the pretrained ImageNet networks (offline weight packages) at their native
@@ -26,11 +27,14 @@ Rows (``--variants``), each from the same fp32 model and the same calibration im
 - ``nncf-mixed``: the same with ``preset=MIXED`` (asymmetric activations), NNCF's other preset: the one to pick
   where activations are not centred on zero. The goal compares edgekit with whichever NNCF row is closer to fp32.
 - ``litert``: edgekit's LiteRT int8 (``edgekit.export.tflite.convert_int8``: litert-torch PT2E, int8 symmetric
-  per-channel weights, int8 per-tensor activations, full-integer), run by the LiteRT runner (XNNPACK; the input is
+  per-channel weights, int8 per-tensor activations, conv+ReLU6 observed after the clip, bias correction where
+  it pays on the calibration split, full-integer), run by the LiteRT runner (XNNPACK; the input is
   quantized and the output dequantized in the runner, which the timing includes).
 - ``edgekit-ptq``: what ``edgekit compress --recipe int8`` makes for this machine (``desktop-cpu``): the ``onnx``
   exporter with ``calibration: auto`` (MinMax/percentile x op scopes by logits SQNR on the calibration split,
   then CLE / bias correction where they help) and the layout search timed here.
+- ``edgekit-adaround``: the same with ``adaround: null``: auto also tries AdaRound on its best candidate and keeps
+  it where the calibration SQNR rises (minutes more on a 224 px model).
 - ``edgekit-fallback``: the edgekit PTQ model, then the int8 fallback (``edgekit.export.fallback``) with
   ``min_agreement`` (unlabelled) or ``max_drop_pp`` (labelled) on the calibration split, steps timed here. Its
   make time includes the PTQ it starts from.
@@ -72,8 +76,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-ROWS = ("fp32", "ort-default", "nncf", "nncf-mixed", "litert", "edgekit-ptq", "edgekit-fallback", "edgekit-qat")
-EDGEKIT_ROWS = ("edgekit-ptq", "edgekit-fallback", "edgekit-qat")
+ROWS = ("fp32", "ort-default", "nncf", "nncf-mixed", "litert", "edgekit-ptq", "edgekit-adaround", "edgekit-fallback",
+        "edgekit-qat")
+EDGEKIT_ROWS = ("edgekit-ptq", "edgekit-adaround", "edgekit-fallback", "edgekit-qat")
 PHOTO_MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 QAT_BATCH = 16  # 5 optimizer steps per epoch on the 80 calibration photos, 16 on MNIST's 256
 NNCF_MISSING = "nncf is not installed: pip install -e .[bench] (a bench-only extra) to add the NNCF row"
@@ -225,16 +230,18 @@ def make_litert(b: Bench) -> Made:
                 {"config": "litert-torch PT2E int8 per-channel, full-integer", "float_edges_rewired": rewired})
 
 
-def make_edgekit_ptq(b: Bench) -> Made:
+def make_edgekit_ptq(b: Bench, adaround: Optional[bool] = False) -> Made:
     """The ``onnx`` int8 variant of the int8 recipe on this machine: calibration auto and the layout search, timed
-    here with the pipeline's timer."""
+    here with the pipeline's timer; ``adaround=None`` is the ``adaround: null`` option (auto tries AdaRound on its
+    best candidate and keeps it if the calibration SQNR rises)."""
     from edgekit.export import export
     from edgekit.pipeline.stages import local_timer
 
     _fp32(b)  # in the cache: the exporter quantizes the same fp32 file as every other row
-    ctx = b.ctx("edgekit-ptq", timer=local_timer(b.device))
+    ctx = b.ctx("edgekit-ptq" if adaround is False else "edgekit-adaround", timer=local_timer(b.device))
     t0 = time.perf_counter()
-    path = export("onnx", b.model, "int8", {"calibration": "auto", "num_calib": len(b.calib)}, ctx)
+    path = export("onnx", b.model, "int8", {"calibration": "auto", "num_calib": len(b.calib), "adaround": adaround},
+                  ctx)
     q = ctx.info["quantization"]
     return Made(path, "onnxruntime", time.perf_counter() - t0,
                 {"config": q["config"], "calibration_sqnr_db": q.get("calibration_sqnr_db"),
@@ -326,6 +333,8 @@ def make_row(b: Bench, row: str, qat_epochs: float, min_agreement: float = 0.99,
         return make_nncf(b, NNCF_ROWS[row])
     if row == "litert":
         return make_litert(b)
+    if row == "edgekit-adaround":
+        return make_edgekit_ptq(b, adaround=None)
     if row == "edgekit-fallback":
         return make_edgekit_fallback(b, min_agreement, max_drop_pp)
     if row == "edgekit-qat":
