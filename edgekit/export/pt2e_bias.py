@@ -13,7 +13,7 @@ torch simulation's logits SQNR against the float twin (``auto``).
 from __future__ import annotations
 
 import copy
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -94,23 +94,49 @@ class _InputMeans(torch.fx.Interpreter):
         return super().run_node(n)
 
 
-def _bias_delta(node, x_mean: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+def _bias_delta(node, x_mean: torch.Tensor, dw: torch.Tensor) -> Optional[torch.Tensor]:
     """E[(W_q - W) x] per output channel: the layer applied to the mean input with the weight error, averaged
-    over positions (padding included, as the ONNX correction does)."""
+    over positions (padding included, as the ONNX correction does). None for a layer it does not cover."""
     if _op(node) == "linear":
-        return (x_mean.unsqueeze(0) @ dw.double().t()).reshape(-1)
+        return (x_mean.reshape(-1, x_mean.shape[-1]).mean(0) @ dw.double().t()).reshape(-1)
     args = list(node.args) + [None] * (9 - len(node.args))
     if _op(node) == "convolution":
+        if args[6]:  # transposed
+            return None
         stride, padding, dilation, groups = args[3], args[4], args[5], args[8]
     else:
         stride, padding, dilation, groups = args[3] or 1, args[4] or 0, args[5] or 1, args[6] or 1
-    y = torch.nn.functional.conv2d(x_mean.unsqueeze(0), dw.double(), None, stride, padding, dilation, groups)
-    return y.mean(dim=(2, 3)).reshape(-1)
+    conv = {2: torch.nn.functional.conv1d, 3: torch.nn.functional.conv2d}.get(x_mean.dim())
+    if conv is None or isinstance(padding, str):
+        return None
+    y = conv(x_mean.unsqueeze(0), dw.double(), None, stride, padding, dilation, groups)
+    return y.mean(dim=tuple(range(2, y.dim()))).reshape(-1)
 
 
 def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
     noise = float(((ref - out) ** 2).sum())
     return float("inf") if noise == 0 else float(10 * np.log10(float((ref ** 2).sum()) / noise))
+
+
+def _correct(gm, layers, means, saved: Dict[str, torch.Tensor]) -> None:
+    """Each layer's bias minus its weights' expected error; the original biases go to ``saved``."""
+    for n in layers:
+        if n.name not in means.sums:
+            continue
+        x_mean = means.sums[n.name] / means.count[n.name]
+        w_node = n.args[1]
+        w_q = _eval_chain(gm, w_node)
+        root = w_node
+        while root.op != "get_attr":
+            root = root.args[0]
+        dw = w_q - _eval_chain(gm, root)
+        delta = _bias_delta(n, x_mean, dw)
+        target = n.args[2].target
+        bias = _attr(gm, target).detach()
+        if delta is None or delta.shape != bias.shape:
+            continue
+        saved[target] = bias
+        _set_attr(gm, target, bias - delta.to(bias.dtype))
 
 
 @torch.no_grad()
@@ -135,20 +161,12 @@ def correct_bias_pt2e(gm, batches: Iterable[torch.Tensor], auto: bool = True) ->
 
     before = sqnr_db(ref, simulated()) if auto else None
     saved: Dict[str, torch.Tensor] = {}
-    for n in layers:
-        if n.name not in means.sums:
-            continue
-        x_mean = means.sums[n.name] / means.count[n.name]
-        w_node = n.args[1]
-        w_q = _eval_chain(gm, w_node)
-        root = w_node
-        while root.op != "get_attr":
-            root = root.args[0]
-        dw = w_q - _eval_chain(gm, root)
-        target = n.args[2].target
-        bias = _attr(gm, target).detach()
-        saved[target] = bias
-        _set_attr(gm, target, bias - _bias_delta(n, x_mean, dw).to(bias.dtype))
+    try:
+        _correct(gm, layers, means, saved)
+    except Exception:
+        for target, value in saved.items():  # never a half-corrected graph
+            _set_attr(gm, target, value)
+        raise
     info: Dict = {"layers": len(saved)}
     if auto:
         after = sqnr_db(ref, simulated())

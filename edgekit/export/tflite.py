@@ -286,7 +286,13 @@ def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], cal
         for sub in quantized.modules():
             sub.training = False
         if bias_correction is not False:
-            done = correct_bias_pt2e(quantized, batches, auto=bias_correction is None)
+            try:
+                done = correct_bias_pt2e(quantized, batches, auto=bias_correction is None)
+            except Exception as exc:  # noqa: BLE001 - auto leaves a graph it cannot correct as it was
+                if bias_correction:
+                    raise EdgekitError(f"tflite int8 bias_correction failed on this model: {_first_line(exc)}; "
+                                       "set bias_correction: false") from exc
+                done = {"kept": False, "why": f"not applied: {_first_line(exc)}"}
             if report is not None:
                 report["bias_correction"] = done
         rewired = route_through_qdq(quantized)
@@ -300,6 +306,8 @@ def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], cal
     # converts but collapses to chance (10.4% vs 98.0% fp32 on the 64 px baseline).
     try:
         edge, rewired = attempt(shared_cat_scales=False)
+    except EdgekitError:
+        raise
     except Exception as first:
         try:
             edge, rewired = attempt(shared_cat_scales=True)
