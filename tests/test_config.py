@@ -203,8 +203,8 @@ BAD_OPTIONS = [  # (format, precision, options as YAML lines, line of the key, m
     ("tensorrt", "int8", "num_calib: 8\n      workspace: 512", 6,
      "Unknown tensorrt option 'workspace'. Did you mean: workspace_mb? Known tensorrt options: calibration, "
      "num_calib, opset, workspace_mb"),
-    ("tflite", "fp32", "layout: nhwc", 5, "Unknown tflite option 'layout'. Known tflite options: nhwc, num_calib, "
-                                          "per_channel"),
+    ("tflite", "fp32", "layout: nhwc", 5, "Unknown tflite option 'layout'. Known tflite options: bias_correction, "
+                                          "nhwc, num_calib, per_channel"),
     ("onnx", "int8", "per_channel: 'yes'", 5, "per_channel must be true or false, got 'yes'"),
     ("tflite", "int8", "nhwc: 1", 5, "nhwc must be true or false, got 1"),
     ("onnx", "int8", "calibration: magic", 5,
