@@ -1,6 +1,7 @@
 """QAT: the exported int8 files compute what the fake-quantized torch model computed, with the scales it learned."""
 
 from __future__ import annotations
+import copy
 
 import numpy as np
 import pytest
@@ -237,3 +238,29 @@ def test_qat_under_torchrun_keeps_the_ranks_identical(tmp_path):
     assert r0["state"].keys() == r1["state"].keys()
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
     assert any(k.endswith(".scale") for k in r0["state"])
+
+
+@pytest.mark.slow
+def test_qat_on_few_images_says_so_and_says_when_training_lowered_agreement(small_task):
+    """64 training images and a learning rate that wrecks the model: both notes, figures from the step's own
+    before / after scores on the eval split (the step never undoes training on what it scored with)."""
+    import dataclasses
+
+    from torch.utils.data import Subset
+
+    from edgekit.steps import StepContext, build_step
+
+    task = dataclasses.replace(small_task, splits={**small_task.splits,
+                                                   "train": Subset(small_task.splits["train"], range(64))})
+    from edgekit.train import FitConfig, fit
+
+    torch.manual_seed(0)
+    model = fit(Tiny(), task, FitConfig(epochs=30, lr=1e-2)).eval()  # a baseline whose answers differ by image
+    ctx = StepContext(task=task, baseline=copy.deepcopy(model), model_name="tiny", device=None)
+    build_step("qat", {"epochs": 2, "lr": 1.0, "teacher": "none", "num_calib": 64}).apply(model, ctx)
+    info = ctx.info["qat"]
+    assert info["train_images"] == 64
+    assert any("fine-tuned on 64 training images" in n for n in ctx.notes), ctx.notes
+    assert info["agreement_after"] < info["agreement_before"], info
+    lowered = next(n for n in ctx.notes if "training lowered" in n)
+    assert f"{info['agreement_before']:.1%} -> {info['agreement_after']:.1%}" in lowered
