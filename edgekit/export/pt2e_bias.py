@@ -5,9 +5,10 @@ memory flat in the number of images).
 
 The converted graph (``convert_pt2e(fold_quantize=False)``) is the reference int8 model: float weights through
 quantize -> dequantize, BatchNorm already folded. Its float twin is the same graph with every quantize /
-dequantize bypassed, so both have the same layers under the same names. The biases are edited in place, before
-litert-torch rounds them to int32; whether the correction is kept is decided on the calibration split by the
-torch simulation's logits SQNR against the float twin (``auto``).
+dequantize bypassed, so both have the same layers under the same names. The corrected biases are bound to the
+graph before litert-torch rounds them to int32 (never written into the tensors it shares with the user's model);
+whether the correction is kept is decided on the calibration split by the torch simulation's logits SQNR against
+the float twin (``auto``).
 """
 
 from __future__ import annotations
