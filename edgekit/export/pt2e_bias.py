@@ -19,6 +19,8 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 import torch
 
+from ..evaluate import sqnr_db
+
 _QDQ = ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel")
 
 
@@ -114,9 +116,9 @@ def _bias_delta(node, x_mean: torch.Tensor, dw: torch.Tensor) -> Optional[torch.
     return y.mean(dim=tuple(range(2, y.dim()))).reshape(-1)
 
 
-def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
-    noise = float(((ref - out) ** 2).sum())
-    return float("inf") if noise == 0 else float(10 * np.log10(float((ref ** 2).sum()) / noise))
+def _logits(out) -> np.ndarray:
+    """The graph's first output (exported graphs return a tuple)."""
+    return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
 
 
 def _correct(gm, layers, means, saved: Dict[str, torch.Tensor]) -> None:
@@ -150,15 +152,10 @@ def correct_bias_pt2e(gm, batches: Iterable[torch.Tensor], auto: bool = True) ->
         return {"layers": 0, "kept": False, "why": "no conv or linear with a float bias and int8 weights"}
     twin = float_twin(gm)
     means = _InputMeans(twin, [n.name for n in layers])
-    ref = []
-    for x in batches:
-        out = means.run(x)
-        ref.append((out[0] if isinstance(out, (tuple, list)) else out).numpy())
-    ref = np.concatenate(ref)
+    ref = np.concatenate([_logits(means.run(x)) for x in batches])
 
     def simulated() -> np.ndarray:
-        outs = [gm(x) for x in batches]
-        return np.concatenate([(o[0] if isinstance(o, (tuple, list)) else o).numpy() for o in outs])
+        return np.concatenate([_logits(gm(x)) for x in batches])
 
     before = sqnr_db(ref, simulated()) if auto else None
     saved: Dict[str, torch.Tensor] = {}

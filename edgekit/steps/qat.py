@@ -96,21 +96,16 @@ class Qat(Step):
                              "them and drift from fp32 on other images: compare it with post-training int8")
         if p.evaluate:
             score("after")
-            lowered = [k for k in ("acc", "agreement") if f"{k}_before" in info
-                       and info[f"{k}_after"] < info[f"{k}_before"]]
+            moved = {k: f"{label} {info[f'{k}_before']:.1%} -> {info[f'{k}_after']:.1%}"
+                     for k, label in (("acc", "top-1"), ("agreement", "agreement with fp32")) if f"{k}_before" in info}
+            lowered = [text for k, text in moved.items() if info[f"{k}_after"] < info[f"{k}_before"]]
             if lowered:
-                ctx.notes.append("qat: training lowered " + " and ".join(
-                    f"{'top-1' if k == 'acc' else 'agreement with fp32'} ({info[f'{k}_before']:.1%} -> "
-                    f"{info[f'{k}_after']:.1%})" for k in lowered)
-                    + ": the calibrated fake-quant model was closer before training; try fewer epochs or a lower "
-                    "lr, or ship post-training int8")
-            parts = []
-            if "acc_before" in info:
-                parts.append(f"top-1 {info['acc_before']:.1%} -> {info['acc_after']:.1%}"
-                             + (f" (fp32 {info['fp32_acc']:.1%})" if "fp32_acc" in info else ""))
-            if "agreement_before" in info:
-                parts.append(f"agreement with fp32 {info['agreement_before']:.1%} -> {info['agreement_after']:.1%}")
-            ctx.notes.append("qat (fake-quant before -> after training): " + ", ".join(parts))
+                ctx.notes.append("qat: training lowered " + " and ".join(lowered) + ": the calibrated fake-quant "
+                                 "model was closer before training; try fewer epochs or a lower lr, or ship "
+                                 "post-training int8")
+            if "fp32_acc" in info and "acc" in moved:
+                moved["acc"] += f" (fp32 {info['fp32_acc']:.1%})"
+            ctx.notes.append("qat (fake-quant before -> after training): " + ", ".join(moved.values()))
         info.update(epochs=p.epochs, lr=lr, alpha=cfg.alpha, temperature=p.temperature)
         record(ctx, self.name, info)
         return qm
