@@ -211,6 +211,8 @@ BAD_OPTIONS = [  # (format, precision, options as YAML lines, line of the key, m
      "calibration must be 'auto', 'minmax', 'entropy', 'percentile', 'mse' or 'mean-minmax', got 'magic'"),
     ("onnx", "int8", "search: fast", 5, "search must be 'latency' or 'none', got 'fast'"),
     ("onnx", "int8", "adaround: 'yes'", 5, "adaround must be true or false, got 'yes'"),
+    ("tflite", "int8", "bias_correction: '$(touch pwned)'", 5,
+     "bias_correction must be true or false, got '$(touch pwned)'"),
     ("tensorrt", "int8", "calibration: mse", 5,
      "calibration must be 'auto', 'minmax', 'entropy' or 'percentile', got 'mse'"),
     ("onnx", "int8", "num_calib: '64'", 5, "num_calib must be an integer from 1 to 100000, got '64'"),
