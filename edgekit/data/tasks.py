@@ -183,7 +183,12 @@ def _labels(ds: Dataset) -> np.ndarray:
                           ).astype(np.int64)
 
 
-TASKS: Registry[Callable[..., Task]] = Registry("task")
+def _load_detection_tasks() -> None:
+    """The detection tasks live with the detectors (``edgekit.detect``); they register on the first lookup."""
+    from ..detect import data  # noqa: F401
+
+
+TASKS: Registry[Callable[..., Task]] = Registry("task", loader=_load_detection_tasks)
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 

@@ -1,0 +1,1 @@
+"""Object detection: data, models, training and scoring for detectors."""

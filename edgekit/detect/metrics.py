@@ -1,0 +1,143 @@
+"""Detections from a detector's raw output, and COCO mAP with pycocotools.
+
+Every detector edgekit exports ends in one tensor ``[batch, anchors, 4 + classes]``: boxes ``x1, y1, x2, y2`` in
+input pixels, then one score per class, decoded inside the graph. NMS stays outside the graph and is this one
+numpy function for every runtime (ONNX Runtime, LiteRT, TensorRT, the device runner's copy), so each format is
+scored with the same thresholds and the int8 graph has no data-dependent ops to quantize.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import EdgekitError
+
+
+@dataclass(frozen=True)
+class NMS:
+    """The thresholds of every runner's post-processing (COCO evaluation settings: a low score floor, 100 per
+    image). ``max_candidates`` bounds the boxes that reach NMS per image, highest scores first."""
+
+    score: float = 0.01
+    iou: float = 0.65
+    max_det: int = 100
+    max_candidates: int = 1000
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` [n, 4] with every box of ``b`` [m, 4] (xyxy)."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by greedy NMS, highest score first."""
+    order = np.argsort(-scores, kind="stable")
+    keep: List[int] = []
+    while order.size:
+        i = order[0]
+        keep.append(int(i))
+        if order.size == 1:
+            break
+        rest = order[1:]
+        order = rest[box_iou(boxes[i:i + 1], boxes[rest])[0] <= iou]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def postprocess(raw: np.ndarray, settings: NMS = NMS()) -> List[Dict[str, np.ndarray]]:
+    """Per image ``{"boxes" [k, 4], "scores" [k], "labels" [k]}`` from ``raw`` [B, N, 4 + C]: every (anchor, class)
+    pair over the score floor is a candidate (as torchvision's and mmdetection's evaluation), NMS per class."""
+    raw = np.asarray(raw)
+    if raw.ndim != 3 or raw.shape[2] < 5:
+        raise EdgekitError(f"a detector's output is [batch, anchors, 4 + classes]; this one is {list(raw.shape)}")
+    out = []
+    for det in raw.astype(np.float32, copy=False):
+        boxes, cls = det[:, :4], det[:, 4:]
+        a, c = np.nonzero(cls > settings.score)
+        s = cls[a, c]
+        if s.size > settings.max_candidates:
+            top = np.argpartition(-s, settings.max_candidates - 1)[:settings.max_candidates]
+            a, c, s = a[top], c[top], s[top]
+        b = boxes[a]
+        # per-class NMS in one pass: boxes of different classes are moved apart so they never overlap
+        shift = c[:, None].astype(np.float32) * (float(np.abs(b).max(initial=0.0)) + 1.0)
+        keep = nms(b + shift, s, settings.iou)[:settings.max_det]
+        out.append({"boxes": b[keep].astype(np.float32), "scores": s[keep].astype(np.float32),
+                    "labels": c[keep].astype(np.int64)})
+    return out
+
+
+def coco_ground_truth(targets: Sequence[Dict[str, np.ndarray]], num_classes: int, size: int) -> dict:
+    """COCO's ground-truth dict of ``targets`` (image id = position; every image ``size`` x ``size``)."""
+    images, anns = [], []
+    for i, t in enumerate(targets):
+        images.append({"id": i, "width": size, "height": size})
+        for box, label in zip(np.asarray(t["boxes"], np.float64).reshape(-1, 4), np.asarray(t["labels"]).ravel()):
+            w, h = float(box[2] - box[0]), float(box[3] - box[1])
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(label), "iscrowd": 0,
+                         "bbox": [float(box[0]), float(box[1]), w, h], "area": max(w, 0.0) * max(h, 0.0)})
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": c, "name": str(c)} for c in range(num_classes)]}
+
+
+def coco_map(detections: Sequence[Dict[str, np.ndarray]], targets: Sequence[Dict[str, np.ndarray]],
+             num_classes: int, size: int) -> Dict[str, float]:
+    """COCO mAP@[.5:.95] and mAP@.5 (pycocotools' COCOeval, 0-1) of ``detections`` against ``targets``.
+
+    Classes absent from the ground truth do not count (COCOeval's rule); no detection at all scores 0.
+    """
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:  # pragma: no cover - a core dependency
+        raise EdgekitError("detection metrics need pycocotools: pip install pycocotools") from None
+    if len(detections) != len(targets):
+        raise EdgekitError(f"{len(detections)} images of detections for {len(targets)} of ground truth")
+    gt = COCO()
+    gt.dataset = coco_ground_truth(targets, num_classes, size)
+    if not gt.dataset["annotations"]:
+        raise EdgekitError("the ground truth has no boxes: mAP is undefined")
+    results = []
+    for i, d in enumerate(detections):
+        for box, s, c in zip(np.asarray(d["boxes"], np.float64).reshape(-1, 4), d["scores"], d["labels"]):
+            results.append({"image_id": i, "category_id": int(c), "score": float(s),
+                            "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]})
+    if not results:
+        return {"map": 0.0, "map50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its whole table
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"map": max(float(ev.stats[0]), 0.0), "map50": max(float(ev.stats[1]), 0.0)}
+
+
+def reference_targets(detections: Sequence[Dict[str, np.ndarray]], score: float = 0.3) -> List[Dict[str, np.ndarray]]:
+    """The fp32 model's own confident detections as ground truth: a variant's mAP against them is its agreement
+    with fp32 where the data has no labels (1.0 when it finds the same boxes with the same classes)."""
+    out = []
+    for d in detections:
+        m = np.asarray(d["scores"]) >= score
+        out.append({"boxes": np.asarray(d["boxes"])[m], "labels": np.asarray(d["labels"])[m]})
+    return out
+
+
+def detection_agreement(reference: Sequence[Dict[str, np.ndarray]], detections: Sequence[Dict[str, np.ndarray]],
+                        num_classes: int, size: int, score: float = 0.3) -> Optional[float]:
+    """mAP@[.5:.95] of ``detections`` against the reference's detections scored ``score`` or more; None when the
+    reference is confident about nothing."""
+    gt = reference_targets(reference, score)
+    if not any(len(t["labels"]) for t in gt):
+        return None
+    return coco_map(detections, gt, num_classes, size)["map"]
