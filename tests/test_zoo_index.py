@@ -15,7 +15,7 @@ from edgekit.zoo.index import canonical_name, load_index
 
 def test_index_names_match_the_registry():
     idx = load_index()
-    specs = {s.name: s for s in zoo.list_models()}
+    specs = {s.name: s for s in zoo.list_models(task=None)}
     assert set(idx) == set(specs), "stale index.json: python -m edgekit.zoo.index --write"
     for name, spec in specs.items():
         e = idx[name]

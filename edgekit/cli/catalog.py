@@ -29,7 +29,14 @@ def zoo_list(input_size: int = typer.Option(224, help="Input size for the params
                                                "(edgekit/zoo/matrix.py says what each column means)")
     for c in ("model", "aliases", "source", "params", f"MMACs@{input_size}", *zm.COLUMNS, "paper"):
         table.add_column(c)
+    detectors = Table(header_style="bold", title="detectors (task detection; sizes at each one's input size)")
+    for c in ("model", "aliases", "source", "params", "MMACs", "input", "paper"):
+        detectors.add_column(c)
     for name, spec in sorted(load_index().items()):
+        if spec.get("task") == "detection":
+            detectors.add_row(name, ", ".join(spec["aliases"]), spec["source"], f"{spec['params'] / 1e6:.2f}M",
+                              f"{spec['macs'] / 1e6:.1f}", f"{spec['input_size']} px", spec["paper"])
+            continue
         if input_size == STATS_SIZE:  # from index.json: no model is built, torch is not imported
             st = spec
         else:
@@ -40,6 +47,8 @@ def zoo_list(input_size: int = typer.Option(224, help="Input size for the params
         table.add_row(name, ", ".join(spec["aliases"]), spec["source"], f"{st['params'] / 1e6:.2f}M",
                       f"{st['macs'] / 1e6:.1f}", *(zm.cell(entry.get(c), c) for c in zm.COLUMNS), spec["paper"])
     out.print(table)
+    if detectors.row_count:
+        out.print(detectors)
 
 
 @recipes_app.command("list")

@@ -22,7 +22,8 @@ STATS_SIZE = 224
 
 @lru_cache(maxsize=1)
 def load_index() -> Dict[str, dict]:
-    """name -> {aliases, family, source, paper, params, macs (at 224 px)}."""
+    """name -> {aliases, family, source, paper, params, macs (at 224 px; a detector's at its ``input_size``, with
+    ``task``: detection)}."""
     return json.loads(INDEX_PATH.read_text())["models"]
 
 
@@ -46,13 +47,15 @@ def build_index() -> dict:
     from . import list_models, model_stats
 
     models = {}
-    for spec in list_models():
+    for spec in list_models(task=None):
         from . import create
 
-        st = model_stats(create(spec.name), (3, STATS_SIZE, STATS_SIZE))
+        detector = spec.task == "detection"  # sized at its own input: its default boxes are fixed by it
+        size = spec.input_size if detector else STATS_SIZE
+        st = model_stats(create(spec.name), (3, size, size))
         models[spec.name] = {"aliases": sorted(a.lower() for a in spec.aliases), "family": spec.family,
                              "source": spec.source, "paper": spec.paper, "params": int(st["params"]),
-                             "macs": int(st["macs"])}
+                             "macs": int(st["macs"]), **({"task": spec.task, "input_size": size} if detector else {})}
     return {"stats_input_size": STATS_SIZE, "models": models}
 
 

@@ -38,11 +38,14 @@ class ModelSpec:
     reference: Dict[str, float] = field(default_factory=dict)  # paper figures at 224: params_m, macs_m
     train: Dict[str, float] = field(default_factory=dict)  # FitConfig overrides for this architecture
     num_classes: int = 1000  # the head as the source builds it: what pretrained weights or a factory's default carry
+    # "classification" | "detection". A detector's ``build(num_classes, input_size)`` also takes the input size (its
+    # default boxes or grids are fixed by it) and returns a module whose output is [B, anchors, 4 + classes]
+    task: str = "classification"
 
 
 def _load_families() -> None:
     """Importing the family modules fills the table (they import timm and torchvision: only when needed)."""
-    from . import own, timm_models, torchvision_models  # noqa: F401
+    from . import detection, own, timm_models, torchvision_models  # noqa: F401
 
 
 MODELS: Registry[ModelSpec] = Registry("model", loader=_load_families)
@@ -76,11 +79,12 @@ def find_spec(name: Optional[str]) -> Optional[ModelSpec]:
     return next((s for k, s in EXTERNAL.items() if name in (k, s.name)), None)
 
 
-def list_models() -> list[ModelSpec]:
-    """Each entry once (aliases folded), in name order."""
+def list_models(task: Optional[str] = "classification") -> list[ModelSpec]:
+    """Each entry of ``task`` (every entry with None) once (aliases folded), in name order."""
     seen: Dict[str, ModelSpec] = {}
     for _, spec in MODELS.items():
-        seen.setdefault(spec.name, spec)
+        if task is None or spec.task == task:
+            seen.setdefault(spec.name, spec)
     return sorted(seen.values(), key=lambda s: s.name)
 
 
@@ -185,23 +189,33 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], what: str) -> N
 
 def create(
     name: str,
-    num_classes: int = 1000,
+    num_classes: Optional[int] = None,
     in_chans: int = 3,
     pretrained: bool = False,
     weights: Optional[str | os.PathLike] = None,
+    input_size: Optional[int] = None,
 ) -> nn.Module:
     """Build a zoo model.
 
     ``pretrained=True`` loads ImageNet weights from the first available source of
     the entry and then replaces the head when ``num_classes != 1000``.
     ``weights=path`` loads a user state dict saved for exactly this
-    (``num_classes``, ``in_chans``) configuration.
+    (``num_classes``, ``in_chans``) configuration. ``input_size`` is for detectors (default: the entry's).
+    ``num_classes`` defaults to the entry's own head (1000 ImageNet classes for every classifier).
     """
     spec = get_spec(name)
+    num_classes = spec.num_classes if num_classes is None else num_classes
     if weights is not None and pretrained:
         raise EdgekitError("Give either pretrained weights or a weights file, not both")
+    if spec.task == "detection":
+        build = lambda n: spec.build(n, input_size or spec.input_size)  # noqa: E731
+        if pretrained and num_classes != spec.num_classes:
+            raise EdgekitError(f"{spec.name}'s pretrained weights detect {spec.num_classes} classes; edgekit does not "
+                               f"re-head a pretrained detector yet: train it on your {num_classes} classes instead")
+    else:
+        build = spec.build
     if pretrained:
-        model = spec.build(spec.num_classes)
+        model = build(spec.num_classes)
         state, hints = None, []
         for source, loader in spec.pretrained:
             try:
@@ -219,7 +233,7 @@ def create(
         if num_classes != spec.num_classes:
             replace_head(model, spec, num_classes)
     else:
-        model = spec.build(num_classes)
+        model = build(num_classes)
     if in_chans != 3:
         adapt_in_chans(model, in_chans)
     if weights is not None:
