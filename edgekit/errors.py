@@ -25,3 +25,9 @@ def show_value(x: Any) -> str:
     if isinstance(x, float) and (not math.isfinite(x) or abs(x) >= 1e6):
         return f"{x:.6g}"
     return repr(x) if isinstance(x, str) else str(x)
+
+
+def first_line(exc: BaseException) -> str:
+    """An unexpected exception as one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {(text.splitlines()[0] if text else '')[:300]}".rstrip(": ")

@@ -27,7 +27,18 @@ def unlabelled(report: dict) -> bool:
     return (report.get("task") or {}).get("labelled", True) is False
 
 
+# a detector: COCO mAP on the labels, and mAP against fp32's own detections in place of top-1 agreement
+DETECTION_COLUMNS = ["variant", "format", "precision", "size MB", "params", "MMACs", "mAP", "mAP50",
+                     "mAP vs fp32", "p50 ms", "p90 ms", "speedup", "status"]
+
+
+def detection(report: dict) -> bool:
+    return (report.get("task") or {}).get("kind") == "detection"
+
+
 def columns(report: dict) -> List[str]:
+    if detection(report):
+        return DETECTION_COLUMNS
     return UNLABELLED_COLUMNS if unlabelled(report) else COLUMNS
 
 
@@ -144,7 +155,11 @@ def latency_sentence(report: dict) -> str:
         bases = sorted({latency_basis(lat) for lat in estimated})
         parts.append(f"Latency{' marked (est.)' if measured else ''}: batch 1, p50 {'; '.join(bases)} "
                      f"({', '.join(methods)}) for {report['device']}, not timed on it; no p90")
-    if unlabelled(report):
+    if detection(report):
+        scores = ("mAP: COCO mAP@[.5:.95] on the eval split's boxes (pycocotools), in percent; mAP50 at IoU 0.5; "
+                  "mAP vs fp32: mAP against the fp32 model's own detections scored 0.3 or more. Every runtime's "
+                  "output goes through the same NMS (score 0.01, IoU 0.65, 100 per image).")
+    elif unlabelled(report):
         n = (report.get("task") or {}).get("num_eval", "?")
         scores = (f"Agreement with fp32 on {n} unlabelled images: share with the same top-1 class as fp32; top-5 "
                   f"overlap: mean share of fp32's five top classes among the variant's; SQNR: logits "
@@ -165,6 +180,9 @@ def variant_rows(report: dict, words: bool = False) -> List[List[str]]:
     for v in report["variants"]:
         scores = [_pct(v.get("agreement")), _pct(v.get("top5_overlap")), _db(v.get("sqnr_db"))] if free else \
             [_pct(v.get("accuracy")), _pct(v.get("agreement"))]
+        if detection(report):
+            m = v.get("metrics") or {}
+            scores = [_pct(m.get("map")), _pct(m.get("map50")), _pct(v.get("agreement"))]
         rows.append([
             v["name"], v["format"], v["precision"], f"{v['size_mb']:.2f}" if v.get("size_mb") else "—",
             f"{v['params'] / 1e6:.2f}M", f"{v['macs'] / 1e6:.1f}", *scores,
@@ -185,6 +203,7 @@ def summary_lines(report: dict) -> List[str]:
             how = f" by ESTIMATED latency ({latency_basis(by_name.get((rec['name'], rec['format'])))})"
         within = "whose top-1 agreement with fp32 is within the recipe's budget" if unlabelled(report) \
             else "within the recipe's accuracy budget"
+        within = "within the recipe's budget of mAP points" if detection(report) else within
         lines.append(f"Recommended for {report['device']}: **{rec['name']}** ({rec['format']}) — the fastest variant "
                      f"{within}{how}.")
     t = report.get("target") or {}
@@ -336,7 +355,8 @@ def plot_geometry(report: dict, width: int = 520, height: int = 320) -> Optional
     basis = "estimated" if _estimated(report) else "measured"
     return {"width": width, "height": height, "pad": pad, "ticks": ticks,
             "xlabel": f"p50 latency (ms, {report['device']}, {basis})",
-            "ylabel": "top-1 agreement with fp32" if score == "agreement" else "top-1 accuracy",
+            "ylabel": "COCO mAP@[.5:.95]" if detection(report) else (
+                "top-1 agreement with fp32" if score == "agreement" else "top-1 accuracy"),
             "target": sx(target) if target is not None and x0 <= target <= x1 else None,
             "points": [{"x": sx(x), "y": sy(y), "label": label} for x, y, label in pts], "line": None, "marks": []}
 

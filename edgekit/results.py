@@ -73,6 +73,7 @@ class Variant:
     agreement: Optional[float] = None  # top-1 agreement with the run's fp32 reference
     top5_overlap: Optional[float] = None  # mean share of the reference's top-5 classes in this variant's top 5
     sqnr_db: Optional[float] = None  # logits SQNR against the reference (None for the reference itself)
+    metrics: Optional[Dict[str, float]] = None  # detection: COCO map / map50 (``accuracy`` is the map)
     latency: Optional[Latency] = None
     speedup: Optional[float] = None
     status: str = OK
@@ -92,12 +93,13 @@ class Variant:
     def fail(self, status: str, error: str) -> None:
         self.status, self.error = status, error
         self.accuracy = self.agreement = self.top5_overlap = self.sqnr_db = self.latency = self.speedup = None
+        self.metrics = None
 
     def to_json(self) -> Dict[str, Any]:
         return {"name": self.name, "format": self.format, "precision": self.precision, "stage": self.stage,
                 "path": self.path.name if self.status == OK and self.path is not None else None,
                 "size_mb": self.size_mb, "accuracy": self.accuracy, "agreement": self.agreement,
-                **{k: getattr(self, k) for k in ("top5_overlap", "sqnr_db") if getattr(self, k) is not None},
+                **{k: getattr(self, k) for k in ("top5_overlap", "sqnr_db", "metrics") if getattr(self, k) is not None},
                 "latency_ms": self.latency_ms, "speedup": self.speedup, "params": self.params, "macs": self.macs,
                 "status": self.status, "error": self.error, **({"runtime": self.runtime} if self.runtime else {}),
                 **({"export_s": self.export_s} if self.export_s is not None else {}),

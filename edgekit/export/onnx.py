@@ -132,6 +132,10 @@ def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) 
     if options.max_drop_pp is not None and not getattr(ctx.task, "labelled", True):
         raise EdgekitError(f"int8 option max_drop_pp is top-1 points on the calibration labels, and {ctx.task.name} "
                            f"has none: use min_agreement (top-1 agreement with fp32) instead")
+    detector = getattr(ctx.task, "kind", "classification") == "detection"
+    if detector and (options.min_agreement is not None or options.max_drop_pp is not None):
+        raise EdgekitError("int8 options min_agreement / max_drop_pp score top-1 classes; the layer fallback is not "
+                           "built for detectors yet: leave them out for a detection model")
     q = ctx.device.quantization
     pinned = [k for k in ("activation_type", "weight_type", "per_channel") if getattr(options, k) is not None]
     cfg = OrtQuantConfig(
@@ -145,6 +149,7 @@ def export_variant(model: nn.Module, precision: str, options: OnnxOptions, ctx) 
         equalize=bool(options.equalize),
         bias_correction=bool(options.bias_correction),
         adaround=bool(options.adaround),
+        fp32_tail=detector,
     )
     calib, _ = ctx.task.arrays("calib", limit=options.num_calib)
     # search: latency (default where the device is this machine) times the int8 layouts here and keeps the

@@ -55,6 +55,9 @@ class OrtQuantConfig:
     # Keep the node that produces the logits in fp32: quantizing logits to 8 bits creates argmax ties,
     # and the classifier is a tiny share of the compute.
     fp32_output_layer: bool = True
+    # Keep every node after the last weighted layers in float (a detector's box decoding and score products: one
+    # 8-bit scale for pixel boxes and 0-1 scores would leave the scores a few levels); see ``float_tail``.
+    fp32_tail: bool = False
     # Data-free quantization aids (edgekit.export.ptq): cross-layer equalization of the fp32 graph before
     # calibration, and empirical bias correction of the quantized convs after it.
     equalize: bool = False
@@ -72,6 +75,7 @@ class OrtQuantConfig:
         label = f"{self.quant_format.upper()} {a}{w} {gran} {self.calibration}"
         return (label + scope_label(self.op_types) + ("" if self.preprocess else " no-preprocess")
                 + ("" if self.fp32_output_layer else " int8-logits") + (" 7-bit-weights" if self.reduce_range else "")
+                + (" float-tail" if self.fp32_tail else "")
                 + ptq_label(self))
 
 
@@ -231,6 +235,10 @@ def _quantize(fp32_path, out_path: Path, calib: np.ndarray, cfg: OrtQuantConfig,
         outputs = {o.name for o in graph.output}
         exclude = [n.name for n in graph.node if set(n.output) & outputs] if cfg.fp32_output_layer else []
         exclude += [n for n in cfg.nodes_to_exclude if n not in exclude]
+        if cfg.fp32_tail:
+            from .ptq import float_tail
+
+            exclude += [n for n in float_tail(graph) if n not in exclude]
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True,
                  **({"CalibMovingAverage": True} if cfg.calibration == "mean-minmax" else {}), **cfg.extra_options}
         per_channel = cfg.per_channel

@@ -331,3 +331,20 @@ def correct_bias(fp32_path: str | Path, q_path: str | Path, calib: np.ndarray,
     info = correct_bias_model(fp32_path, model, calib)
     onnx.save(model, str(out_path or q_path))
     return info
+
+
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def float_tail(graph) -> List[str]:
+    """Names of the nodes from which no weighted layer (conv, gemm, matmul) is reachable: the post-processing after
+    the network's last layers (a detector's decoding), which int8 would only make coarser, not faster."""
+    consumers: dict = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.name)
+    reaches: dict = {}  # node -> a weighted layer is it or lies downstream; ONNX lists nodes in topological order
+    for n in reversed(graph.node):
+        reaches[n.name] = n.op_type in WEIGHTED or any(reaches.get(c, False) for o in n.output
+                                                       for c in consumers.get(o, []))
+    return [n.name for n in graph.node if n.name and not reaches[n.name]]

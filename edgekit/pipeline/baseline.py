@@ -28,8 +28,11 @@ def baseline_fit_config(spec: zoo.ModelSpec, recipe: Optional[Recipe], seed: int
                         train_device: str = "auto") -> FitConfig:
     tr = recipe.train if recipe is not None else None
     lr = (tr.lr if tr is not None and tr.lr else None) or spec.train.get("lr", 1e-2)
-    return FitConfig(epochs=tr.epochs if tr else 4, lr=lr, batch_size=tr.batch_size if tr else 64, seed=seed,
-                     device=train_device)
+    # an entry's own epochs and batch (detectors: more, smaller steps) unless the recipe names its own
+    given = tr.model_fields_set if tr is not None else set()
+    epochs = tr.epochs if "epochs" in given else spec.train.get("epochs", tr.epochs if tr else 4)
+    batch = tr.batch_size if "batch_size" in given else int(spec.train.get("batch_size", tr.batch_size if tr else 64))
+    return FitConfig(epochs=epochs, lr=lr, batch_size=batch, seed=seed, device=train_device)
 
 
 def _cache_key_fit(cfg: FitConfig, world: int) -> dict:
@@ -58,11 +61,13 @@ def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, rec
     cfg = baseline_fit_config(spec, recipe, seed, train_device)
     world = distributed.init(training_device(train_device).type)  # 1 unless torchrun started several processes
     classes = task.num_classes or spec.num_classes  # an unlabelled task keeps the model's own head
+    detector = spec.task == "detection"
+    size = {"input_size": task.input_size} if detector else {}  # a detector's default boxes follow its input
     if weights not in (None, "pretrained"):
-        model = zoo.create(spec.name, num_classes=classes, in_chans=task.in_chans, weights=weights)
+        model = zoo.create(spec.name, num_classes=classes, in_chans=task.in_chans, weights=weights, **size)
         return model, {"source": "file", "path": str(Path(weights).resolve())}
     if weights == "pretrained":
-        model = zoo.create(spec.name, num_classes=classes, in_chans=task.in_chans, pretrained=True)
+        model = zoo.create(spec.name, num_classes=classes, in_chans=task.in_chans, pretrained=True, **size)
         if classes == spec.num_classes:
             return model, {"source": "pretrained"}
     else:
@@ -80,7 +85,7 @@ def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, rec
     info = {"source": "pretrained+finetuned" if model is not None else "trained", "cache": str(path),
             "epochs": cfg.epochs, "lr": cfg.lr, "seed": seed}
     if model is None:
-        model = zoo.create(spec.name, num_classes=task.num_classes, in_chans=task.in_chans)
+        model = zoo.create(spec.name, num_classes=task.num_classes, in_chans=task.in_chans, **size)
     cached = False
     if use_cache and distributed.is_main() and path.is_file():
         try:
@@ -94,7 +99,12 @@ def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, rec
     if stochastic_depth is not None:
         info["stochastic_depth"] = set_stochastic_depth(model, stochastic_depth)
     t0 = time.time()
-    fit(model, task, cfg, description=f"train {spec.name}")
+    if detector:
+        from ..detect.train import fit_detector
+
+        info["fit"] = fit_detector(model, task, cfg, description=f"train {spec.name}")
+    else:
+        fit(model, task, cfg, description=f"train {spec.name}")
     info["train_seconds"] = round(time.time() - t0, 1)
     if use_cache and distributed.is_main():
         buf = io.BytesIO()

@@ -29,6 +29,10 @@ class ResolvedSource:
         return self.spec.name if self.spec is not None else self.source.name
 
     @property
+    def detector(self) -> bool:
+        return self.spec is not None and self.spec.task == "detection"
+
+    @property
     def keeps_head(self) -> bool:
         """The model comes with its own trained classifier (pretrained weights, the user's checkpoint for their
         own factory, an ONNX file): it is judged as it is, never given a new head for the default task."""
@@ -65,6 +69,11 @@ class ResolvedSource:
         from ..data import load_task
         from ..data.folders import data_layout
 
+        if self.detector:
+            from ..detect.data import load_detection_task
+
+            size = {"input_size": input_size} if input_size is not None else {}
+            return load_detection_task("digits-detect", data=data, seed=seed, **size)
         if self.onnx is not None:
             input_size = self.onnx.input_shape[-1]
         if data is None and not self.keeps_head:
@@ -149,6 +158,9 @@ def resolve(source: "str | ModelSource", weights: Optional[str] = None, input_si
     from ..zoo.external import spec_for
 
     spec = spec_for(src)
+    if spec.task == "detection" and steps:
+        raise EdgekitError(f"{what} has steps ({', '.join(steps)}); for detectors edgekit does not prune, distill, "
+                           f"factorize or fine-tune yet: use --recipe int8 or --recipe fp32")
     if weights == "pretrained" and not spec.pretrained:
         raise EdgekitError(f"{spec.name} has no pretrained weights edgekit knows of; give --weights file.pth")
     return ResolvedSource(src, weights, spec=spec)

@@ -18,16 +18,11 @@ from torch import nn
 from .. import progress, zoo
 from ..config import DeviceProfile, Recipe
 from ..data import Task
-from ..errors import EdgekitError
+from ..errors import EdgekitError, first_line
 from ..formats import FORMATS, FormatUnavailable
 from ..results import ESTIMATED, FAILED, MEASURED, OK, UNAVAILABLE, Latency, Variant
 
 REFERENCE = ("baseline", "onnx", "fp32")  # every run's reference variant: speedups and agreement are against it
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {(text.splitlines()[0] if text else '')[:300]}".rstrip(": ")
 
 
 @dataclass(frozen=True)
@@ -167,6 +162,10 @@ def evaluate(variants: Sequence[Variant], runners: Dict[str, Any], task: Task,
     """
     from ..evaluate import agreement, predict_stream, sqnr_db, top1, topk_overlap
 
+    if getattr(task, "kind", "classification") == "detection":
+        from ..detect.evaluate import evaluate_variants
+
+        return evaluate_variants(variants, runners, task, num_eval=num_eval, batch_size=min(batch_size, 16))
     live = [v for v in variants if v.status == OK and v.key in runners]
     if not live:
         return None

@@ -1,0 +1,156 @@
+"""Detectors through edgekit's pipeline: exported graphs match torch after the shared NMS, the CLI refuses what it
+cannot do in one line, and a short yolox-nano run quantizes to int8 with its mAP scored like fp32's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgekit import zoo
+from edgekit.detect.data import digits_detect_task
+from edgekit.detect.evaluate import torch_runner
+from edgekit.detect.metrics import NMS, postprocess
+from edgekit.detect.train import fit_detector
+from edgekit.train import FitConfig
+
+DETECTORS = [s.name for s in zoo.list_models(task="detection")]
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "edgekit", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_the_zoo_lists_the_detectors():
+    assert DETECTORS == ["ssdlite-mobilenetv3", "yolox-nano"]
+    assert all(s.task == "classification" for s in zoo.list_models())
+    out = _cli("zoo", "list")
+    assert out.returncode == 0 and "yolox-nano" in out.stdout and "ssdlite-mobilenetv3" in out.stdout
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_exports_and_matches_torch_after_nms(name, tmp_path):
+    """A briefly trained detector (confident boxes, so NMS has real work) gives the same boxes after the shared NMS
+    from its fp32 ONNX graph in ONNX Runtime as in torch."""
+    from edgekit.export.onnx import export_onnx
+    from edgekit.runtime import load_runner
+
+    task = digits_detect_task(num_train=128, num_calib=8, num_eval=16)
+    model = zoo.create(name, num_classes=10, input_size=task.input_size)
+    fit_detector(model, task, FitConfig(epochs=4, lr=3e-3, batch_size=32))
+    x, _ = task.arrays("eval")
+    path = export_onnx(model, tmp_path / f"{name}.onnx", task.input_shape)
+    ort = load_runner("onnxruntime", path, threads=2)
+    ref, got = torch_runner(model)(x), np.concatenate([ort.run(x[i:i + 1]) for i in range(len(x))])
+    assert got.shape == ref.shape == (len(x), ref.shape[1], 4 + 10)
+    np.testing.assert_allclose(got[..., 4:], ref[..., 4:], atol=1e-4)
+    settings = NMS(score=_floor_in_a_gap(ref[..., 4:]))  # the most confident (anchor, class) pairs
+    kept = 0
+    for a, b in zip(postprocess(ref, settings), postprocess(got, settings)):
+        a, b = _ordered(a), _ordered(b)  # equal scores may leave NMS in either order
+        assert a["labels"].tolist() == b["labels"].tolist()
+        np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-2)
+        kept += len(a["labels"])
+    assert kept > 0
+
+
+def _floor_in_a_gap(scores: np.ndarray) -> float:
+    """A score floor about the top 0.1% of the scores, in the widest gap there, so that a 1e-5 difference between
+    runtimes never moves a candidate across it."""
+    s = np.sort(scores.ravel())[::-1]
+    k = max(4, s.size // 1000)
+    window = s[k // 2:2 * k]
+    i = int(np.argmax(window[:-1] - window[1:]))
+    return float((window[i] + window[i + 1]) / 2)
+
+
+def _ordered(d):
+    order = np.lexsort((np.round(d["boxes"][:, 1], 1), np.round(d["boxes"][:, 0], 1), d["labels"]))
+    return {k: v[order] for k, v in d.items()}
+
+
+def _coco_folder(root: Path, file_name: str = "a.png") -> Path:
+    from PIL import Image
+
+    root.mkdir()
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(root / "a.png")
+    ann = {"images": [{"id": 1, "file_name": file_name, "width": 40, "height": 30},
+                      {"id": 2, "file_name": "a.png", "width": 40, "height": 30}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [1, 2, 10, 10], "iscrowd": 0}],
+           "categories": [{"id": 3, "name": "cup"}]}
+    (root / "annotations.json").write_text(json.dumps(ann))
+    return root
+
+
+@pytest.mark.parametrize("file_name, says", [("missing.png", "missing.png"), ("../outside.png", "outside")])
+def test_cli_refuses_a_hostile_coco_folder_in_one_line(tmp_path, file_name, says):
+    data = _coco_folder(tmp_path / "coco", file_name)
+    out_dir = tmp_path / "out"
+    r = _cli("compress", "--recipe", "int8", "yolox-nano", "--data", str(data), "--out", str(out_dir))
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert not out_dir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["coco"]
+
+
+def test_cli_refuses_steps_a_detector_cannot_take(tmp_path):
+    r = _cli("compress", "--recipe", "prune50", "yolox-nano", "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "detectors" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_yolox_nano_int8_pipeline(tmp_path):
+    """The pipeline's own stages on a short yolox-nano run: the int8 ONNX is scored with the same NMS and COCO mAP
+    as fp32, with its mAP against fp32's detections; report.json carries metrics {map, map50}."""
+    from edgekit.config import Recipe, TrainSpec, load_device
+    from edgekit.pipeline import VariantSpec, evaluate, export_variants, load_runners
+
+    task = digits_detect_task(num_train=1500, num_calib=64, num_eval=200)
+    model = zoo.create("yolox-nano", num_classes=10, input_size=task.input_size)
+    torch.manual_seed(0)
+    info = fit_detector(model, task, FitConfig(epochs=6, lr=2e-3, batch_size=32))
+    assert info["loss_last"] < 0.5 * info["loss_first"], info
+    specs = [VariantSpec("baseline", "onnx", "fp32"),
+             VariantSpec("baseline", "onnx", "int8", {"num_calib": 64, "search": "none"})]
+    variants = export_variants({"baseline": model}, specs, task, load_device("desktop-cpu"), tmp_path,
+                               model_label="yolox-nano")
+    evaluate(variants, load_runners(variants, threads=2), task)
+    fp32, int8 = variants
+    assert int8.status == "ok", int8.error
+    assert fp32.metrics["map"] >= 0.2 and fp32.metrics["map50"] >= fp32.metrics["map"], fp32.metrics
+    assert fp32.agreement == 1.0 and fp32.accuracy == fp32.metrics["map"]
+    assert 100 * (fp32.metrics["map"] - int8.metrics["map"]) <= 3.0, (fp32.metrics, int8.metrics)
+    assert int8.agreement is not None and int8.agreement >= 0.6, int8.agreement
+    assert set(int8.to_json()["metrics"]) == {"map", "map50"}
+
+
+def test_int8_keeps_a_detectors_decoding_in_float(tmp_path):
+    """The nodes after the last convs (box decoding, score products, the concat of pixel boxes with 0-1 scores) stay
+    float in the int8 graph; every conv is quantized."""
+    import onnx
+
+    from edgekit.export.onnx import export_onnx
+    from edgekit.export.onnx_int8 import OrtQuantConfig, quantize_onnx
+    from edgekit.export.ptq import float_tail
+
+    model = zoo.create("yolox-nano", num_classes=3, input_size=64)
+    fp32 = export_onnx(model, tmp_path / "y.onnx", (1, 3, 64, 64))
+    graph = onnx.load(str(fp32)).graph
+    tail = set(float_tail(graph))
+    ops = {n.op_type for n in graph.node if n.name in tail}
+    assert {"Sigmoid", "Exp", "Concat"} <= ops and not ops & {"Conv", "Gemm", "MatMul"}, ops
+    calib = np.random.default_rng(0).uniform(0, 1, (4, 3, 64, 64)).astype(np.float32)
+    q = onnx.load(str(quantize_onnx(fp32, tmp_path / "q.onnx", calib, OrtQuantConfig(fp32_tail=True))))
+    out = q.graph.output[0].name
+    made_by = {o: n for n in q.graph.node for o in n.output}
+    last = made_by[out]
+    assert last.op_type == "Concat" and all(made_by[i].op_type != "DequantizeLinear" for i in last.input)
+    convs = [n for n in q.graph.node if n.op_type == "Conv"]
+    assert convs and all(made_by[n.input[1]].op_type == "DequantizeLinear" for n in convs if n.input[1] in made_by)
