@@ -129,3 +129,11 @@ def compare(reference: np.ndarray, test: np.ndarray) -> Dict[str, float]:
     return {"agreement": agreement(reference, test), "top5_overlap": topk_overlap(reference, test),
             "cosine": cosine(reference, test),
             "max_abs": float(np.abs(reference - test).max()), "sqnr_db": sqnr_db(reference, test)}
+
+
+Fidelity = Callable[[np.ndarray, np.ndarray], Tuple[float, float]]  # (reference, outputs) -> (SQNR dB, agreement)
+
+
+def logits_fidelity(reference: np.ndarray, test: np.ndarray) -> Tuple[float, float]:
+    """How close a classifier's int8 candidate is to fp32 on the calibration split: logits SQNR, top-1 agreement."""
+    return sqnr_db(reference, test), agreement(reference, test)

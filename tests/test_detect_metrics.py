@@ -67,3 +67,23 @@ def test_postprocess_caps_and_refuses_other_shapes():
     assert all(len(d["scores"]) == 100 for d in dets)
     with pytest.raises(EdgekitError, match="anchors, 4 \\+ classes"):
         postprocess(np.zeros((2, 10)))
+
+
+def test_fidelity_ranks_by_the_detections_not_the_background_boxes():
+    """int8 candidates are ranked on what NMS keeps: noise on background anchors' boxes costs nothing, noise on
+    the scores does."""
+    from edgekit.detect.metrics import fidelity
+
+    rng = np.random.default_rng(0)
+    raw = np.zeros((6, 300, 4 + 3), np.float32)
+    xy = rng.uniform(0, 90, (6, 300, 2))
+    raw[..., :2], raw[..., 2:4] = xy, xy + rng.uniform(10, 30, (6, 300, 2))
+    raw[..., 4:] = rng.uniform(0, 0.02, (6, 300, 3))
+    raw[:, :5, 4] = 0.9  # five confident anchors per image
+    f = fidelity(3, SIZE)
+    assert f(raw, raw) == (float("inf"), 1.0)
+    background = raw.copy()
+    background[:, 5:, :4] += rng.normal(0, 40, (6, 295, 4))
+    scores = raw.copy()
+    scores[..., 4:] = np.clip(scores[..., 4:] + rng.normal(0, 0.05, scores[..., 4:].shape), 0, 1)
+    assert f(raw, background)[0] == float("inf") and f(raw, scores)[0] < 25

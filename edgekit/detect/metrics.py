@@ -141,3 +141,22 @@ def detection_agreement(reference: Sequence[Dict[str, np.ndarray]], detections: 
     if not any(len(t["labels"]) for t in gt):
         return None
     return coco_map(detections, gt, num_classes, size)["map"]
+
+
+def fidelity(num_classes: int, size: int, settings: NMS = NMS(), candidate: float = 0.05):
+    """int8 candidates of a detector against fp32 on the calibration split, as ``calibration: auto`` and the layout
+    search rank them: (SQNR of what the detections are made of, mAP against fp32's detections).
+
+    The SQNR covers every class score and the boxes (in units of the input size) of the anchors fp32 scores
+    ``candidate`` or more: the raw output's SQNR would be the boxes of thousands of background anchors, which NMS
+    never keeps. With no confident fp32 detection the agreement is 1 for every candidate and the SQNR decides.
+    """
+    from ..evaluate import sqnr_db
+
+    def score(ref: np.ndarray, out: np.ndarray):
+        keep = ref[..., 4:].max(-1) >= candidate
+        flat = lambda a: np.concatenate([a[..., 4:].ravel(), (a[..., :4][keep] / size).ravel()])  # noqa: E731
+        agree = detection_agreement(postprocess(ref, settings), postprocess(out, settings), num_classes, size)
+        return sqnr_db(flat(ref), flat(out)), 1.0 if agree is None else agree
+
+    return score

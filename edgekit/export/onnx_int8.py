@@ -32,6 +32,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ..errors import EdgekitError
+from ..evaluate import Fidelity, logits_fidelity
 from ..progress import track
 from . import Timer
 from .ort_calibration import streamed_calibration
@@ -293,8 +294,8 @@ SEARCH_NEEDS_TIMER = "no timer was given to time the int8 layouts with (ExportCo
 def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, cfg: OrtQuantConfig,
                        candidates=AUTO_CANDIDATES, scopes=AUTO_SCOPES, latency_threads: Optional[int] = None,
                        rounds: int = 100, timer: Optional[Timer] = None, equalize: Optional[bool] = False,
-                       bias_correction: Optional[bool] = False,
-                       adaround: Optional[bool] = False) -> tuple[Path, OrtQuantConfig, dict]:
+                       bias_correction: Optional[bool] = False, adaround: Optional[bool] = False,
+                       fidelity: Optional[Fidelity] = None) -> tuple[Path, OrtQuantConfig, dict]:
     """Quantize with each calibration method and op scope; keep the one whose logits are closest to fp32.
 
     Closeness is the SQNR of the logits on the calibration split (never the eval
@@ -316,12 +317,15 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
     candidate + bias correction, + CLE, + both, kept only when their SQNR is higher.
     ``adaround`` (minutes per candidate on a 224 px model, so never a product either): True or None quantizes the
     best candidate once more with AdaRound, kept always (True) or only when its SQNR is higher (None).
+    ``fidelity(ref, out) -> (SQNR dB, agreement)`` scores a candidate's outputs against fp32's (default: logits
+    SQNR and top-1 agreement; a detector's compares its detections, :func:`edgekit.detect.metrics.fidelity`).
     Returns the path, the config used and ``{"calibration_sqnr_db": ..., "search": [...]}``.
     """
     from dataclasses import replace
 
-    from ..evaluate import agreement, sqnr_db
     from ..runtime import load_runner
+
+    fidelity = fidelity or logits_fidelity
 
     out_path = Path(out_path)
 
@@ -343,9 +347,9 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
                 # tensor whose range is a few float steps: "Too many bins for data range"): the others still count.
                 failed[key] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 return
-            out = logits(p)
-            scores[key] = round(sqnr_db(ref, out), 2)
-            tried.append((c, p, scores[key], agreement(ref, out)))
+            sqnr, agree = fidelity(ref, logits(p))
+            scores[key] = round(sqnr, 2)
+            tried.append((c, p, scores[key], agree))
 
         for method, ops in ((m, o) for m in candidates for o in scopes):
             attempt(replace(base, calibration=method, op_types=list(ops) if ops else None))
@@ -373,7 +377,8 @@ def quantize_onnx_auto(fp32_path: str | Path, out_path: str | Path, calib: np.nd
             same_calibration = [t for t in tried if t is not best and t[0].calibration == best[0].calibration
                                 and ptq_label(t[0]) == ptq_label(best[0])]
             best, details["search"], details["search_decision"] = _fastest_layout(
-                fp32_path, Path(tmp), calib, [best, *same_calibration], ref, logits, latency_threads, rounds, timer)
+                fp32_path, Path(tmp), calib, [best, *same_calibration], ref, logits, latency_threads, rounds, timer,
+                fidelity)
         shutil.move(str(best[1]), out_path)
     return out_path, best[0], details
 
@@ -386,7 +391,7 @@ def search_eligible(sqnr: float, agree: float, top_sqnr: float, top_agree: float
 
 
 def _fastest_layout(fp32_path, tmp: Path, calib, quantized: list, ref, logits, threads: int, rounds: int,
-                    timer: Timer):
+                    timer: Timer, fidelity: Optional[Fidelity] = None):
     """Quantize the other layouts with the best one's calibration, time all round-robin, keep the fastest eligible
     one only when it is faster than the most accurate beyond the timing noise (:func:`choose_within_noise`).
 
@@ -396,9 +401,9 @@ def _fastest_layout(fp32_path, tmp: Path, calib, quantized: list, ref, logits, t
     """
     from dataclasses import replace
 
-    from ..evaluate import agreement, sqnr_db
     from ..runtime import load_runner
 
+    fidelity = fidelity or logits_fidelity
     best = quantized[0]
     cands = list(quantized)
     # Without AdaRound (minutes each; the integers do not change the speed): the chosen layout gets it at the end.
@@ -411,8 +416,8 @@ def _fastest_layout(fp32_path, tmp: Path, calib, quantized: list, ref, logits, t
         if any(c == q[0] for q in cands):
             continue
         p = quantize_onnx(fp32_path, tmp / f"layout{i}.onnx", calib, c)
-        out = logits(p)
-        cands.append((c, p, round(sqnr_db(ref, out), 2), agreement(ref, out)))
+        sqnr, agree = fidelity(ref, logits(p))
+        cands.append((c, p, round(sqnr, 2), agree))
     # Tolerances are relative to the most accurate candidate (highest SQNR, then agreement), always eligible.
     top = max(cands, key=lambda c: (c[2], c[3]))
     eligible = [c for c in cands if search_eligible(c[2], c[3], top[2], top[3])]
@@ -444,8 +449,8 @@ def _fastest_layout(fp32_path, tmp: Path, calib, quantized: list, ref, logits, t
     if best[0].adaround and not chosen[0].adaround:
         c = replace(chosen[0], adaround=True)
         p = quantize_onnx(fp32_path, tmp / "chosen-adaround.onnx", calib, c)
-        out = logits(p)
-        chosen, decision = (c, p, round(sqnr_db(ref, out), 2), agreement(ref, out)), decision + "; then AdaRound on it"
+        sqnr, agree = fidelity(ref, logits(p))
+        chosen, decision = (c, p, round(sqnr, 2), agree), decision + "; then AdaRound on it"
     return chosen, table, decision
 
 
