@@ -253,7 +253,7 @@ class YOLOX(nn.Module):
 
     def _decode(self, reg: Tensor, grid: Tensor, stride: int) -> Tensor:
         """(dx, dy, log w, log h) -> xyxy pixels: center = (grid + d) * stride, wh = exp(log wh) * stride."""
-        center = (reg[..., :2] + grid) * stride
+        center = (reg[..., :2] + grid) * float(stride)  # a float: an int scalar becomes an int64 tensor in PT2E
         half = torch.exp(reg[..., 2:].clamp(max=self.max_log_wh)) * (0.5 * stride)
         return torch.cat([center - half, center + half], -1)
 

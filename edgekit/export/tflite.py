@@ -206,6 +206,30 @@ def _annotate_conv_relu6(gm, quantization_config, filter_fn=None):
     return found
 
 
+_WEIGHTED = (*_CONV, "linear.default", "addmm.default", "mm.default")
+
+
+def float_tail(quantizer):
+    """``quantizer`` leaving unquantized every op from which no conv or linear layer is reachable (a detector's
+    box decoding and scores, which one 8-bit scale over pixel boxes and 0-1 scores would crush), as the ONNX int8
+    path does (:func:`edgekit.export.ptq.float_tail`). The file then ends in float ops with a float output."""
+    annotate = quantizer.annotate
+
+    def annotate_all_but_the_tail(gm):
+        gm = annotate(gm)
+        reaches = {}
+        for n in reversed(list(gm.graph.nodes)):  # users come after their inputs
+            reaches[n] = (n.op == "call_function" and str(n.target).removeprefix("aten.") in _WEIGHTED) or any(
+                reaches.get(u, False) for u in n.users)
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and not reaches[n]:
+                n.meta.pop("quantization_annotation", None)
+        return gm
+
+    quantizer.annotate = annotate_all_but_the_tail
+    return quantizer
+
+
 def litert_quantizer(config):
     """litert-torch's ``PT2EQuantizer`` with ``config`` global, and conv+ReLU6 annotated like conv+ReLU."""
     from litert_torch.quantize import pt2e_quantizer as pq
@@ -247,12 +271,12 @@ def _without_qat_conv_bn_fold():
 
 def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], calib: np.ndarray, nhwc: bool = False,
                  per_channel: bool = True, bias_correction: Optional[bool] = None,
-                 report: Optional[dict] = None) -> int:
+                 report: Optional[dict] = None, keep_tail_float: bool = False) -> int:
     """Full-integer int8 by PT2E: export, insert observers, calibrate, convert, correct biases, lower to TFLite.
 
     ``bias_correction`` (``pt2e_bias``): True applies it, None keeps it where the calibration logits' SQNR rises,
-    False skips it; what it did goes to ``report["bias_correction"]``. Writes ``path``; returns how many float
-    edges :func:`route_through_qdq` rewired.
+    False skips it; what it did goes to ``report["bias_correction"]``. ``keep_tail_float``: see :func:`float_tail`.
+    Writes ``path``; returns how many float edges :func:`route_through_qdq` rewired.
     """
     _quiet_litert()
     import litert_torch
@@ -270,6 +294,8 @@ def convert_int8(model: nn.Module, path: Path, input_shape: Tuple[int, ...], cal
     def attempt(shared_cat_scales: bool):
         quantizer = litert_quantizer(pq.get_symmetric_quantization_config(is_per_channel=per_channel,
                                                                            is_dynamic=False))
+        if keep_tail_float:
+            quantizer = float_tail(quantizer)
         graph = torch.export.export(module, (sample,)).module()
         if shared_cat_scales:
             mark_cat_sources(graph)
@@ -353,8 +379,9 @@ def export_tflite(model: nn.Module, precision: str, options: TfliteOptions, ctx)
         calib, _ = ctx.task.arrays("calib", limit=options.num_calib)
         per_channel = options.per_channel
         report: dict = {}
+        detector = getattr(ctx.task, "kind", "classification") == "detection"
         rewired = convert_int8(model, out, ctx.input_shape, calib, nhwc=nhwc, per_channel=per_channel,
-                               bias_correction=options.bias_correction, report=report)
+                               bias_correction=options.bias_correction, report=report, keep_tail_float=detector)
         info["quantization"] = {
             "tool": "litert-torch PT2EQuantizer + torchao prepare_pt2e/convert_pt2e",
             "scheme": "full-integer int8: weights int8 symmetric " + ("per-channel (axis 0)" if per_channel
@@ -364,6 +391,8 @@ def export_tflite(model: nn.Module, precision: str, options: TfliteOptions, ctx)
             "float_edges_rewired": rewired,
             "bias_correction": report.get("bias_correction", {"kept": False, "why": "bias_correction: false"}),
         }
+        if detector:
+            info["quantization"]["scheme"] += "; the decoding after the last convs float, with a float output"
     else:
         key = ("tflite-fp32", id(model), nhwc)
         fp32 = ctx.cache.get(key)
