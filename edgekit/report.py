@@ -233,9 +233,12 @@ def quantization_sections(report: dict) -> List[Tuple[str, List[str], List[List[
             continue
         title = f"{v['name']} ({v['format']} {v['precision']}): {q.get('config') or q.get('scheme', '')}"
         extra = q.get("tool", "")
+        scored = "SQNR of the detections" if q.get("scored_by") else "logits SQNR"  # a detector: what ranks it
         if q.get("calibration_sqnr_db"):
-            extra += "; calibration and op scope chosen by logits SQNR vs fp32 on the calibration split: " + ", ".join(
+            extra += f"; calibration and op scope chosen by {scored} vs fp32 on the calibration split: " + ", ".join(
                 f"{k} {val} dB" for k, val in q["calibration_sqnr_db"].items())
+        if q.get("scored_by"):
+            extra += f" ({q['scored_by']})"
         if q.get("search_decision"):  # how the layout search decided, with the timing interval
             extra += f"; layout: {q['search_decision']}"
         if q.get("failed"):  # candidates ONNX Runtime's calibrator could not quantize with: skipped
@@ -244,8 +247,9 @@ def quantization_sections(report: dict) -> List[Tuple[str, List[str], List[List[
                  f"{r['final_p50_ms']:.3f}" if "final_p50_ms" in r else "",
                  ("chosen" if r["chosen"] else "") + ("" if r["eligible"] else "not accurate enough")]
                 for r in q.get("search", [])]
+        agree = "calib mAP vs fp32" if q.get("scored_by") else "calib agreement"
         out.append((title + (f" — {extra}" if extra else ""),
-                    ["layout", "logits SQNR dB", "calib agreement", "p50 ms (here)", "p50 ms (2nd pass)", ""], rows))
+                    ["layout", f"{scored} dB", agree, "p50 ms (here)", "p50 ms (2nd pass)", ""], rows))
     return out
 
 

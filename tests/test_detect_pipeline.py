@@ -180,3 +180,18 @@ def test_tflite_int8_keeps_a_detectors_decoding_in_float(tmp_path):
     assert exps and all(tensors[o["outputs"][0]]["dtype"] == np.float32 for o in exps)
     out = load_runner("litert", path, threads=1).run(calib[:1])
     assert out.shape == (1, 84, 4 + 3) and np.isfinite(out).all()
+
+
+def test_a_detectors_report_speaks_map():
+    """The results table, the sentence under it and the quantization section of a detection run say mAP, never
+    top-1 accuracy."""
+    from edgekit.report import columns, latency_sentence, variant_rows
+
+    v = {"name": "int8", "format": "onnx", "precision": "int8", "size_mb": 1.4, "params": 9e5, "macs": 4.8e7,
+         "accuracy": 0.60, "agreement": 0.83, "metrics": {"map": 0.60, "map50": 0.88}, "status": "ok",
+         "latency_ms": {"p50": 2.5, "p90": 3.0, "source": "measured", "runs": 100}, "speedup": 1.1}
+    report = {"task": {"kind": "detection", "num_eval": 500}, "variants": [v], "device": "desktop-cpu"}
+    assert columns(report)[6:9] == ["mAP", "mAP50", "mAP vs fp32"]
+    assert variant_rows(report)[0][6:9] == ["60.00%", "88.00%", "83.00%"]
+    text = latency_sentence(report)
+    assert "COCO mAP" in text and "top-1" not in text

@@ -55,7 +55,8 @@ def assemble_report(model: str, model_info: Dict[str, Any], recipe: Recipe, devi
     labelled = task.labelled
     for v in [v for v in variants if v.status == OK][1:]:
         if ref.accuracy is not None and v.accuracy is not None and v.accuracy < ref.accuracy - budget - 1e-9:
-            notes.append(f"{v.name} ({v.format}) loses {100 * (ref.accuracy - v.accuracy):.2f} points of accuracy, "
+            what = "COCO mAP" if getattr(task, "kind", "") == "detection" else "accuracy"
+            notes.append(f"{v.name} ({v.format}) loses {100 * (ref.accuracy - v.accuracy):.2f} points of {what}, "
                          f"more than the recipe's budget of {recipe.accuracy_budget_pp} points.")
         elif not labelled and ref.agreement is not None and v.agreement is not None \
                 and v.agreement < ref.agreement - budget - 1e-9:

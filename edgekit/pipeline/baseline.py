@@ -32,7 +32,7 @@ def baseline_fit_config(spec: zoo.ModelSpec, recipe: Optional[Recipe], seed: int
     given = tr.model_fields_set if tr is not None else set()
     epochs = tr.epochs if "epochs" in given else spec.train.get("epochs", tr.epochs if tr else 4)
     batch = tr.batch_size if "batch_size" in given else int(spec.train.get("batch_size", tr.batch_size if tr else 64))
-    return FitConfig(epochs=epochs, lr=lr, batch_size=batch, seed=seed, device=train_device)
+    return FitConfig(epochs=float(epochs), lr=lr, batch_size=batch, seed=seed, device=train_device)
 
 
 def _cache_key_fit(cfg: FitConfig, world: int) -> dict:
