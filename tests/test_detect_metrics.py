@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgekit.detect.metrics import NMS, box_iou, coco_map, detection_agreement, nms, postprocess
+from edgekit.detect.metrics import NMS, coco_map, detection_agreement, postprocess
+from edgekit.device.runner import box_iou, nms
 from edgekit.errors import EdgekitError
 
 SIZE = 128

@@ -195,3 +195,29 @@ def test_a_detectors_report_speaks_map():
     assert variant_rows(report)[0][6:9] == ["60.00%", "88.00%", "83.00%"]
     text = latency_sentence(report)
     assert "COCO mAP" in text and "top-1" not in text
+
+
+def test_the_device_runner_prints_the_boxes_the_host_keeps(tmp_path):
+    """runner.py predict --detections on an exported detector: boxes, scores and classes per image in its JSON,
+    the same as the host's post-processing of the same output (one function, run standalone as on a device)."""
+    from edgekit.device import runner
+    from edgekit.export.onnx import export_onnx
+
+    model = zoo.create("ssdlite-mobilenetv3", num_classes=3, input_size=64)
+    with torch.no_grad():  # confident, distinct scores without training: a strong class-1 logit per anchor
+        model.net.head.classification_head.module_list[0][-1].bias.data[1::4] += 6.0
+    path = export_onnx(model, tmp_path / "d.onnx", (1, 3, 64, 64))
+    x = np.random.default_rng(0).uniform(0, 1, (1, 3, 64, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = subprocess.run([sys.executable, runner.__file__, "predict", str(path), str(tmp_path / "x.npy"),
+                        str(tmp_path / "y.npy"), "--detections", "--score", "0.3"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (got,) = json.loads(r.stdout)["detections"]
+    (want,) = postprocess(np.load(tmp_path / "y.npy"), NMS(score=0.3))
+    assert got and [d["class"] for d in got] == want["labels"].tolist()
+    np.testing.assert_allclose([d["box"] for d in got], want["boxes"], atol=0.01)
+    bad = subprocess.run([sys.executable, runner.__file__, "predict", str(path), str(tmp_path / "x.npy"),
+                          str(tmp_path / "z.npy"), "--detections", "--iou", "oops"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and json.loads(bad.stdout)["exit_code"] == 2

@@ -29,52 +29,16 @@ class NMS:
     max_candidates: int = 1000
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of ``a`` [n, 4] with every box of ``b`` [m, 4] (xyxy)."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(2)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Indices kept by greedy NMS, highest score first."""
-    order = np.argsort(-scores, kind="stable")
-    keep: List[int] = []
-    while order.size:
-        i = order[0]
-        keep.append(int(i))
-        if order.size == 1:
-            break
-        rest = order[1:]
-        order = rest[box_iou(boxes[i:i + 1], boxes[rest])[0] <= iou]
-    return np.asarray(keep, dtype=np.int64)
-
-
 def postprocess(raw: np.ndarray, settings: NMS = NMS()) -> List[Dict[str, np.ndarray]]:
     """Per image ``{"boxes" [k, 4], "scores" [k], "labels" [k]}`` from ``raw`` [B, N, 4 + C]: every (anchor, class)
-    pair over the score floor is a candidate (as torchvision's and mmdetection's evaluation), NMS per class."""
-    raw = np.asarray(raw)
-    if raw.ndim != 3 or raw.shape[2] < 5:
-        raise EdgekitError(f"a detector's output is [batch, anchors, 4 + classes]; this one is {list(raw.shape)}")
-    out = []
-    for det in raw.astype(np.float32, copy=False):
-        boxes, cls = det[:, :4], det[:, 4:]
-        a, c = np.nonzero(cls > settings.score)
-        s = cls[a, c]
-        if s.size > settings.max_candidates:
-            top = np.argpartition(-s, settings.max_candidates - 1)[:settings.max_candidates]
-            a, c, s = a[top], c[top], s[top]
-        b = boxes[a]
-        # per-class NMS in one pass: boxes of different classes are moved apart so they never overlap
-        shift = c[:, None].astype(np.float32) * (float(np.abs(b).max(initial=0.0)) + 1.0)
-        keep = nms(b + shift, s, settings.iou)[:settings.max_det]
-        out.append({"boxes": b[keep].astype(np.float32), "scores": s[keep].astype(np.float32),
-                    "labels": c[keep].astype(np.int64)})
-    return out
+    pair over the score floor is a candidate (as torchvision's and mmdetection's evaluation), NMS per class. The
+    code is the device runner's (:func:`edgekit.device.runner.detections`): host and device keep the same boxes."""
+    from ..device.runner import RunnerError, detections
+
+    try:
+        return detections(raw, settings.score, settings.iou, settings.max_det, settings.max_candidates)
+    except RunnerError as exc:
+        raise EdgekitError(str(exc)) from None
 
 
 def coco_ground_truth(targets: Sequence[Dict[str, np.ndarray]], num_classes: int, size: int) -> dict:

@@ -10,7 +10,7 @@ It runs on Python 3.6+ (JetPack 4) and needs the standard library, numpy, and on
 
 Usage:
   python3 runner.py bench MODEL [--warmup N] [--runs N] [--threads N]
-  python3 runner.py predict MODEL INPUT.npy OUT.npy [--threads N]
+  python3 runner.py predict MODEL INPUT.npy OUT.npy [--threads N] [--detections [--score S --iou I --max-det N]]
   python3 runner.py info
 
 predict on a full-integer .tflite takes float input and writes float output, converted with the
@@ -308,9 +308,65 @@ def cmd_predict(args) -> dict:
     if dequantized:  # logits in float, comparable with every other format's
         out = ((out.astype(np.float32) - out_q[1]) * out_q[0]).astype(np.float32)
     np.save(args.output, out, allow_pickle=False)
-    return {"command": "predict", "runtime": backend.runtime, "version": backend.version,
-            "input_shape": list(x.shape), "output_shape": list(np.shape(out)), "output": args.output,
-            "integer_io": bool(integer_io or dequantized), **machine_info()}
+    result = {"command": "predict", "runtime": backend.runtime, "version": backend.version,
+              "input_shape": list(x.shape), "output_shape": list(np.shape(out)), "output": args.output,
+              "integer_io": bool(integer_io or dequantized), **machine_info()}
+    if args.detections:  # boxes, scores and classes per image, after the host's NMS
+        result["detections"] = [
+            [{"box": [round(float(v), 2) for v in b], "score": round(float(sc), 4), "class": int(c)}
+             for b, sc, c in zip(d["boxes"], d["scores"], d["labels"])]
+            for d in detections(out, args.score, args.iou, args.max_det)]
+    return result
+
+
+def box_iou(a, b):
+    """IoU of every box of ``a`` [n, 4] with every box of ``b`` [m, 4] (x1, y1, x2, y2)."""
+    np = _import_numpy()
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def nms(boxes, scores, iou: float):
+    """Indices kept by greedy NMS, highest score first."""
+    np = _import_numpy()
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(int(i))
+        rest = order[1:]
+        order = rest[box_iou(boxes[i:i + 1], boxes[rest])[0] <= iou] if rest.size else rest
+    return np.asarray(keep, dtype=np.int64)
+
+
+def detections(raw, score: float = 0.01, iou: float = 0.65, max_det: int = 100, max_candidates: int = 1000):
+    """Per image {"boxes" [k, 4], "scores" [k], "labels" [k]} from a detector's raw output [B, anchors, 4 + classes]
+    (boxes decoded in the graph): every (anchor, class) pair over ``score`` is a candidate, NMS per class. The host's
+    evaluation runs this same function (edgekit.detect.metrics), so a device scores boxes as the host does."""
+    np = _import_numpy()
+    raw = np.asarray(raw)
+    if raw.ndim != 3 or raw.shape[2] < 5:
+        raise RunnerError("a detector's output is [batch, anchors, 4 + classes]; this one is %s" % list(raw.shape))
+    out = []
+    for det in raw.astype(np.float32, copy=False):
+        boxes, cls = det[:, :4], det[:, 4:]
+        a, c = np.nonzero(cls > score)
+        s = cls[a, c]
+        if s.size > max_candidates:
+            top = np.argpartition(-s, max_candidates - 1)[:max_candidates]
+            a, c, s = a[top], c[top], s[top]
+        b = boxes[a]
+        # per-class NMS in one pass: boxes of different classes are moved apart so they never overlap
+        shift = c[:, None].astype(np.float32) * (float(np.abs(b).max(initial=0.0)) + 1.0)
+        keep = nms(b + shift, s, iou)[:max_det]
+        out.append({"boxes": b[keep].astype(np.float32), "scores": s[keep].astype(np.float32),
+                    "labels": c[keep].astype(np.int64)})
+    return out
 
 
 def cmd_info(args) -> dict:
@@ -337,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("input")
     r.add_argument("output")
     r.add_argument("--threads", type=int, default=0)
+    r.add_argument("--detections", action="store_true",
+                   help="a detector: also print boxes, scores and classes per image after NMS")
+    r.add_argument("--score", type=float, default=0.01, help="detections: lowest score kept")
+    r.add_argument("--iou", type=float, default=0.65, help="detections: per-class NMS IoU")
+    r.add_argument("--max-det", type=int, default=100, help="detections: most boxes per image")
     sub.add_parser("info", help="which runtimes this python can import")
     return p
 
