@@ -221,3 +221,40 @@ def test_the_device_runner_prints_the_boxes_the_host_keeps(tmp_path):
                           str(tmp_path / "z.npy"), "--detections", "--iou", "oops"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and json.loads(bad.stdout)["exit_code"] == 2
+
+
+@pytest.mark.slow
+def test_compress_trains_a_detector_on_a_coco_folder(tmp_path):
+    """A user's COCO folder (images of any size, boxes in their pixels) through compress: letterboxed, trained,
+    exported and scored with mAP; report.json has metrics per variant."""
+    from PIL import Image
+
+    from edgekit.config import Recipe, TrainSpec, VariantSpec
+    from edgekit.pipeline.main import compress
+
+    task = digits_detect_task(num_train=60, num_calib=8, num_eval=16)
+    root = tmp_path / "coco"
+    root.mkdir()
+    images, anns = [], []
+    for i in range(60):
+        x, t = task.splits["train"][i]
+        w, h = 160, 128  # wider than tall: the letterbox pads the bottom
+        im = Image.fromarray((x.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)).resize((w, h))
+        im.save(root / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        for b, c in zip(t["boxes"].numpy() * [w / 128, h / 128, w / 128, h / 128], t["labels"].tolist()):
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 10 + c, "iscrowd": 0,
+                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+    (root / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 10 + c, "name": str(c)} for c in range(10)]}))
+    rec = Recipe(name="coco-smoke", train=TrainSpec(epochs=2, batch_size=16),
+                 variants=[VariantSpec(format="onnx", precision="fp32"),
+                           VariantSpec(format="onnx", precision="int8", options={"search": "none", "num_calib": 8})])
+    r = compress("yolox-nano", recipe=rec, data=str(root), input_size=96, out=tmp_path / "out", runs=5)
+    task_info = r.report["task"]
+    assert task_info["kind"] == "detection" and task_info["input_shape"] == [1, 3, 96, 96]
+    fp32, int8 = r.report["variants"]
+    assert fp32["status"] == int8["status"] == "ok"
+    assert set(fp32["metrics"]) == {"map", "map50"} and 0 <= fp32["metrics"]["map"] <= 1
+    assert int8["agreement"] is None or 0 <= int8["agreement"] <= 1
+    assert (tmp_path / "out" / "report.html").is_file()
