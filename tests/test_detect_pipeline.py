@@ -34,6 +34,7 @@ def test_the_zoo_lists_the_detectors():
     assert out.returncode == 0 and "yolox-nano" in out.stdout and "ssdlite-mobilenetv3" in out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DETECTORS)
 def test_exports_and_matches_torch_after_nms(name, tmp_path):
     """A briefly trained detector (confident boxes, so NMS has real work) gives the same boxes after the shared NMS
