@@ -39,6 +39,7 @@ class Artifact:
     runtime: str
     version: str
     classes: Optional[int] = None  # the output's class count where the file says it
+    detector: bool = False  # one [batch, anchors, 4 + classes] output: compared by its detections
 
     def describe(self) -> dict:
         return {"path": str(self.path), "format": self.kind, "runtime": f"{self.runtime} {self.version}",
@@ -91,11 +92,15 @@ def load_artifact(path: str | Path, model: Optional[str] = None, threads: Option
     if kind == "torch":
         return _torch_artifact(p, model)
     runner = load_runner(RUNTIME_OF[kind], p, threads=threads)
-    classes = None
+    classes, dims = None, None
     if kind == "onnx":
         dims = runner.session.get_outputs()[0].shape
         classes = dims[1] if len(dims) == 2 and isinstance(dims[1], int) else None
-    return Artifact(p, kind, runner.run, tuple(runner.input_shape), runner.runtime, runner.version, classes)
+    elif kind == "tflite":
+        dims = list(getattr(runner, "_out", {}).get("shape", []))
+    detector = dims is not None and len(dims) == 3 and isinstance(dims[2], int) and dims[2] >= 5
+    return Artifact(p, kind, runner.run, tuple(runner.input_shape), runner.runtime, runner.version, classes,
+                    detector)
 
 
 def _common_shape(a: Artifact, b: Artifact) -> Tuple[Optional[int], ...]:
@@ -136,7 +141,7 @@ def run_preprocess(*paths: Path):
 
 
 def _inputs(shape: Sequence[Optional[int]], task: Any, data: Any, limit: Optional[int],
-            classes: Optional[int] = None, preprocess: Any = None):
+            classes: Optional[int] = None, preprocess: Any = None, detector: bool = False):
     """(batches of (x, labels or None), number of inputs, source): a task's split is streamed, never held.
 
     Without a task or data: the MNIST digits for a 10-class model (what edgekit trains), the unlabelled photos for
@@ -154,8 +159,12 @@ def _inputs(shape: Sequence[Optional[int]], task: Any, data: Any, limit: Optiona
         raise EdgekitError(f"Non-square inputs ({h}x{w}) need data=<array>: edgekit's tasks are square")
     size = h or w
     kw = {"input_size": size} if size else {}
-    if isinstance(task, Task):
+    if isinstance(task, Task) or getattr(task, "kind", "") == "detection":
         t = task
+    elif detector:  # a detector's files: the detection task, or the user's COCO folder
+        from .detect.data import load_detection_task
+
+        t = load_detection_task(data=str(data) if data is not None else None, **kw)
     elif data is not None:
         t = load_task(data=str(data), **kw)
     else:
@@ -189,8 +198,9 @@ def compare_artifacts(a: str | Path, b: str | Path, task: Any = None, data: Any 
     art_b = load_artifact(b, model, threads)
     shape = _common_shape(art_a, art_b)
     known = {art.classes for art in (art_a, art_b)} - {None}
+    detector = art_a.detector and art_b.detector
     batches, n, source = _inputs(shape, task, data, limit, known.pop() if len(known) == 1 else None,
-                                 run_preprocess(art_a.path, art_b.path))
+                                 run_preprocess(art_a.path, art_b.path), detector)
     first = next(iter(batches), None) if n else None
     if first is None:
         raise EdgekitError("No inputs to compare on")
@@ -201,6 +211,9 @@ def compare_artifacts(a: str | Path, b: str | Path, task: Any = None, data: Any 
                                f"which expects {tuple(art.input_shape)}")
     batch_a = art_a.input_shape[0] if isinstance(art_a.input_shape[0], int) else 64
     batch_b = art_b.input_shape[0] if isinstance(art_b.input_shape[0], int) else 64
+    if detector:
+        row, count, x = _compare_detections(art_a, art_b, itertools.chain([first], batches), n, layer_inputs)
+        return _with_layers(art_a, art_b, source, count, row, x, per_layer, layer_inputs, threshold_db, threads)
     pred = predict_stream({"a": (art_a.run, batch_a), "b": (art_b.run, batch_b)},
                           itertools.chain([first], batches), total=-(-n // 64),
                           description=f"run {art_a.path.name}, {art_b.path.name}", keep_first=layer_inputs)
@@ -215,8 +228,59 @@ def compare_artifacts(a: str | Path, b: str | Path, task: Any = None, data: Any 
            "max_abs": float(np.abs(la - lb).max()), "sqnr_db": sqnr_db(la, lb)}
     if y is not None:
         row.update({"accuracy_a": top1(la, y), "accuracy_b": top1(lb, y)})
+    return _with_layers(art_a, art_b, source, int(pred.count), row, x, per_layer, layer_inputs, threshold_db,
+                        threads)
+
+
+def _detection_row(ra: np.ndarray, rb: np.ndarray, label: str) -> dict:
+    """The outputs-table row of two detectors' raw outputs: ``agreement`` is b's mAP against a's detections,
+    SQNR that of the detections (:func:`edgekit.detect.metrics.detection_energy`)."""
+    from .detect.metrics import detection_agreement, detection_energy, postprocess
+
+    size, classes = ra.shape[1], ra.shape[2] - 4
+    signal, noise = detection_energy(ra, rb, size)
+    return {"output": label, "agreement": detection_agreement(postprocess(ra), postprocess(rb), classes, size),
+            "cosine": cosine(ra, rb), "max_abs": float(np.abs(ra - rb).max()),
+            "sqnr_db": float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")}
+
+
+def _compare_detections(art_a: Artifact, art_b: Artifact, batches, n: int, layer_inputs: int):
+    """(row, inputs, first inputs) for two detectors, one streamed pass: COCO mAP of each on the labels, b's mAP
+    against a's detections as agreement, and the SQNR of the detections; memory holds detections, not outputs."""
+    from .detect.metrics import coco_map, detection_agreement, detection_energy, postprocess
+    from .progress import track
+
+    def run(art: Artifact, x: np.ndarray) -> np.ndarray:
+        b = art.input_shape[0] if isinstance(art.input_shape[0], int) else len(x)
+        return np.concatenate([art.run(x[i:i + b]) for i in range(0, len(x), b)])
+
+    dets: Dict[str, list] = {"a": [], "b": []}
+    gts, first, signal, noise, count, size, classes, max_abs = [], [], 0.0, 0.0, 0, 0, 0, 0.0
+    for x, targets in track(batches, f"run {art_a.path.name}, {art_b.path.name}", total=-(-n // 64)):
+        ra, rb = run(art_a, x), run(art_b, x)
+        if ra.shape != rb.shape:
+            raise EdgekitError(f"Output shapes differ: {art_a.path.name} gives {ra.shape[1:]}, "
+                               f"{art_b.path.name} gives {rb.shape[1:]}")
+        size, classes = x.shape[-1], ra.shape[2] - 4
+        e = detection_energy(ra, rb, size)
+        signal, noise, max_abs = signal + e[0], noise + e[1], max(max_abs, float(np.abs(ra - rb).max()))
+        dets["a"] += postprocess(ra)
+        dets["b"] += postprocess(rb)
+        gts += list(targets) if targets is not None else []
+        first += [x[:max(0, layer_inputs - count)]]
+        count += len(x)
+    row = {"output": "detections (this machine's kernels; agreement: mAP of b against a's detections)",
+           "agreement": detection_agreement(dets["a"], dets["b"], classes, size), "cosine": None, "max_abs": max_abs,
+           "sqnr_db": float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")}
+    if gts and any(len(t["labels"]) for t in gts):
+        row.update({f"accuracy_{k}": coco_map(dets[k], gts, classes, size)["map"] for k in ("a", "b")})
+    return row, count, np.ascontiguousarray(np.concatenate(first))
+
+
+def _with_layers(art_a: Artifact, art_b: Artifact, source: str, count: int, row: dict, x: np.ndarray,
+                 per_layer: bool, layer_inputs: int, threshold_db: float, threads: Optional[int]) -> dict:
     result: Dict[str, Any] = {"a": art_a.describe(), "b": art_b.describe(), "inputs": source,
-                              "num_inputs": int(pred.count), "outputs": [row], "layers": None,
+                              "num_inputs": count, "outputs": [row], "layers": None,
                               "first_divergence": None, "threshold_db": threshold_db}
     if art_a.kind == "onnx" and art_b.kind == "onnx" and (_has_qdq(art_a.path) or _has_qdq(art_b.path)):
         result["outputs"].append(_simulated_row(art_a.path, art_b.path, x[:layer_inputs], row, threads))
@@ -225,7 +289,7 @@ def compare_artifacts(a: str | Path, b: str | Path, task: Any = None, data: Any 
             layers = compare_onnx_layers(art_a.path, art_b.path, x[:layer_inputs], threads=threads)
             result["layers"] = layers
             result["first_divergence"] = next((r for r in layers if r["sqnr_db"] < threshold_db), None)
-            result["layer_inputs"] = int(min(pred.count, layer_inputs))
+            result["layer_inputs"] = int(min(count, layer_inputs))
         else:
             result["layers_note"] = "per-layer comparison needs two ONNX models"
     return result
@@ -373,9 +437,12 @@ def _simulated_row(a: Path, b: Path, x: np.ndarray, real: dict, threads: Optiona
 
     la, lb = (np.concatenate([OrtRunner(p, threads=threads, simulate_qdq=True).run(x[i:i + 1]) for i in range(len(x))])
               for p in (a, b))
-    row = {"output": f"logits, Q/DQ simulated ({len(x)} inputs)", "agreement": agreement(la, lb),
-           "cosine": cosine(la, lb), "max_abs": float(np.abs(la - lb).max()), "sqnr_db": sqnr_db(la, lb),
-           "simulated": True}
+    if la.ndim == 3:  # a detector's [batch, anchors, 4 + classes]
+        row = {**_detection_row(la, lb, f"detections, Q/DQ simulated ({len(x)} inputs)"), "simulated": True}
+    else:
+        row = {"output": f"logits, Q/DQ simulated ({len(x)} inputs)", "agreement": agreement(la, lb),
+               "cosine": cosine(la, lb), "max_abs": float(np.abs(la - lb).max()), "sqnr_db": sqnr_db(la, lb),
+               "simulated": True}
     gap = row["sqnr_db"] - real["sqnr_db"]
     if np.isfinite(gap) and gap > KERNEL_GAP_DB:
         row["note"] = (f"the real int8 kernels lose {gap:.1f} dB more than the Q/DQ arithmetic: on x86 without VNNI "
@@ -389,10 +456,11 @@ def render_comparison(result: dict, max_layers: int = 40):
 
     out = Table(title=f"{Path(result['a']['path']).name} vs {Path(result['b']['path']).name} "
                       f"({result['num_inputs']} inputs: {result['inputs']})")
-    cols = ["output", "agreement %", "cosine", "max abs", "SQNR dB"]
+    det = result["outputs"][0]["output"].startswith("detections")  # agreement and accuracy are mAP there
+    cols = ["output", "mAP vs a %" if det else "agreement %", "cosine", "max abs", "SQNR dB"]
     has_acc = "accuracy_a" in result["outputs"][0]
     if has_acc:
-        cols += ["accuracy a %", "accuracy b %"]
+        cols += ["mAP a %", "mAP b %"] if det else ["accuracy a %", "accuracy b %"]
     for c in cols:
         out.add_column(c, justify="left" if c == "output" else "right")
     for r in result["outputs"]:

@@ -259,3 +259,22 @@ def test_compress_trains_a_detector_on_a_coco_folder(tmp_path):
     assert set(fp32["metrics"]) == {"map", "map50"} and 0 <= fp32["metrics"]["map"] <= 1
     assert int8["agreement"] is None or 0 <= int8["agreement"] <= 1
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_compare_scores_a_detectors_files_by_their_detections(tmp_path):
+    """edgekit compare on a detector's fp32 and int8 files: the digits-detect images at the files' size, mAP of
+    each on the labels, mAP of b against a's detections, the Q/DQ simulated row and the per-layer table."""
+    from edgekit.comparison import compare_artifacts, render_comparison
+    from edgekit.export.onnx import export_onnx
+    from edgekit.export.onnx_int8 import OrtQuantConfig, quantize_onnx
+
+    model = zoo.create("yolox-nano", num_classes=10, input_size=64)
+    fp32 = export_onnx(model, tmp_path / "f.onnx", (1, 3, 64, 64))
+    calib = digits_detect_task(input_size=64, num_train=1, num_calib=4, num_eval=1).arrays("calib")[0]
+    q = quantize_onnx(fp32, tmp_path / "q.onnx", calib, OrtQuantConfig(fp32_tail=True))
+    r = compare_artifacts(fp32, q, limit=8, layer_inputs=4)
+    real, simulated = r["outputs"]
+    assert real["output"].startswith("detections") and simulated["simulated"]
+    assert {"accuracy_a", "accuracy_b"} <= set(real) and "digits-detect" in r["inputs"] and r["num_inputs"] == 8
+    assert r["layers"] and r["layer_inputs"] == 4
+    assert render_comparison(r)  # the CLI's tables render

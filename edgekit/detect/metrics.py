@@ -115,12 +115,19 @@ def fidelity(num_classes: int, size: int, settings: NMS = NMS(), candidate: floa
     ``candidate`` or more: the raw output's SQNR would be the boxes of thousands of background anchors, which NMS
     never keeps. With no confident fp32 detection the agreement is 1 for every candidate and the SQNR decides.
     """
-    from ..evaluate import sqnr_db
-
     def score(ref: np.ndarray, out: np.ndarray):
-        keep = ref[..., 4:].max(-1) >= candidate
-        flat = lambda a: np.concatenate([a[..., 4:].ravel(), (a[..., :4][keep] / size).ravel()])  # noqa: E731
+        signal, noise = detection_energy(ref, out, size, candidate)
         agree = detection_agreement(postprocess(ref, settings), postprocess(out, settings), num_classes, size)
-        return sqnr_db(flat(ref), flat(out)), 1.0 if agree is None else agree
+        sqnr = float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")
+        return sqnr, 1.0 if agree is None else agree
 
     return score
+
+
+def detection_energy(ref: np.ndarray, out: np.ndarray, size: int, candidate: float = 0.05):
+    """(signal, noise) energy of what detections are made of: every class score, and the boxes (in units of the
+    input size) of the anchors ``ref`` scores ``candidate`` or more. Sums over batches give one SQNR."""
+    keep = ref[..., 4:].max(-1) >= candidate
+    r, o = (np.concatenate([a[..., 4:].ravel(), (a[..., :4][keep] / size).ravel()]).astype(np.float64)
+            for a in (ref, out))
+    return float((r ** 2).sum()), float(((r - o) ** 2).sum())
