@@ -78,6 +78,14 @@ def read(loader: Iterable) -> Iterator:
         yield batch
 
 
+def check_array_bytes(n: int, split: str, in_chans: int, input_size: int) -> None:
+    """A split held whole as one float32 array must stay under ARRAYS_MAX_BYTES (``arrays`` of any task)."""
+    need = n * in_chans * input_size ** 2 * 4
+    if need > ARRAYS_MAX_BYTES:
+        raise EdgekitError(f"{n} {split} images at {input_size} px take {need / 2**30:.1f} GB in memory; "
+                           f"use at most {ARRAYS_MAX_BYTES * n // need} (e.g. a smaller num_calib)")
+
+
 @dataclass
 class Task:
     """Data in three fixed, disjoint splits, already preprocessed to model inputs.
@@ -139,10 +147,7 @@ class Task:
         For bounded uses (``num_calib`` calibration inputs, tests); evaluation streams with :meth:`batches`.
         """
         n = self.size(split) if limit is None else max(0, min(limit, self.size(split)))
-        need = n * self.in_chans * self.input_size ** 2 * 4
-        if need > ARRAYS_MAX_BYTES:
-            raise EdgekitError(f"{n} {split} images at {self.input_size} px take {need / 2**30:.1f} GB in memory; "
-                               f"use at most {ARRAYS_MAX_BYTES * n // need} (e.g. a smaller num_calib)")
+        check_array_bytes(n, split, self.in_chans, self.input_size)
         xs, ys = [], []
         for x, y in self.batches(split, batch_size=max(1, min(256, n)), limit=n):
             xs.append(x)

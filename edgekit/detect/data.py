@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..data.tasks import ARRAYS_MAX_BYTES, SPLITS, TASKS, data_workers, read
+from ..data.tasks import SPLITS, TASKS, check_array_bytes, data_workers, read
 from ..errors import EdgekitError
 from . import coco as _coco
 from .coco import is_coco_folder  # noqa: F401 - part of this module's interface
@@ -99,10 +99,7 @@ class DetectionTask:
         """The split (or its first ``limit`` items) as one float32 NCHW array and its targets, for bounded uses
         (calibration inputs, tests); evaluation streams with :meth:`batches`."""
         n = self._count(split, limit)
-        need = n * self.in_chans * self.input_size ** 2 * 4
-        if need > ARRAYS_MAX_BYTES:
-            raise EdgekitError(f"{n} {split} images at {self.input_size} px take {need / 2**30:.1f} GB in memory; "
-                               f"use at most {ARRAYS_MAX_BYTES * n // need} (e.g. a smaller num_calib)")
+        check_array_bytes(n, split, self.in_chans, self.input_size)
         xs, ts = [], []
         for x, t in self.batches(split, batch_size=max(1, min(256, n)), limit=n):
             xs.append(x)
@@ -120,17 +117,10 @@ class DetectionTask:
         return [t for _, ts in self.batches(split, batch_size=64, limit=n) for t in ts]
 
     def coco(self, split: str, limit: Optional[int] = None) -> dict:
-        """The split's ground truth as a COCO dict for pycocotools: image id = index in the split (images are
-        input_size square), category id = label, annotation ids from 1 (COCOeval treats id 0 as unmatched)."""
-        images, anns = [], []
-        for i, t in enumerate(self.targets(split, limit)):
-            images.append({"id": i, "width": self.input_size, "height": self.input_size, "file_name": str(i)})
-            for (x0, y0, x1, y1), label in zip(t["boxes"].tolist(), t["labels"].tolist()):
-                w, h = x1 - x0, y1 - y0
-                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(label),
-                             "bbox": [x0, y0, w, h], "area": w * h, "iscrowd": 0})
-        cats = [{"id": i, "name": n} for i, n in enumerate(self.class_names)]
-        return {"images": images, "annotations": anns, "categories": cats}
+        """The split's ground truth as a COCO dict for pycocotools (image id = index in the split)."""
+        from .metrics import coco_ground_truth
+
+        return coco_ground_truth(self.targets(split, limit), self.num_classes, self.input_size, self.class_names)
 
     def describe(self) -> dict:
         info = {"name": self.name, "kind": self.kind, "num_classes": self.num_classes,

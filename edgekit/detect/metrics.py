@@ -41,8 +41,10 @@ def postprocess(raw: np.ndarray, settings: NMS = NMS()) -> List[Dict[str, np.nda
         raise EdgekitError(str(exc)) from None
 
 
-def coco_ground_truth(targets: Sequence[Dict[str, np.ndarray]], num_classes: int, size: int) -> dict:
-    """COCO's ground-truth dict of ``targets`` (image id = position; every image ``size`` x ``size``)."""
+def coco_ground_truth(targets: Sequence[Dict[str, np.ndarray]], num_classes: int, size: int,
+                      names: Optional[Sequence[str]] = None) -> dict:
+    """COCO's ground-truth dict of ``targets`` (image id = position; every image ``size`` x ``size``; category id =
+    label, named by ``names``; annotation ids from 1, as COCOeval treats id 0 as unmatched)."""
     images, anns = [], []
     for i, t in enumerate(targets):
         images.append({"id": i, "width": size, "height": size})
@@ -51,7 +53,7 @@ def coco_ground_truth(targets: Sequence[Dict[str, np.ndarray]], num_classes: int
             anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(label), "iscrowd": 0,
                          "bbox": [float(box[0]), float(box[1]), w, h], "area": max(w, 0.0) * max(h, 0.0)})
     return {"images": images, "annotations": anns,
-            "categories": [{"id": c, "name": str(c)} for c in range(num_classes)]}
+            "categories": [{"id": c, "name": str(names[c]) if names else str(c)} for c in range(num_classes)]}
 
 
 def coco_map(detections: Sequence[Dict[str, np.ndarray]], targets: Sequence[Dict[str, np.ndarray]],
