@@ -222,6 +222,12 @@ def test_the_device_runner_prints_the_boxes_the_host_keeps(tmp_path):
                           str(tmp_path / "z.npy"), "--detections", "--iou", "oops"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and json.loads(bad.stdout)["exit_code"] == 2
+    for flag, value in (("--iou", "7"), ("--score", "-1"), ("--max-det", "0")):
+        out = subprocess.run([sys.executable, runner.__file__, "predict", str(path), str(tmp_path / "x.npy"),
+                              str(tmp_path / "w.npy"), "--detections", flag, value], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 2 and "--max-det" in json.loads(out.stdout)["error"], out.stdout
+        assert not (tmp_path / "w.npy").exists()
 
 
 @pytest.mark.slow

@@ -282,6 +282,8 @@ def cmd_bench(args) -> dict:
 
 
 def cmd_predict(args) -> dict:
+    if args.detections and not (0 <= args.score <= 1 and 0 <= args.iou <= 1 and args.max_det >= 1):
+        raise RunnerError("--score and --iou lie in [0, 1] and --max-det is at least 1")
     backend = load_backend(args.model, args.threads)
     np = _import_numpy()
     try:
