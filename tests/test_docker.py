@@ -7,6 +7,7 @@ import glob
 import json
 import re
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -350,6 +351,23 @@ def test_docker_engine_plans_stay_buildx(machine):
     assert cross.target == "runtime-cross" and "BUILDPLATFORM" not in build_args_of(cross.build)  # buildx sets it
     machine["binfmt"] = False  # a docker builder's binfmt is its own: the target stays runtime
     assert docker_plan("rpi4", engine="docker").target == "runtime"
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="needs podman (apt-get install podman)")
+def test_podman_build_refused_before_it_starts_when_storage_is_short(machine, monkeypatch):
+    """podman's real storage folder and its real free space; only the need is raised past it. The plan's first
+    command (make-bases) must not have run: nothing is started that the disk cannot finish."""
+    from edgekit.deployment import containers, docker_plan
+
+    root, free = containers.storage_free("podman")
+    assert root and free is not None and free >= 0
+    assert containers.storage_shortfall("podman", "toolkit") is None or free < containers.STORAGE_GB["toolkit"]
+    monkeypatch.setitem(containers.STORAGE_GB, "toolkit", free + 1000)
+    plan = docker_plan(None, toolkit=True, engine="podman")
+    plan.before.insert(0, ["sh", "-c", "exit 7"])  # would fail the run loudly if it were reached
+    with pytest.raises(EdgekitError, match=r"toolkit image needs about \d+ GB free in podman's storage .*GB is free"):
+        containers.run_plan(plan)
+    assert containers.storage_free("docker") == (None, None)
 
 
 def test_engine_options_refused_with_reasons(machine):

@@ -29,6 +29,12 @@ TOOLKIT_TAG = "edgekit:toolkit"
 DOCKER_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "amd64": "amd64", "arm64": "arm64"}
 QEMU_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
 PIP_SETTINGS = ("index-url", "extra-index-url", "find-links", "cert")
+# Free space a podman build needs in its storage, by target, in GB. The toolkit image is 7.7 GB (CUDA torch from
+# PyPI, jaxlib, LiteRT); podman holds pip's unpacked wheels, the container's layer and the committed copy of it at
+# once: with 28 GB free the build ran out (2026-12-07, this repository's CI machine kind). The runtime images are
+# 0.2-0.6 GB.
+STORAGE_GB = {"toolkit": 35.0}
+STORAGE_GB_DEFAULT = 3.0
 
 
 def host_arch() -> str:
@@ -234,6 +240,30 @@ def plan_build(target: str, arch: str, tag: str, build_args: Dict[str, str], bun
     return BuildPlan(engine, target, plat, tag, argv, before, after, notes)
 
 
+def storage_free(engine: str) -> Tuple[Optional[str], Optional[float]]:
+    """podman's storage folder and its free GB (None, None for docker, whose daemon may be anywhere)."""
+    if engine != "podman" or shutil.which("podman") is None:
+        return None, None
+    p = subprocess.run(["podman", "info", "--format", "{{.Store.GraphRoot}}"], capture_output=True, text=True)
+    root = p.stdout.strip()
+    if p.returncode != 0 or not root:
+        return None, None
+    probe = Path(root)
+    while not probe.exists() and probe != probe.parent:  # a first build creates the folder
+        probe = probe.parent
+    return root, shutil.disk_usage(probe).free / 1e9
+
+
+def storage_shortfall(engine: str, target: str) -> Optional[str]:
+    """Why the build would run out of disk, in one sentence, or None when it has room (or cannot tell)."""
+    root, free = storage_free(engine)
+    need = STORAGE_GB.get(target, STORAGE_GB_DEFAULT)
+    if free is None or free >= need:
+        return None
+    return (f"building the {target} image needs about {need:.0f} GB free in podman's storage ({root}); "
+            f"{free:.1f} GB is free: free space, or point podman's graphroot (storage.conf) at a larger disk")
+
+
 def run_plan(plan: BuildPlan, only: Optional[List[List[str]]] = None) -> List[dict]:
     """Run the plan's commands (or ``only`` these) from the repository root; the first failure raises.
 
@@ -248,6 +278,9 @@ def run_plan(plan: BuildPlan, only: Optional[List[List[str]]] = None) -> List[di
     if plan.engine == "docker" and not docker_usable()[0]:
         raise EdgekitError(f"{docker_usable()[1]}: run the printed commands where docker builds, or use "
                            "--engine podman")
+    short = storage_shortfall(plan.engine, plan.target)
+    if short is not None:  # before minutes of pip: a full disk fails the build late and can fail what runs beside
+        raise EdgekitError(short)
     done = []
     for argv in plan.commands if only is None else only:
         t0 = time.perf_counter()
