@@ -56,7 +56,7 @@ def test_exports_and_matches_torch_after_nms(name, tmp_path):
     for a, b in zip(postprocess(ref, settings), postprocess(got, settings)):
         a, b = _ordered(a), _ordered(b)  # equal scores may leave NMS in either order
         assert a["labels"].tolist() == b["labels"].tolist()
-        np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-2)
+        np.testing.assert_allclose(a["boxes"], b["boxes"], rtol=5e-4, atol=1e-2)  # exp() of log-sizes: relative
         kept += len(a["labels"])
     assert kept > 0
 
@@ -101,7 +101,7 @@ def test_cli_refuses_a_hostile_coco_folder_in_one_line(tmp_path, file_name, says
 
 
 def test_cli_refuses_steps_a_detector_cannot_take(tmp_path):
-    r = _cli("compress", "--recipe", "prune50", "yolox-nano", "--out", str(tmp_path / "out"))
+    r = _cli("compress", "--recipe", "svd", "yolox-nano", "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "detectors" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out").exists()
 
@@ -235,26 +235,10 @@ def test_the_device_runner_prints_the_boxes_the_host_keeps(tmp_path):
 def test_compress_trains_a_detector_on_a_coco_folder(tmp_path):
     """A user's COCO folder (images of any size, boxes in their pixels) through compress: letterboxed, trained,
     exported and scored with mAP; report.json has metrics per variant."""
-    from PIL import Image
-
     from edgekit.config import Recipe, TrainSpec, VariantSpec
     from edgekit.pipeline.main import compress
 
-    task = digits_detect_task(num_train=60, num_calib=8, num_eval=16)
-    root = tmp_path / "coco"
-    root.mkdir()
-    images, anns = [], []
-    for i in range(60):
-        x, t = task.splits["train"][i]
-        w, h = 160, 128  # wider than tall: the letterbox pads the bottom
-        im = Image.fromarray((x.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)).resize((w, h))
-        im.save(root / f"{i}.png")
-        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
-        for b, c in zip(t["boxes"].numpy() * [w / 128, h / 128, w / 128, h / 128], t["labels"].tolist()):
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 10 + c, "iscrowd": 0,
-                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
-    (root / "annotations.json").write_text(json.dumps(
-        {"images": images, "annotations": anns, "categories": [{"id": 10 + c, "name": str(c)} for c in range(10)]}))
+    root = coco_folder(tmp_path / "coco", 60)
     rec = Recipe(name="coco-smoke", train=TrainSpec(epochs=2, batch_size=16),
                  variants=[VariantSpec(format="onnx", precision="fp32"),
                            VariantSpec(format="onnx", precision="int8", options={"search": "none", "num_calib": 8})])
@@ -266,6 +250,27 @@ def test_compress_trains_a_detector_on_a_coco_folder(tmp_path):
     assert set(fp32["metrics"]) == {"map", "map50"} and 0 <= fp32["metrics"]["map"] <= 1
     assert int8["agreement"] is None or 0 <= int8["agreement"] <= 1
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+def coco_folder(root: Path, n: int) -> Path:
+    """``n`` digits-detect images as a user's COCO folder: 160x128 PNGs, boxes in their pixels, category ids 10+."""
+    from PIL import Image
+
+    task = digits_detect_task(num_train=n, num_calib=8, num_eval=16)
+    root.mkdir()
+    images, anns = [], []
+    for i in range(n):
+        x, t = task.splits["train"][i]
+        w, h = 160, 128  # wider than tall: the letterbox pads the bottom
+        im = Image.fromarray((x.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)).resize((w, h))
+        im.save(root / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        for b, c in zip(t["boxes"].numpy() * [w / 128, h / 128, w / 128, h / 128], t["labels"].tolist()):
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 10 + c, "iscrowd": 0,
+                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+    (root / "annotations.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 10 + c, "name": str(c)} for c in range(10)]}))
+    return root
 
 
 def test_compare_scores_a_detectors_files_by_their_detections(tmp_path):
@@ -285,3 +290,25 @@ def test_compare_scores_a_detectors_files_by_their_detections(tmp_path):
     assert {"accuracy_a", "accuracy_b"} <= set(real) and "digits-detect" in r["inputs"] and r["num_inputs"] == 8
     assert r["layers"] and r["layer_inputs"] == 4
     assert render_comparison(r)  # the CLI's tables render
+
+
+@pytest.mark.slow
+def test_compress_prunes_and_distills_a_detector(tmp_path):
+    """prune then distill on a detector through compress: the MACs fall to the budget, the prediction convs keep
+    their channels, both steps are in report.json (the distill step with its mimic error) and the pruned model
+    exports and scores."""
+    from edgekit.config import Recipe, StepSpec, TrainSpec, VariantSpec
+    from edgekit.pipeline.main import compress
+
+    root = coco_folder(tmp_path / "coco", 48)
+    rec = Recipe(name="prune-smoke", train=TrainSpec(epochs=1, batch_size=16),
+                 steps=[StepSpec(kind="prune", params={"macs": 0.6, "finetune_epochs": 0.5}),
+                        StepSpec(kind="distill", params={"epochs": 0.5, "batch_size": 16})],
+                 variants=[VariantSpec(format="onnx", precision="fp32")], accuracy_budget_pp=100)
+    r = compress("yolox-nano", recipe=rec, data=str(root), input_size=64, out=tmp_path / "out", runs=5)
+    prune, distill = r.report["steps"]
+    assert prune["kind"] == "prune" and prune["macs_ratio"] <= 0.62 and prune["reached"], prune
+    assert distill["teacher_source"] == "baseline" and distill["fit"]["mimic_first"] > 0, distill
+    assert all(v["status"] == "ok" and set(v["metrics"]) == {"map", "map50"} for v in r.report["variants"])
+    assert any(v["macs"] <= 0.62 * r.report["variants"][0]["macs"] for v in r.report["variants"][1:]), \
+        [(v["name"], v["macs"]) for v in r.report["variants"]]

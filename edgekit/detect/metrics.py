@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..device import runner
 from ..errors import EdgekitError
 
 
@@ -23,21 +24,19 @@ class NMS:
     """The thresholds of every runner's post-processing (COCO evaluation settings: a low score floor, 100 per
     image). ``max_candidates`` bounds the boxes that reach NMS per image, highest scores first."""
 
-    score: float = 0.01
-    iou: float = 0.65
-    max_det: int = 100
-    max_candidates: int = 1000
+    score: float = runner.NMS_SCORE
+    iou: float = runner.NMS_IOU
+    max_det: int = runner.NMS_MAX_DET
+    max_candidates: int = runner.NMS_MAX_CANDIDATES
 
 
 def postprocess(raw: np.ndarray, settings: NMS = NMS()) -> List[Dict[str, np.ndarray]]:
     """Per image ``{"boxes" [k, 4], "scores" [k], "labels" [k]}`` from ``raw`` [B, N, 4 + C]: every (anchor, class)
     pair over the score floor is a candidate (as torchvision's and mmdetection's evaluation), NMS per class. The
     code is the device runner's (:func:`edgekit.device.runner.detections`): host and device keep the same boxes."""
-    from ..device.runner import RunnerError, detections
-
     try:
-        return detections(raw, settings.score, settings.iou, settings.max_det, settings.max_candidates)
-    except RunnerError as exc:
+        return runner.detections(raw, settings.score, settings.iou, settings.max_det, settings.max_candidates)
+    except runner.RunnerError as exc:
         raise EdgekitError(str(exc)) from None
 
 

@@ -37,6 +37,11 @@ class SSDLite(nn.Module):
             anchors = self.net.anchor_generator(ImageList(dummy, [(input_size, input_size)]), feats)[0]
         self.register_buffer("anchors", anchors.float(), persistent=False)  # xyxy, input pixels
 
+    def output_layers(self) -> List[nn.Module]:
+        """The last conv of each level's classification and regression head (pruning never narrows them)."""
+        heads = (self.net.head.classification_head, self.net.head.regression_head)
+        return [[m for m in block.modules() if isinstance(m, nn.Conv2d)][-1] for h in heads for block in h.module_list]
+
     def _head(self, x: Tensor) -> Dict[str, Tensor]:
         feats = list(self.net.backbone(x * 2.0 - 1.0).values())
         return self.net.head(feats)

@@ -214,6 +214,7 @@ class YOLOX(nn.Module):
     """YOLOX detector. ``forward`` -> [B, N, 4 + num_classes]: xyxy boxes in input pixels, then per-class scores."""
 
     strides = STRIDES
+    in_chans = 3  # RGB; the Focus stem's conv sees 12
     max_log_wh = 10.0  # exp(10) * 32 px: far beyond any input, and no inf in an exported graph
     center_radius = 2.5
     iou_weight = 5.0
@@ -240,6 +241,10 @@ class YOLOX(nn.Module):
         for head in self.heads:
             nn.init.constant_(head.cls_pred.bias, bias)
             nn.init.constant_(head.obj_pred.bias, bias)
+
+    def output_layers(self) -> List[nn.Module]:
+        """The convs whose output channels are the head's predictions: pruning never narrows them."""
+        return [m for h in self.heads for m in (h.reg_pred, h.obj_pred, h.cls_pred)]
 
     def _raw(self, x: Tensor) -> List[Tuple[Tensor, Tensor, Tensor, Tensor, int]]:
         """Per level: reg [B,A,4], obj logit [B,A,1], cls logits [B,A,C], grid [A,2], stride."""

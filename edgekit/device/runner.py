@@ -346,7 +346,13 @@ def nms(boxes, scores, iou: float):
     return np.asarray(keep, dtype=np.int64)
 
 
-def detections(raw, score: float = 0.01, iou: float = 0.65, max_det: int = 100, max_candidates: int = 1000):
+# NMS thresholds of every runner (COCO evaluation settings: a low score floor, 100 boxes per image); the host's
+# edgekit.detect.metrics.NMS takes its defaults from these, so host and device cannot drift apart.
+NMS_SCORE, NMS_IOU, NMS_MAX_DET, NMS_MAX_CANDIDATES = 0.01, 0.65, 100, 1000
+
+
+def detections(raw, score: float = NMS_SCORE, iou: float = NMS_IOU, max_det: int = NMS_MAX_DET,
+               max_candidates: int = NMS_MAX_CANDIDATES):
     """Per image {"boxes" [k, 4], "scores" [k], "labels" [k]} from a detector's raw output [B, anchors, 4 + classes]
     (boxes decoded in the graph): every (anchor, class) pair over ``score`` is a candidate, NMS per class. The host's
     evaluation runs this same function (edgekit.detect.metrics), so a device scores boxes as the host does."""
@@ -397,9 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=0)
     r.add_argument("--detections", action="store_true",
                    help="a detector: also print boxes, scores and classes per image after NMS")
-    r.add_argument("--score", type=float, default=0.01, help="detections: lowest score kept")
-    r.add_argument("--iou", type=float, default=0.65, help="detections: per-class NMS IoU")
-    r.add_argument("--max-det", type=int, default=100, help="detections: most boxes per image")
+    r.add_argument("--score", type=float, default=NMS_SCORE, help="detections: lowest score kept")
+    r.add_argument("--iou", type=float, default=NMS_IOU, help="detections: per-class NMS IoU")
+    r.add_argument("--max-det", type=int, default=NMS_MAX_DET, help="detections: most boxes per image")
     sub.add_parser("info", help="which runtimes this python can import")
     return p
 

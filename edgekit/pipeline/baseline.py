@@ -22,6 +22,7 @@ from ..fsutil import atomic_write_bytes
 from ..train import FitConfig, fit, set_stochastic_depth
 
 TRAIN_VERSION = 1  # bump when the baseline training recipe changes, to invalidate caches
+DETECT_TRAIN_VERSION = 2  # the same for detectors alone (2: BatchNorm statistics recalibrated after training)
 
 
 def baseline_fit_config(spec: zoo.ModelSpec, recipe: Optional[Recipe], seed: int,
@@ -77,7 +78,8 @@ def get_baseline(model_name: str, task: Task, weights: Optional[str] = None, rec
     key = json.dumps({"model": spec.name, "task": task.describe(), "fit": _cache_key_fit(cfg, world),
                       "pretrained": model is not None, "v": TRAIN_VERSION, "torch": torch.__version__.split("+")[0],
                       **({"code": spec.notes} if spec.source == "python" else {}),  # the user's file, by hash
-                      **({"stochastic_depth": stochastic_depth} if stochastic_depth is not None else {})},
+                      **({"stochastic_depth": stochastic_depth} if stochastic_depth is not None else {}),
+                      **({"detect_v": DETECT_TRAIN_VERSION} if detector else {})},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     slug = re.sub(r"[^\w.-]+", "_", f"{spec.name}-{task.name}")

@@ -15,6 +15,7 @@ from ..errors import EdgekitError
 from ..sources import ModelSource, describe, parse_source
 
 TORCH_ONLY = "prune, distill, svd and depth change PyTorch weights"
+DETECTOR_STEPS = ("prune", "distill")  # steps that know a detector's heads and loss
 
 
 @dataclass
@@ -158,9 +159,10 @@ def resolve(source: "str | ModelSource", weights: Optional[str] = None, input_si
     from ..zoo.external import spec_for
 
     spec = spec_for(src)
-    if spec.task == "detection" and steps:
-        raise EdgekitError(f"{what} has steps ({', '.join(steps)}); for detectors edgekit does not prune, distill, "
-                           f"factorize or fine-tune yet: use --recipe int8 or --recipe fp32")
+    other = [s for s in steps if s not in DETECTOR_STEPS]
+    if spec.task == "detection" and other:
+        raise EdgekitError(f"{what} has steps ({', '.join(other)}) that edgekit does not run on detectors yet; "
+                           f"detectors take {' and '.join(DETECTOR_STEPS)}")
     if weights == "pretrained" and not spec.pretrained:
         raise EdgekitError(f"{spec.name} has no pretrained weights edgekit knows of; give --weights file.pth")
     return ResolvedSource(src, weights, spec=spec)

@@ -47,10 +47,21 @@ def output_layer(module: nn.Module) -> nn.Module:
     return layers[-1]
 
 
+def detection_outputs(model: nn.Module) -> Optional[List[nn.Module]]:
+    """A detector's prediction convs (its ``output_layers()``: their channels are boxes and classes), None for a
+    classifier."""
+    layers = getattr(model, "output_layers", None)
+    return list(layers()) if callable(layers) else None
+
+
 def example_shape(model: nn.Module) -> Tuple[int, int, int]:
-    """An input shape (C, 64, 64) for models used without a task; C from the first convolution."""
+    """An input shape (C, S, S) for models used without a task: C the model's ``in_chans`` (a space-to-depth stem
+    widens its first conv's input), else from the first convolution; S its fixed ``input_size`` (a detector's
+    default boxes), else 64."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return (conv.in_channels if conv is not None else 3, 64, 64)
+    size = getattr(model, "input_size", None)
+    size = size if isinstance(size, int) else 64
+    return (getattr(model, "in_chans", None) or (conv.in_channels if conv is not None else 3), size, size)
 
 
 def find_classifier(model: nn.Module, model_name: Optional[str]) -> Optional[nn.Module]:

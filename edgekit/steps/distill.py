@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EdgekitError
+from .common import detection_outputs
 from .params import DistillParams
 from .registry import Step, StepContext, register_step
 
@@ -150,6 +151,8 @@ class Distill(Step):
         task = ctx.task
         if task is None:
             raise EdgekitError("distill: needs a task (training data)")
+        if detection_outputs(model) is not None:
+            return self._apply_detector(model, ctx)
         teacher, info = self.build_teacher(ctx)
         labels = task.labels("eval") if p.evaluate else None
         t_logits = predict(teacher, task) if p.evaluate else None
@@ -196,4 +199,30 @@ class Distill(Step):
         if p.alpha == 0 and p.feature_weight == 0:
             ctx.notes.append("distill: alpha 0 and no feature term: this was a plain fine-tune on the labels")
         _record(ctx, self.name, info)
+        return model
+
+    def _apply_detector(self, model: nn.Module, ctx: StepContext) -> nn.Module:
+        """A detector learns back from its baseline by mimicking its prediction maps (``fit_detector``)."""
+        from ..detect.train import fit_detector
+        from ..train import FitConfig
+        from .common import default_lr, record
+
+        p: DistillParams = self.params
+        if p.teacher is not None or p.feature_weight > 0:
+            raise EdgekitError("distill: a detector learns from its own baseline's prediction maps; 'teacher' and "
+                               "'feature_weight' apply to classifiers")
+        if ctx.baseline is None:
+            raise EdgekitError("distill: no baseline to learn from")
+        lr = p.lr or default_lr(ctx.model_name)
+        cfg = FitConfig(epochs=p.epochs, lr=lr, batch_size=p.batch_size, seed=ctx.seed, alpha=p.alpha,
+                        device=ctx.train_device)
+        fit = fit_detector(model, ctx.task, cfg, description="distill", teacher=ctx.baseline.eval())
+        info = {"teacher": ctx.model_name, "teacher_source": "baseline", "epochs": p.epochs, "lr": lr,
+                "alpha": p.alpha, "method": "prediction-map mimicking (MSE relative to the teacher's)", "fit": fit}
+        if "mimic_first" in fit:
+            ctx.notes.append(f"distill from the {ctx.model_name} baseline: prediction-map mimic error (relative MSE) "
+                             f"{fit['mimic_first']:.3f} -> {fit['mimic_last']:.3f} over {p.epochs:g} epochs")
+        else:
+            ctx.notes.append("distill: alpha 0: this was a plain fine-tune on the boxes")
+        record(ctx, self.name, info)
         return model

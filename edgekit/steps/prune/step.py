@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import EdgekitError
-from ..common import default_lr, example_shape, find_classifier, output_layer, record, resolve_ignored
+from ..common import (default_lr, detection_outputs, example_shape, find_classifier, output_layer, record,
+                      resolve_ignored)
 from ..params import PruneParams
 from ..registry import Step, StepContext, register_step
 from .check import find_bad_groups
@@ -25,10 +26,11 @@ def _taylor_gradients(model: nn.Module, task, batches: int, seed: int) -> None:
         raise EdgekitError("prune: the taylor criterion needs a task (labelled batches for gradients)")
     model.eval()
     model.zero_grad(set_to_none=True)
+    detector = detection_outputs(model) is not None
     for i, (xb, yb) in enumerate(task.loader("train", batch_size=64, shuffle=True, seed=seed)):
         if i >= batches:
             break
-        F.cross_entropy(model(xb), yb).backward()
+        (model.loss(xb, yb)["loss"] if detector else F.cross_entropy(model(xb), yb)).backward()
 
 
 def layer_widths(model: nn.Module) -> Dict[str, Tuple[int, int]]:
@@ -47,6 +49,7 @@ class Prune(Step):
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
         import torch_pruning as tp
 
+        from ...detect.train import fit_detector
         from ...train import FitConfig, fit, recalibrate_bn
         from ...zoo import count_macs, count_params
 
@@ -69,10 +72,11 @@ class Prune(Step):
             depth_info = self._remove_blocks(model, ctx, kind, int(base * keep), shape)
         for it in range(1, p.iterations + 1):
             target = base * keep ** (it / p.iterations)
-            clf = find_classifier(model, ctx.model_name)
+            heads = detection_outputs(model)  # a detector's prediction convs keep their channels
+            clf = find_classifier(model, ctx.model_name) if heads is None else None
             names = {id(m): n for n, m in model.named_modules()}
             probe = names.get(id(clf)) if clf is not None else None
-            ignored = ([output_layer(clf)] if clf is not None else []) + resolve_ignored(model, p.ignore) \
+            ignored = (heads or ([output_layer(clf)] if clf is not None else [])) + resolve_ignored(model, p.ignore) \
                 + _ghost_ignored(model)
             if p.criterion == "taylor":
                 _taylor_gradients(model, ctx.task, p.taylor_batches, ctx.seed + it)
@@ -103,8 +107,9 @@ class Prune(Step):
                     lr = p.finetune_lr or default_lr(ctx.model_name)
                     cfg = FitConfig(epochs=p.finetune_epochs, lr=lr, seed=ctx.seed + it, alpha=p.finetune_alpha,
                                     device=ctx.train_device)
-                    fit(model, ctx.task, cfg, teacher=ctx.baseline if p.finetune_alpha > 0 else None,
-                        description=f"prune fine-tune {it}/{p.iterations}")
+                    train = fit if heads is None else fit_detector
+                    train(model, ctx.task, cfg, teacher=ctx.baseline if p.finetune_alpha > 0 else None,
+                          description=f"prune fine-tune {it}/{p.iterations}")
                     step_log["finetune_epochs"] = p.finetune_epochs
                 elif p.recalibrate:
                     recalibrate_bn(model, ctx.task, seed=ctx.seed)
@@ -157,8 +162,9 @@ class Prune(Step):
             xb, _ = next(iter(ctx.task.loader("train", batch_size=p.block_samples, shuffle=True, seed=ctx.seed)))
         else:
             xb = torch.randn((min(p.block_samples, 64),) + tuple(shape[1:]))
-        clf = find_classifier(model, ctx.model_name)
-        keep = ([clf] if clf is not None else []) + resolve_ignored(model, p.ignore)
+        heads = detection_outputs(model)
+        clf = find_classifier(model, ctx.model_name) if heads is None else None
+        keep = (heads or ([clf] if clf is not None else [])) + resolve_ignored(model, p.ignore)
         blocks = depth.removable_blocks(model, xb[:2], keep)
         count = int(round(p.blocks * len(blocks)))
         chosen = depth.select_blocks(model, blocks, count, xb, lambda m: _metric(kind, m, shape[1:]), floor)
