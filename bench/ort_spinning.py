@@ -1,5 +1,6 @@
 """Five ONNX Runtime sessions of one model, timed round-robin as the pipeline times variants: with ONNX Runtime's
-default intra-op thread spinning and with it off, then one session alone.
+default intra-op thread spinning, with it off, and with spinning stopped when each Run ends (what edgekit's runner
+sets), then one session alone.
 
     python bench/ort_spinning.py
 
@@ -11,6 +12,9 @@ AMD EPYC machine, yolox-nano at 128 px, 2 threads, 200 rounds:
     spin 1  p50 5.76 5.85 5.79 2.24 4.61 ms (p90 10.3-10.7)
     spin 0  p50 2.32 2.28 2.24 2.24 2.15 ms (p90 2.4-2.6)
     alone   p50 1.07 ms (p90 1.14), spinning on, the spin-0 sessions idle beside it
+
+and, in a later run of the same comparison, ``session.force_spinning_stop`` 1: p50 1.51-1.60 ms (p90 1.65-1.78)
+where the default gave 5.9-6.1 ms (p90 10.4-10.8); one session alone with it, 1.10 ms.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from edgekit.measure.local import interleaved_latency
 def session(path: Path, spin: str):
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
-    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    if spin == "stop":
+        so.add_session_config_entry("session.force_spinning_stop", "1")
+    else:
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     name = s.get_inputs()[0].name
     return lambda a: s.run(None, {name: a})
@@ -40,7 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, Path(tmp) / "yolox.onnx", (1, 3, 128, 128))
         x = np.random.default_rng(0).random((1, 3, 128, 128), dtype=np.float32)
-        for spin in ("1", "0"):  # the spin-1 sessions are freed when the spin-0 ones replace them
+        for spin in ("stop", "1", "0"):  # each set is freed when the next replaces it
             runs = {f"s{i}": session(path, spin) for i in range(5)}
             r = interleaved_latency(runs, x, rounds=200)
             print(f"spin {spin}  p50", " ".join(f"{v['p50']:.2f}" for v in r.values()),

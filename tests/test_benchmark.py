@@ -110,3 +110,16 @@ def test_bad_arguments(mnist_task, tmp_path):
     (tmp_path / "old.onnx").write_text("")
     with pytest.raises(EdgekitError, match="not an empty folder"):
         benchmark(Bucketize(), task=mnist_task, out_dir=tmp_path)
+
+
+def test_onnxruntime_sessions_stop_spinning_between_runs(tmp_path):
+    """Variants are timed round-robin in one process: an idle session's spinning pool would take the timed one's
+    cores (bench/ort_spinning.py), so every session edgekit times stops spinning when its Run ends."""
+    import torch
+
+    from edgekit.export.onnx import export_onnx
+    from edgekit.runtime import load_runner
+
+    path = export_onnx(torch.nn.Conv2d(3, 4, 3), tmp_path / "c.onnx", (1, 3, 8, 8))
+    r = load_runner("onnxruntime", path, threads=2)
+    assert r.session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"

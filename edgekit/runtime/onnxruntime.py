@@ -30,6 +30,10 @@ class OrtRunner:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if simulate_qdq else \
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # Stop the pool's spinning when a Run ends: idle sessions beside the timed one (variants timed round-robin)
+        # otherwise spin on its cores; identical sessions then gave p50s from 2.2 to 5.9 ms, and 1.5-1.6 ms with
+        # this (bench/ort_spinning.py; onnxruntime#5363, #11841).
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         avail = ort.get_available_providers()
         want = [p for p in (providers or ["CPUExecutionProvider"]) if p in avail] or ["CPUExecutionProvider"]
         try:
