@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import EdgekitError
-from .evaluate import agreement, cosine, predict_stream, sqnr_db, top1
+from .evaluate import agreement, cosine, energy_db, predict_stream, sqnr_db, top1
 
 KINDS = {".onnx": "onnx", ".tflite": "tflite", ".pt": "torch", ".pth": "torch", ".engine": "tensorrt"}
 RUNTIME_OF = {"onnx": "onnxruntime", "tflite": "litert", "tensorrt": "tensorrt"}
@@ -92,13 +92,9 @@ def load_artifact(path: str | Path, model: Optional[str] = None, threads: Option
     if kind == "torch":
         return _torch_artifact(p, model)
     runner = load_runner(RUNTIME_OF[kind], p, threads=threads)
-    classes, dims = None, None
-    if kind == "onnx":
-        dims = runner.session.get_outputs()[0].shape
-        classes = dims[1] if len(dims) == 2 and isinstance(dims[1], int) else None
-    elif kind == "tflite":
-        dims = list(getattr(runner, "_out", {}).get("shape", []))
-    detector = dims is not None and len(dims) == 3 and isinstance(dims[2], int) and dims[2] >= 5
+    dims = runner.output_shape if kind in ("onnx", "tflite") else ()  # an engine's output stays compared raw
+    classes = dims[1] if kind == "onnx" and len(dims) == 2 else None
+    detector = len(dims) == 3 and dims[2] is not None and dims[2] >= 5
     return Artifact(p, kind, runner.run, tuple(runner.input_shape), runner.runtime, runner.version, classes,
                     detector)
 
@@ -241,7 +237,7 @@ def _detection_row(ra: np.ndarray, rb: np.ndarray, label: str) -> dict:
     signal, noise = detection_energy(ra, rb, size)
     return {"output": label, "agreement": detection_agreement(postprocess(ra), postprocess(rb), classes, size),
             "cosine": cosine(ra, rb), "max_abs": float(np.abs(ra - rb).max()),
-            "sqnr_db": float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")}
+            "sqnr_db": energy_db(signal, noise)}
 
 
 def _compare_detections(art_a: Artifact, art_b: Artifact, batches, n: int, layer_inputs: int):
@@ -271,7 +267,7 @@ def _compare_detections(art_a: Artifact, art_b: Artifact, batches, n: int, layer
         count += len(x)
     row = {"output": "detections (this machine's kernels; agreement: mAP of b against a's detections)",
            "agreement": detection_agreement(dets["a"], dets["b"], classes, size), "cosine": None, "max_abs": max_abs,
-           "sqnr_db": float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")}
+           "sqnr_db": energy_db(signal, noise)}
     if gts and any(len(t["labels"]) for t in gts):
         row.update({f"accuracy_{k}": coco_map(dets[k], gts, classes, size)["map"] for k in ("a", "b")})
     return row, count, np.ascontiguousarray(np.concatenate(first))

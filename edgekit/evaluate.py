@@ -116,13 +116,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((num / den).mean())
 
 
+def energy_db(signal: float, noise: float) -> float:
+    """``signal`` over ``noise`` energy in dB; infinite when there is no noise (sums over batches give one SQNR)."""
+    return float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")
+
+
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (higher is closer)."""
     ref = reference.astype(np.float64)
-    noise = ((ref - test.astype(np.float64)) ** 2).sum()
-    if noise == 0:
-        return float("inf")
-    return float(10 * np.log10((ref ** 2).sum() / noise))
+    return energy_db((ref ** 2).sum(), ((ref - test.astype(np.float64)) ** 2).sum())
 
 
 def compare(reference: np.ndarray, test: np.ndarray) -> Dict[str, float]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..device import runner
 from ..errors import EdgekitError
+from ..evaluate import energy_db
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,7 @@ def fidelity(num_classes: int, size: int, settings: NMS = NMS(), candidate: floa
     def score(ref: np.ndarray, out: np.ndarray):
         signal, noise = detection_energy(ref, out, size, candidate)
         agree = detection_agreement(postprocess(ref, settings), postprocess(out, settings), num_classes, size)
-        sqnr = float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")
-        return sqnr, 1.0 if agree is None else agree
+        return energy_db(signal, noise), 1.0 if agree is None else agree
 
     return score
 

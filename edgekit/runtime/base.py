@@ -18,6 +18,7 @@ class Runner(Protocol):
     version: str
     threads: int
     input_shape: Tuple[int, ...]
+    output_shape: Tuple[Optional[int], ...]  # the first output's; None where a dimension is dynamic
 
     def run(self, x: np.ndarray) -> np.ndarray: ...
 

@@ -69,6 +69,7 @@ class LiteRTRunner:
         shape = tuple(int(d) for d in self._in["shape"])
         self.nhwc = (layout == "NHWC") if layout else _is_nhwc(shape)
         self.input_shape = (shape[0], shape[3], shape[1], shape[2]) if self.nhwc else shape
+        self.output_shape = tuple(int(d) for d in self._out["shape"])
         self.input_dtype = np.dtype(self._in["dtype"])
         self.output_dtype = np.dtype(self._out["dtype"])
         self.input_quant = tuple(self._in["quantization"]) if self.input_dtype.kind in "iu" else None

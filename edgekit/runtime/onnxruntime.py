@@ -45,6 +45,7 @@ class OrtRunner:
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = tuple(d if isinstance(d, int) else None for d in inp.shape)
+        self.output_shape = tuple(d if isinstance(d, int) else None for d in self.session.get_outputs()[0].shape)
         self.path = Path(path)
 
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -59,6 +59,7 @@ class TensorRTRunner:
                                "edgekit runs image classifiers with one input")
         self.input_name, self.output_name = inputs[0], outputs[0]
         self.input_shape = tuple(int(d) if d >= 0 else None for d in self.engine.get_tensor_shape(self.input_name))
+        self.output_shape = tuple(int(d) if d >= 0 else None for d in self.engine.get_tensor_shape(self.output_name))
         self._dtype = {n: torch.from_numpy(np.empty(0, trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
                        for n in (self.input_name, self.output_name)}
         self._stream = torch.cuda.Stream()

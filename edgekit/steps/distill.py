@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EdgekitError
-from .common import detection_outputs
+from .common import default_lr, detection_outputs, find_classifier, record
 from .params import DistillParams
 from .registry import Step, StepContext, register_step
 
@@ -145,7 +145,6 @@ class Distill(Step):
 
     def apply(self, model: nn.Module, ctx: StepContext) -> nn.Module:
         from ..train import FitConfig, fit, predict
-        from .common import default_lr as _default_lr, find_classifier as _classifier, record as _record
 
         p: DistillParams = self.params
         task = ctx.task
@@ -162,12 +161,12 @@ class Distill(Step):
             info["teacher_acc"] = round(top1(t_logits, labels), 4)
             acc, agr = _accuracy_and_agreement(model, task, t_logits, labels)
             info.update(student_acc_before=round(acc, 4), agreement_before=round(agr, 4))
-        lr = p.lr or _default_lr(ctx.model_name)
+        lr = p.lr or default_lr(ctx.model_name)
         cfg = FitConfig(epochs=p.epochs, lr=lr, batch_size=p.batch_size, seed=ctx.seed, temperature=p.temperature,
                         alpha=p.alpha, device=ctx.train_device)
         if p.feature_weight > 0:
-            s_tap = FeatureTap(model, _classifier(model, ctx.model_name))
-            t_tap = FeatureTap(teacher, _classifier(teacher, p.teacher or ctx.model_name))
+            s_tap = FeatureTap(model, find_classifier(model, ctx.model_name))
+            t_tap = FeatureTap(teacher, find_classifier(teacher, p.teacher or ctx.model_name))
             handle = None
             try:
                 shape = tuple(task.input_shape)
@@ -198,14 +197,13 @@ class Distill(Step):
                     epochs=p.epochs, lr=lr, alpha=p.alpha, temperature=p.temperature)
         if p.alpha == 0 and p.feature_weight == 0:
             ctx.notes.append("distill: alpha 0 and no feature term: this was a plain fine-tune on the labels")
-        _record(ctx, self.name, info)
+        record(ctx, self.name, info)
         return model
 
     def _apply_detector(self, model: nn.Module, ctx: StepContext) -> nn.Module:
         """A detector learns back from its baseline by mimicking its prediction maps (``fit_detector``)."""
         from ..detect.train import fit_detector
         from ..train import FitConfig
-        from .common import default_lr, record
 
         p: DistillParams = self.params
         if p.teacher is not None or p.feature_weight > 0:
@@ -216,12 +214,12 @@ class Distill(Step):
         lr = p.lr or default_lr(ctx.model_name)
         cfg = FitConfig(epochs=p.epochs, lr=lr, batch_size=p.batch_size, seed=ctx.seed, alpha=p.alpha,
                         device=ctx.train_device)
-        fit = fit_detector(model, ctx.task, cfg, description="distill", teacher=ctx.baseline.eval())
+        trained = fit_detector(model, ctx.task, cfg, description="distill", teacher=ctx.baseline.eval())
         info = {"teacher": ctx.model_name, "teacher_source": "baseline", "epochs": p.epochs, "lr": lr,
-                "alpha": p.alpha, "method": "prediction-map mimicking (MSE relative to the teacher's)", "fit": fit}
-        if "mimic_first" in fit:
+                "alpha": p.alpha, "method": "prediction-map mimicking (MSE relative to the teacher's)", "fit": trained}
+        if "mimic_first" in trained:
             ctx.notes.append(f"distill from the {ctx.model_name} baseline: prediction-map mimic error (relative MSE) "
-                             f"{fit['mimic_first']:.3f} -> {fit['mimic_last']:.3f} over {p.epochs:g} epochs")
+                             f"{trained['mimic_first']:.3f} -> {trained['mimic_last']:.3f} over {p.epochs:g} epochs")
         else:
             ctx.notes.append("distill: alpha 0: this was a plain fine-tune on the boxes")
         record(ctx, self.name, info)
