@@ -64,3 +64,14 @@ def test_distill_pulls_a_pruned_detector_towards_its_baseline():
     assert not student.training and not any(m._forward_hooks for m in student.modules())  # the taps are gone
     with pytest.raises(EdgekitError, match="prediction maps do not match"):
         mimic_loss([torch.zeros(1, 3, 4, 4)], [torch.zeros(1, 4, 4, 4)])
+
+
+@pytest.mark.parametrize("params", [{"teacher": "mobilenetv2"}, {"feature_weight": 1.0}])
+def test_distill_refuses_classifier_options_on_a_detector(params):
+    from edgekit.detect.data import digits_detect_task
+
+    task = digits_detect_task(num_train=8, num_calib=4, num_eval=4)
+    model = zoo.create("yolox-nano", num_classes=10, input_size=task.input_size)
+    ctx = StepContext(task=task, baseline=model, model_name="yolox-nano", device=load_device("desktop-cpu"))
+    with pytest.raises(EdgekitError, match="'teacher' and 'feature_weight' apply to classifiers"):
+        build_step("distill", {"epochs": 1, **params}).apply(copy.deepcopy(model), ctx)
