@@ -9,8 +9,8 @@ The public API (:mod:`edgekit.api`) loads lazily: ``import edgekit`` does not im
 
 __version__ = "0.1.0"
 
-_API = ("compress", "benchmark", "compare", "profile", "deploy", "create_model", "load_recipe", "load_device",
-        "ComparisonResult", "DeployResult")
+_API = ("compress", "benchmark", "compare", "profile", "deploy", "run_sweep", "create_model", "load_recipe",
+        "load_device", "ComparisonResult", "DeployResult")
 __all__ = ["__version__", *_API]
 
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover - names for annotations only
     from .config import DeviceProfile, Recipe
     from .pipeline import CompressResult
     from .results import Latency
+    from .sweep import SweepResult
 
 
 def compress(model: str, recipe: "str | Recipe" = "int8", device: "str | DeviceProfile" = "desktop-cpu",
@@ -109,6 +110,15 @@ def deploy(run_dir: "str | Path", device: str, host: Optional[str] = None, bundl
     return DeployResult(out.get("action", "bundle"), out.get("release"), out.get("message"), out)
 
 
+def run_sweep(file: "Optional[str | Path]" = None, **kwargs: Any) -> "SweepResult":
+    """Every model x recipe x device of a grid (``models``, ``recipes``, ``devices`` or a sweep YAML) on Ray, with
+    SSH boards as a pool (``hosts``); resumable; ``out/sweep.json`` (:func:`edgekit.sweep.sweep`). The package
+    ``edgekit.sweep`` holds it, hence the verb."""
+    from .sweep import sweep as _sweep
+
+    return _sweep(file, **kwargs)
+
+
 def create_model(name: str, num_classes: int = 1000, pretrained: bool = False, **kwargs: Any) -> "nn.Module":
     """A model from any torch source (timm's ``create_model`` style): a zoo name, ``timm:<name>``,
     ``torchvision:<name>``, ``file.py:Factory``; ``pretrained`` loads ImageNet weights available offline."""
@@ -135,4 +145,4 @@ def load_device(name_or_path: str) -> "DeviceProfile":
 
 
 __all__ = ["ComparisonResult", "DeployResult", "benchmark", "compare", "compress", "create_model", "deploy",
-           "load_device", "load_recipe", "profile"]
+           "load_device", "load_recipe", "profile", "run_sweep"]

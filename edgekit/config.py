@@ -347,7 +347,7 @@ def error_message(cls: type, err: dict) -> str:
 
 
 def _kind_name(cls: type) -> str:
-    return {"DeviceProfile": "device profile"}.get(cls.__name__, cls.__name__.lower())
+    return {"DeviceProfile": "device profile", "SweepSpec": "sweep file"}.get(cls.__name__, cls.__name__.lower())
 
 
 def _read_yaml(path: Path) -> Tuple[str, dict]:

@@ -13,6 +13,11 @@ class EdgekitError(Exception):
     exit_code = 2
 
 
+class DeviceUnreachable(EdgekitError):
+    """A device that does not answer (connection refused or timed out, no route, a command that never returned):
+    a sweep marks its board down and measures elsewhere, where another error would fail the measurement."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """' Did you mean: a, b?' when close names exist, else ''."""
     close = difflib.get_close_matches(name.lower(), [c.lower() for c in choices], n=3, cutoff=0.5)

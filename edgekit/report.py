@@ -325,7 +325,7 @@ def to_markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _frame(pts: List[Tuple[float, float, str]], width: int, height: int, extra_y: Tuple[float, ...] = ()):
+def plot_frame(pts: List[Tuple[float, float, str]], width: int, height: int, extra_y: Tuple[float, ...] = ()):
     """Axes from 0 ms and around the scores (and ``extra_y``): (sx, sy, ticks) for a plot's coordinates."""
     pad = 56
     xs, ys = [p[0] for p in pts], [p[1] for p in pts] + list(extra_y)
@@ -354,7 +354,7 @@ def plot_geometry(report: dict, width: int = 520, height: int = 320) -> Optional
            if v.get("latency_ms") and v["latency_ms"].get("p50") is not None and v.get(score) is not None]
     if not pts:
         return None
-    sx, sy, ticks, (x0, x1), pad = _frame(pts, width, height)
+    sx, sy, ticks, (x0, x1), pad = plot_frame(pts, width, height)
     target = (report.get("target") or {}).get("latency_ms")
     basis = "estimated" if _estimated(report) else "measured"
     return {"width": width, "height": height, "pad": pad, "ticks": ticks,
@@ -379,7 +379,7 @@ def fallback_plots(report: dict, width: int = 520, height: int = 320) -> List[Tu
         fp32 = fb["fp32_p50_ms"]
         budget = fb.get("budget") or {}
         floor = budget.get("min_agreement") if score == "agreement" else None
-        sx, sy, ticks, _, pad = _frame(pts + [(fp32, pts[0][1], "")], width, height,
+        sx, sy, ticks, _, pad = plot_frame(pts + [(fp32, pts[0][1], "")], width, height,
                                        (floor,) if floor is not None else ())
         marks = [{"x1": sx(fp32), "y1": pad, "x2": sx(fp32), "y2": height - pad, "label": "fp32",
                   "lx": sx(fp32) + 3, "ly": pad + 10}]
@@ -398,7 +398,7 @@ def fallback_plots(report: dict, width: int = 520, height: int = 320) -> List[Tu
 
 
 @functools.lru_cache(maxsize=1)
-def _env():
+def template_env():
     import jinja2
 
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))),
@@ -409,7 +409,7 @@ def _env():
 def svg_plot(report: dict) -> str:
     """The plot as a standalone SVG document ('' when no variant has both accuracy and latency)."""
     plot = plot_geometry(report)
-    return _env().get_template("plot.svg.j2").render(plot=plot) if plot else ""
+    return template_env().get_template("plot.svg.j2").render(plot=plot) if plot else ""
 
 
 def _segments(line: str) -> List[Tuple[str, bool]]:
@@ -419,7 +419,7 @@ def _segments(line: str) -> List[Tuple[str, bool]]:
 
 def to_html(report: dict) -> str:
     task = report["task"]
-    return _env().get_template("report.html.j2").render(
+    return template_env().get_template("report.html.j2").render(
         title=f"{report['model']} · {report['recipe']} · {report['device']}",
         task=task, judged_on=judged_on(report), input_shape="x".join(map(str, task.get("input_shape", []))),
         baseline=(report.get("model_info") or {}).get("baseline", {}).get("source"), seed=report.get("seed"),

@@ -138,6 +138,15 @@ class SshdServer:
         self.other_known_hosts = root / "known_hosts_other"  # another key for the same [127.0.0.1]:port
         self.empty_known_hosts = root / "known_hosts_empty"
 
+    def spawn(self, name):
+        """Another sshd with this one's keys on a new port (a second "board"): (process, port, log file). Its host
+        key is added to ``known_hosts``; the caller stops the process."""
+        proc, port = _launch_sshd(self.root, self.user, name)
+        host_pub = " ".join((self.root / "host_ed25519.pub").read_text().split()[:2])
+        with open(self.known_hosts, "a") as f:
+            f.write(f"[127.0.0.1]:{port} {host_pub}\n")
+        return proc, port, self.root / f"{name}.log"
+
     def spec(self, **overrides):
         from edgekit.config import SSHSpec
 
@@ -155,14 +164,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch_sshd(root, user, name="sshd"):
+    """Start sshd -D on a free port of 127.0.0.1 with the keys in ``root``: (process, port); log in root/<name>.log."""
+    import socket
+    import subprocess
+    import time
+
+    proc = port = None
+    for _attempt in range(3):  # the free port may be taken between probing and binding
+        port = _free_port()
+        config = root / f"{name}_config"
+        config.write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {root / 'host_ed25519'}
+PidFile {root / f'{name}.pid'}
+AuthorizedKeysFile {root / 'authorized_keys'}
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowUsers {user}
+StrictModes no
+UsePAM no
+PrintMotd no
+LogLevel VERBOSE
+""")
+        log = open(root / f"{name}.log", "ab")
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        if proc.poll() is None:
+            break
+    if proc.poll() is not None:
+        pytest.fail(f"sshd did not start: {(root / f'{name}.log').read_text()[-2000:]}")
+    return proc, port
+
+
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory):
     """A real OpenSSH sshd on 127.0.0.1, running as the current user, public-key login only."""
     import getpass
     import shutil
-    import socket
     import subprocess
-    import time
 
     if not os.path.exists(SSHD):
         pytest.skip(f"{SSHD} is absent: install openssh-server to run the SSH tests")
@@ -177,38 +225,7 @@ def sshd(tmp_path_factory):
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation folder
     user = getpass.getuser()
-    proc = port = None
-    for _attempt in range(3):  # the free port may be taken between probing and binding
-        port = _free_port()
-        config = root / "sshd_config"
-        config.write_text(f"""Port {port}
-ListenAddress 127.0.0.1
-HostKey {root / 'host_ed25519'}
-PidFile {root / 'sshd.pid'}
-AuthorizedKeysFile {root / 'authorized_keys'}
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-AllowUsers {user}
-StrictModes no
-UsePAM no
-PrintMotd no
-LogLevel VERBOSE
-""")
-        log = open(root / "sshd.log", "ab")
-        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        if proc.poll() is None:
-            break
-    if proc.poll() is not None:
-        pytest.fail(f"sshd did not start: {(root / 'sshd.log').read_text()[-2000:]}")
+    proc, port = _launch_sshd(root, user)
     host_pub = " ".join((root / "host_ed25519.pub").read_text().split()[:2])
     other_pub = " ".join((root / "other_host_ed25519.pub").read_text().split()[:2])
     (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub}\n")

@@ -2,13 +2,13 @@
 
 Errors a user can cause end in one line on stderr and exit code 2.
 
-One module per command group (``run``, ``catalog``, ``ship``), the shared app and error handling in ``base``, result
+One module per command group (``run``, ``sweep``, ``catalog``, ``ship``), the shared app and error handling in ``base``, result
 tables in ``tables``; importing this package registers every command on ``app``.
 """
 
 from __future__ import annotations
 
-from . import run, catalog, ship  # noqa: F401  (registration order is the help's order)
+from . import run, sweep, catalog, ship  # noqa: F401  (registration order is the help's order)
 from .base import app, err, handle_errors, out  # noqa: F401
 from .tables import fit_table, results_table, show_benchmark, show_report  # noqa: F401
 

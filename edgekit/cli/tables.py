@@ -117,3 +117,36 @@ def results_table(report: dict, title: Optional[str] = None) -> Table:
     for row in variant_rows(report):
         table.add_row(*row)
     return table
+
+
+def show_sweep(s: dict, console: Optional[Console] = None) -> None:
+    """sweep's terminal output: per device every variant, its Pareto mark and the best under the target."""
+    from ..sweep.results import METRIC_WORDS
+
+    console = console or out
+
+    for d in s["devices"]:
+        words = METRIC_WORDS.get(d["metric"] or "", "score")
+        t = Table(title=f"{d['device']}: target {d['target_ms']} ms, latency {', '.join(d['latency_sources'])}",
+                  header_style="bold", caption=f"score: {words}; ● on the accuracy-latency Pareto front")
+        for c in ("variant", "score", "p50 ms", "p90 ms", "Pareto", "under target"):
+            t.add_column(c, justify="left" if c == "variant" else "right")
+        front = {(p["label"], p["p50_ms"]) for p in d["pareto"]}
+        best = d["best_under_target"]
+        for p in sorted(d["points"], key=lambda p: p["p50_ms"]):
+            under = d["target_ms"] is not None and p["p50_ms"] <= d["target_ms"]
+            name = escape(p["label"])
+            t.add_row(f"[bold]{name}[/]" if best is not None and p["label"] == best["label"] else name,
+                      f"{100 * p['score']:.1f}%", f"{p['p50_ms']:.3g}",
+                      "–" if p["p90_ms"] is None else f"{p['p90_ms']:.3g}",
+                      "●" if (p["label"], p["p50_ms"]) in front else "", "yes" if under else "no")
+        console.print(fit_table(t, console))
+        console.print(f"Best under the target: [bold]{escape(best['label'])}[/]" if best else
+                  "[bold yellow]! [/]No variant meets the target.", highlight=False)
+    bad = [c for c in s["cells"] if c["status"] != "ok"]
+    for c in bad:
+        console.print(f"[bold yellow]! [/]{escape(c['model'])} · {escape(c['recipe'])} · {escape(c['device'])}: "
+                  f"{c['status']}: {escape(c.get('error') or '')}", highlight=False)
+    n = s["counts"]
+    console.print(f"{n['ok']} cells finished ({n['resumed']} from an earlier run), {n['failed']} failed, "
+              f"{n['not-measured']} not measured, in {s['seconds']} s on Ray {s['ray_version']}.")

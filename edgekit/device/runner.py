@@ -265,6 +265,7 @@ def cmd_bench(args) -> dict:
     np = _import_numpy()
     rng = np.random.RandomState(0)  # (not default_rng: old numpy on JetPack 4)
     arrays = [_random_input(np, shape, dtype, rng) for _, shape, dtype in backend.inputs]
+    started = time.time()  # wall clock, so a pool's measurements on one board can be shown not to overlap
     try:
         for _ in range(args.warmup):
             backend.run(arrays)
@@ -278,7 +279,8 @@ def cmd_bench(args) -> dict:
                           EXIT_RUNTIME_FAILED) from None
     return {"command": "bench", "runtime": backend.runtime, "version": backend.version,
             "threads": backend.threads or None, "warmup": args.warmup,
-            "input_shapes": [list(a.shape) for a in arrays], **summarize(times), **machine_info()}
+            "input_shapes": [list(a.shape) for a in arrays], "started": round(started, 3),
+            "finished": round(time.time(), 3), **summarize(times), **machine_info()}
 
 
 def cmd_predict(args) -> dict:

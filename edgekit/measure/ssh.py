@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from ..config import SSHSpec
-from ..errors import EdgekitError
+from ..errors import DeviceUnreachable, EdgekitError
 from ..results import MEASURED_SSH, Latency
 
 REMOTE_MODEL_STEM = "model"
@@ -163,11 +163,12 @@ def run_ssh(spec: SSHSpec, argv: Sequence[str] | str, stdin_path: Optional[Path]
         else:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=limit)
     except subprocess.TimeoutExpired:
-        raise EdgekitError(f"SSH {what} on {destination(spec)} did not finish within {limit:.0f} s") from None
+        raise DeviceUnreachable(f"SSH {what} on {destination(spec)} did not finish within {limit:.0f} s") from None
     proc.stdout = proc.stdout.decode("utf-8", "replace")
     proc.stderr = proc.stderr.decode("utf-8", "replace")
     if proc.returncode == _SSH_FAILED:
-        raise EdgekitError(_explain_ssh_failure(proc.stderr, spec))
+        why = _explain_ssh_failure(proc.stderr, spec)
+        raise (DeviceUnreachable if why.startswith("Cannot reach") else EdgekitError)(why)
     return proc
 
 

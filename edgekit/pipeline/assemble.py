@@ -75,7 +75,7 @@ def assemble_report(model: str, model_info: Dict[str, Any], recipe: Recipe, devi
         if v.status != OK:
             notes.append(f"{v.name} ({v.format}) {'is not available here' if v.status == UNAVAILABLE else 'failed'}"
                          f": {v.error}")
-    if not device.local:
+    if any(not v.latency.measured for v in timed):
         notes.append(f"Latency on {device.name} is ESTIMATED by edgekit's per-operator latency model, not measured: "
                      f"{device.name} is not this machine. Measure on the device with `edgekit profile ARTIFACT "
                      f"--device {device.name} --host user@addr`.")

@@ -7,9 +7,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
-import torch
 
 from ..config import DeviceProfile, Recipe, load_device, load_recipe
 from ..errors import EdgekitError
@@ -18,7 +17,7 @@ from ..results import Latency, Variant
 from .assemble import assemble_report
 from ..sources import ModelSource, parse_source
 from .source import resolve
-from .stages import apply_steps, local_timer, drop_intermediates, evaluate, export_variants, load_runners, measure, plan_variants
+from .stages import export_stage, measure, train_stage
 
 
 @dataclass
@@ -67,7 +66,7 @@ def compress(model: "str | ModelSource", recipe: str | Recipe = "int8", device: 
     src = model if isinstance(model, ModelSource) else parse_source(str(model))
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     dev = device if isinstance(device, DeviceProfile) else load_device(device)
-    from ..steps import step_tag, validate_steps
+    from ..steps import validate_steps
 
     validate_steps(rec.steps, where=f"recipe {rec.name}")
     if data is not None and not Path(data).is_dir():
@@ -79,7 +78,7 @@ def compress(model: "str | ModelSource", recipe: str | Recipe = "int8", device: 
     source = resolve(src, weights, input_size, steps=[s.kind for s in rec.steps], what=f"recipe {rec.name}")
     out_dir = Path(out) if out is not None else default_out_dir(source.label, rec.name, dev.name, data)
     from ..distributed import Session
-    from ..train import recording, training_device
+    from ..train import training_device
 
     dist = Session(training_device(train_device).type)  # under torchrun: this rank joins the group; else nothing
     tmp = None
@@ -88,23 +87,13 @@ def compress(model: "str | ModelSource", recipe: str | Recipe = "int8", device: 
         task = source.task(data, seed=seed, input_size=input_size, skip_bad_images=skip_bad_images)
         tmp = make_temp_dir(out_dir) if dist.is_main else None
         t_start = time.time()
-        torch.manual_seed(seed)
-        with recording() as trained:
-            baseline, base_info = source.baseline(task, rec, seed, use_cache, train_device)
-            notes: List[str] = []
-            final, step_info = apply_steps(baseline, rec, task, dev, source.label, seed, notes, train_device)
+        trained = train_stage(source, task, rec, dev, seed, use_cache, train_device)
         if not dist.main_only():  # the other ranks wait for rank 0's result (or its error) and return it
             return dist.result()
-        tag = step_tag(rec.steps)
-        models = {"baseline": baseline, **({tag: final} if final is not None else {})}
-        variants = export_variants(models, plan_variants(rec, tag), task, dev, tmp, model_label=source.label,
-                                   timer=local_timer(dev))
-        drop_intermediates(tmp, variants)
-        runners = load_runners(variants, dev.resolved_threads())
-        x = evaluate(variants, runners, task)
+        variants, runners, x = export_stage(trained, rec, task, dev, tmp, source.label)
         measure(variants, runners, dev, x, runs=runs)
-        report = assemble_report(source.label, source.info(), rec, dev, task,
-                                 base_info, step_info, variants, notes, target_ms, seed, training=trained.summary())
+        report = assemble_report(source.label, source.info(), rec, dev, task, trained.base_info, trained.step_info,
+                                 variants, trained.notes, target_ms, seed, training=trained.training)
         report["seconds"] = round(time.time() - t_start, 1)
         from ..report import write_reports
 

@@ -72,6 +72,49 @@ def apply_steps(baseline: nn.Module, recipe: Recipe, task: Task, device: DeviceP
     return model, info
 
 
+@dataclass
+class Trained:
+    """The models a run compares and how they came to be: the fp32 baseline, the recipe's final model (None
+    without steps), and their records for report.json."""
+
+    baseline: Any
+    base_info: dict
+    final: Optional[nn.Module]
+    step_info: List[dict]
+    notes: List[str]
+    training: Optional[dict]
+
+
+def train_stage(source, task: Task, recipe: Recipe, device: DeviceProfile, seed: int = 0, use_cache: bool = True,
+                train_device: str = "auto") -> Trained:
+    """Baseline (trained, cached, pretrained or the user's) and the recipe's steps on it (:func:`apply_steps`)."""
+    import torch
+
+    from ..train import recording
+
+    torch.manual_seed(seed)
+    with recording() as trained:
+        baseline, base_info = source.baseline(task, recipe, seed, use_cache, train_device)
+        notes: List[str] = []
+        final, step_info = apply_steps(baseline, recipe, task, device, source.label, seed, notes, train_device)
+    return Trained(baseline, base_info, final, step_info, notes, trained.summary())
+
+
+def export_stage(trained: Trained, recipe: Recipe, task: Task, device: DeviceProfile, folder: Path,
+                 model_label: str) -> Tuple[List[Variant], Dict[str, Any], Optional[np.ndarray]]:
+    """Export the recipe's variants into ``folder`` (intermediate files dropped), load a session for each and
+    evaluate them all in one pass: (variants, runners, the first eval input that latency is timed on)."""
+    from ..steps import step_tag
+
+    tag = step_tag(recipe.steps)
+    models = {"baseline": trained.baseline, **({tag: trained.final} if trained.final is not None else {})}
+    variants = export_variants(models, plan_variants(recipe, tag), task, device, folder, model_label=model_label,
+                               timer=local_timer(device))
+    drop_intermediates(folder, variants)
+    runners = load_runners(variants, device.resolved_threads())
+    return variants, runners, evaluate(variants, runners, task)
+
+
 def export_variants(models: Dict[str, nn.Module], specs: Sequence[VariantSpec], task: Task, device: DeviceProfile,
                     out_dir: Path, *, timer: Optional[Callable] = None, model_label: str = "the model",
                     reference_required: bool = True) -> List[Variant]:

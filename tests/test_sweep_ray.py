@@ -1,0 +1,82 @@
+"""A sweep on a real local Ray instance: 2 models x 2 recipes x 2 devices (desktop-cpu measured here, rpi4
+estimated) on the default task, plus an ONNX model whose SVD cells cannot run; then the same sweep again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sweep")]
+
+# Both recipes train the baseline alike (train: epochs 2), so each model's baseline is trained once for both.
+INT8 = ("train: {epochs: 2}\nvariants:\n  - {format: onnx, precision: fp32}\n"
+        "  - {format: onnx, precision: int8, options: {num_calib: 64, search: none}}\naccuracy_budget_pp: 1.0\n")
+SVD = ("train: {epochs: 2}\nsteps:\n  - svd: {macs: 0.7}\n  - distill: {epochs: 1}\n"
+       "variants:\n  - {format: onnx, precision: fp32}\naccuracy_budget_pp: 2.0\n")
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    import torch
+    from torch import nn
+
+    from edgekit.export.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("sweep")
+    (root / "int8-fast.yaml").write_text(INT8)
+    (root / "svd-fast.yaml").write_text(SVD)
+    torch.manual_seed(0)
+    tiny = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 10)).eval()
+    export_onnx(tiny, root / "tiny.onnx", (1, 3, 32, 32))
+    return root
+
+
+def _run(root):
+    from edgekit.sweep import sweep
+
+    return sweep(models=["micronet-m1", "shufflenetv2-x0.5", str(root / "tiny.onnx")],
+                 recipes=[str(root / "int8-fast.yaml"), str(root / "svd-fast.yaml")],
+                 devices=["desktop-cpu", "rpi4"], input_size=32, runs=20, out=root / "out")
+
+
+def test_sweep_runs_cells_on_ray_shares_work_and_reports_failures(grid):
+    import ray
+
+    s = _run(grid)
+    data = s.to_json()
+    assert data["engine"] == "ray" and data["ray_version"] == ray.__version__ and data["address"] == "local"
+    assert data["counts"] == {"ok": 10, "failed": 2, "not-measured": 0, "resumed": 0}
+    failed = [c for c in s.cells if c["status"] == "failed"]
+    assert {(c["model"].endswith("tiny.onnx"), c["recipe"].endswith("svd-fast.yaml")) for c in failed} == {(True, True)}
+    assert all("need the PyTorch model" in c["error"] for c in failed)
+    ok = [c for c in s.cells if c["status"] == "ok"]
+    for c in ok:
+        report = json.loads((grid / "out" / "cells" / c["folder"].split("/cells/")[1] / "report.json").read_text())
+        assert report["device"] == c["device"]
+        sources = {v["latency_ms"]["source"] for v in report["variants"] if v["status"] == "ok"}
+        assert sources == ({"measured"} if c["device"] == "desktop-cpu" else {"estimated"})
+        assert all((grid / "out" / "cells" / c["folder"].split("/cells/")[1] / v["path"]).is_file()
+                   for v in report["variants"] if v["status"] == "ok")
+        if "tiny" not in c["model"]:
+            # the baseline was trained once, by the sweep's baseline task: every build read it from the cache
+            assert report["model_info"]["baseline"]["cached"] is True, c
+    steps = [c for c in ok if c["recipe"].endswith("svd-fast.yaml")]
+    assert len(steps) == 4 and all(c["best"] is not None or c["variants"] for c in steps)
+    desk = s.devices["desktop-cpu"]
+    assert {d["metric"] for d in desk} == {"accuracy", "agreement"}, "MNIST models by accuracy, the ONNX by agreement"
+    acc = next(d for d in desk if d["metric"] == "accuracy")
+    assert acc["pareto"] and set(map(id, acc["pareto"])) <= set(map(id, acc["points"]))
+    html = (grid / "out" / "sweep.html").read_text()
+    assert html.count("<svg") == len(data["devices"]) and "target" in html
+    assert "| micronet-m1 |" in (grid / "out" / "sweep.md").read_text()
+    assert not (grid / "out" / ".work").exists(), "builds are removed once the cells are published"
+
+
+def test_sweep_again_skips_every_finished_cell(grid):
+    before = {p: p.stat().st_mtime_ns for p in (grid / "out" / "cells").glob("*/report.json")}
+    assert len(before) == 10
+    s = _run(grid)
+    assert s.to_json()["counts"] == {"ok": 10, "failed": 2, "not-measured": 0, "resumed": 10}
+    assert {p: p.stat().st_mtime_ns for p in (grid / "out" / "cells").glob("*/report.json")} == before
