@@ -75,10 +75,12 @@ def test_plan_shares_baselines_and_builds_by_export_signature(tmp_path):
     plan = make_plan(sweep, tmp_path / "out")
     assert len(plan.cells) == 12 and len(plan.todo) == 12
     assert len(plan.baselines) == 2, "int8 and svd train the baseline alike: one per model"
-    assert len(plan.builds) == 8, "x86 and ARM get their own files; the two rpi4 profiles share theirs"
+    assert len(plan.builds) == 6, "int8: x86 and ARM get their own files, the two rpi4 profiles share theirs; " \
+                                  "svd: one build serves every device"
     by = {(c.model, c.recipe, c.device_name): c for c in plan.cells}
     assert by[("micronet-m1", "int8", "rpi4")].build == by[("micronet-m1", "int8", "rpi4-lab")].build
     assert by[("micronet-m1", "int8", "rpi4")].build != by[("micronet-m1", "int8", "desktop-cpu")].build
+    assert by[("micronet-m1", "svd", "rpi4")].build == by[("micronet-m1", "svd", "desktop-cpu")].build
     assert len({c.key for c in plan.cells}) == 12 and len({c.folder for c in plan.cells}) == 12
     again = make_plan(_checked(models=["micronet-m1", "shufflenetv2-x0.5"], recipes=["int8", "svd"],
                                devices=["desktop-cpu", "rpi4", str(twin)], runs=200), tmp_path / "out")

@@ -10,7 +10,7 @@ import typer
 
 from .. import progress
 from ..errors import EdgekitError
-from .base import app, check_inputs, handle_errors, out
+from .base import app, check_inputs, err, handle_errors, out
 from .tables import show_sweep
 
 
@@ -58,9 +58,14 @@ def sweep(
     from ..sweep import sweep as run_sweep
 
     progress.enable_for(sys.stderr)
-    result = run_sweep(file, out=out_dir, models=_list(models), recipes=_list(recipes), devices=_list(devices),
-                       hosts=_hosts(host), data=str(data) if data else None, weights=weights, address=address,
-                       target_ms=target_ms, input_size=input_size, seed=seed, runs=runs)
+    try:
+        result = run_sweep(file, out=out_dir, models=_list(models), recipes=_list(recipes), devices=_list(devices),
+                           hosts=_hosts(host), data=str(data) if data else None, weights=weights, address=address,
+                           target_ms=target_ms, input_size=input_size, seed=seed, runs=runs)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted: the cells that finished are kept whole under cells/ (no half-written "
+                  "cell); run the same command again to finish the others[/]")
+        raise typer.Exit(130)
     show_sweep(result.to_json())
     out.print(f"Wrote {result.out_dir}/ (sweep.md, sweep.html, sweep.json; cells/ has one compress folder per cell)")
 

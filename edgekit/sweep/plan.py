@@ -3,10 +3,10 @@
 A cell is (model, recipe, device). Cells share work in two ways:
 
 - one **baseline** per model and training recipe (trained once, then read from edgekit's cache by every build);
-- one **build** (steps, export, evaluation) per model, recipe and *export signature*: the device fields the steps
-  and exporters read (int8 activation/weight types and 7-bit weights, architecture, pruning granularity, and for
-  this machine its thread count). Devices with equal signatures measure the same files; an x86 and an ARM device
-  do not, because one int8 file is not right for both.
+- one **build** (steps, export, evaluation) per model, recipe and *export signature*: the device fields the
+  recipe's steps and exporters read (:func:`export_signature`). Devices with equal signatures measure the same
+  files: every device shares an fp32 or SVD build, while an x86 and an ARM device get their own int8 files,
+  because one int8 file is not right for both.
 
 Every cell has a key: a hash of everything its result depends on (model files, recipe, device profile, data
 files, seed, runs, edgekit's version). A finished cell is a folder with edgekit's marker holding that key; a sweep
@@ -39,15 +39,23 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def export_signature(device) -> dict:
-    """The fields of a device profile that change what the steps and exporters write."""
+def export_signature(device, recipe) -> dict:
+    """The fields of a device profile that change what ``recipe``'s steps and exporters write for it.
+
+    ONNX int8 reads most of the profile (int8 types and 7-bit weights, the latency search on this machine, and the
+    estimator's tables when its fallback prices layers for another device), QAT its int8 types: for those the whole
+    profile but its name, description, target and SSH address. Pruning and SVD read the channel granularity. An
+    fp32 or TFLite export reads nothing of the device, so every device of the sweep measures the same files.
+    """
     from ..export.onnx import int8_reduce_range
 
-    q = device.quantization.model_dump()
-    q["reduce_range"] = int8_reduce_range(device)
-    return {"arch": device.arch, "kind": device.kind, "gpu": device.gpu, "local": device.local,
-            "threads": device.resolved_threads() if device.local else None, "quantization": q,
-            "prune_round_to": device.prune_round_to}
+    steps = {s.kind for s in recipe.steps}
+    if "qat" in steps or any(v.format == "onnx" and v.precision == "int8" for v in recipe.variants):
+        fields = device.model_dump(exclude={"name", "description", "aliases", "latency_target_ms", "ssh"})
+        fields["reduce_range"] = int8_reduce_range(device)
+        fields["threads"] = device.resolved_threads() if device.local else None
+        return fields
+    return {"prune_round_to": device.prune_round_to} if steps & {"prune", "svd"} else {}
 
 
 def data_fingerprint(data: Optional[str]) -> Optional[dict]:
@@ -135,7 +143,7 @@ def make_plan(sweep: CheckedSweep, out: Path) -> Plan:
             plan.baselines.setdefault(baseline, {"model": m, "recipe": r})
             for d in spec.devices:
                 dev = sweep.devices[d]
-                build = _digest({"model": model_info, "recipe": rec.model_dump(), "sig": export_signature(dev),
+                build = _digest({"model": model_info, "recipe": rec.model_dump(), "sig": export_signature(dev, rec),
                                  **common})[:16]
                 plan.builds.setdefault(build, {"model": m, "recipe": r, "device": d})
                 key = _digest({"model": model_info, "recipe": rec.model_dump(), "device": dev.model_dump(),
