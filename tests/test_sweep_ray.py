@@ -9,10 +9,10 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sweep")]
 
-# Both recipes train the baseline alike (train: epochs 2), so each model's baseline is trained once for both.
-INT8 = ("train: {epochs: 2}\nvariants:\n  - {format: onnx, precision: fp32}\n"
+# Both recipes train the baseline alike (train: epochs 1), so each model's baseline is trained once for both.
+INT8 = ("train: {epochs: 1}\nvariants:\n  - {format: onnx, precision: fp32}\n"
         "  - {format: onnx, precision: int8, options: {num_calib: 64, search: none}}\naccuracy_budget_pp: 1.0\n")
-SVD = ("train: {epochs: 2}\nsteps:\n  - svd: {macs: 0.7}\n  - distill: {epochs: 1}\n"
+SVD = ("train: {epochs: 1}\nsteps:\n  - svd: {macs: 0.7}\n"
        "variants:\n  - {format: onnx, precision: fp32}\naccuracy_budget_pp: 2.0\n")
 
 

@@ -45,6 +45,8 @@ def sweep(
                                          "running again there skips every finished cell."),
     address: Optional[str] = typer.Option(None, "--address", help="A Ray cluster (ray://host:port or auto); "
                                           "default: a local Ray instance, started and stopped here."),
+    gpus: Optional[float] = typer.Option(None, "--gpus-per-build", help="GPUs each training/build task asks Ray "
+                                         "for (default 0: train on CPUs)."),
     target_ms: Optional[float] = typer.Option(None, "--target-ms", help="Latency target (default: each device's)."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size (default: the task's)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -61,7 +63,8 @@ def sweep(
     try:
         result = run_sweep(file, out=out_dir, models=_list(models), recipes=_list(recipes), devices=_list(devices),
                            hosts=_hosts(host), data=str(data) if data else None, weights=weights, address=address,
-                           target_ms=target_ms, input_size=input_size, seed=seed, runs=runs)
+                           target_ms=target_ms, input_size=input_size, seed=seed, runs=runs,
+                           gpus_per_build=gpus)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted: the cells that finished are kept whole under cells/ (no half-written "
                   "cell); run the same command again to finish the others[/]")

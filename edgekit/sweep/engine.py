@@ -114,6 +114,7 @@ def run_cells(sweep: CheckedSweep, plan: Plan, settings: Settings, work_dir: Pat
 def _run(ray, sweep: CheckedSweep, plan: Plan, settings: Settings, work_dir: Path, boards: Boards,
          on_done: Callable[[Cell, dict], None], address: str) -> Dict[str, Any]:
     cpus = _build_cpus(address == "local")
+    gpus = sweep.spec.gpus_per_build
     here = {f"node:{ray.util.get_node_ip_address()}": 0.001}  # this machine, for builds and timings of `local`
     train_r, build_r, measure_r = (ray.remote(max_retries=0)(f) for f in (train_baseline, build, measure_cell))
     todo = plan.todo
@@ -122,7 +123,7 @@ def _run(ray, sweep: CheckedSweep, plan: Plan, settings: Settings, work_dir: Pat
     for bid in dict.fromkeys(c.baseline for c in todo):
         b = plan.baselines[bid]
         if sweep.sources[b["model"]].torch:
-            ref = train_r.options(num_cpus=cpus).remote(b["model"], b["recipe"], settings)
+            ref = train_r.options(num_cpus=cpus, num_gpus=gpus).remote(b["model"], b["recipe"], settings)
             base_refs[bid] = ref
             pending[ref] = ("baseline", bid)
     build_refs: Dict[str, Any] = {}
@@ -131,7 +132,7 @@ def _run(ray, sweep: CheckedSweep, plan: Plan, settings: Settings, work_dir: Pat
             continue
         b = plan.builds[c.build]
         pin = here if sweep.devices[b["device"]].local else {}
-        ref = build_r.options(num_cpus=cpus, resources=pin).remote(
+        ref = build_r.options(num_cpus=cpus, num_gpus=gpus, resources=pin).remote(
             b["model"], b["recipe"], str(Path(b["device"]).resolve()) if Path(b["device"]).is_file() else b["device"],
             settings, work_dir / c.build, base_refs.get(c.baseline))
         build_refs[c.build] = ref
@@ -195,4 +196,5 @@ def _run(ray, sweep: CheckedSweep, plan: Plan, settings: Settings, work_dir: Pat
         for ref in pending:
             ray.cancel(ref, force=True)
         raise
-    return {"address": address, "ray_version": ray.__version__, "cpus_per_build": cpus, "boards_down": down_log}
+    return {"address": address, "ray_version": ray.__version__, "cpus_per_build": cpus, "gpus_per_build": gpus,
+            "boards_down": down_log}

@@ -34,6 +34,9 @@ class SweepSpec(Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     runs: int = Field(100, ge=10, le=100_000, description="timed runs per variant")
     target_ms: Optional[float] = Field(None, gt=0, le=1e6, description="default: each device's latency target")
+    gpus_per_build: float = Field(0, ge=0, le=64, description="GPUs each baseline and build task asks Ray for; "
+                                                                "0: they train on CPUs (Ray hides GPUs from tasks "
+                                                                "that ask for none)")
     address: Optional[str] = Field(None, description="a Ray cluster (ray://host:port or auto); None: a local "
                                                      "Ray instance started and stopped by edgekit")
     out: Optional[str] = None
