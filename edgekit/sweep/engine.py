@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -68,8 +70,17 @@ def _start_ray(address: Optional[str], resources: Dict[str, float]) -> str:
 
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if address is None:
-        ray.init(num_cpus=os.cpu_count() or 1, resources={LOCAL: 1.0, **resources},
-                 object_store_memory=256 * 2**20, **quiet)
+        # Ray's processes inherit SIGINT ignored: Ctrl-C in a terminal signals the whole process group, and a raylet
+        # or worker killed under the driver made Ray's driver core abort (exit 1, a C++ stack) instead of edgekit
+        # stopping it in order. The driver gets its handler back at once and shuts Ray down itself.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            ray.init(num_cpus=os.cpu_count() or 1, resources={LOCAL: 1.0, **resources},
+                     object_store_memory=256 * 2**20, **quiet)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
         return "local"
     try:
         ray.init(address=address, **quiet)
@@ -169,32 +180,28 @@ def _run(ray, sweep: CheckedSweep, plan: Plan, settings: Settings, work_dir: Pat
                     on_done(c, {"error": f"not measured: every board of {c.device_name} is down "
                                          f"({'; '.join(boards.down.values())})", "not_measured": True})
 
-    try:
+    # Ctrl-C ends here: run_cells shuts Ray down (tasks are not force-cancelled while their replies are in flight)
+    dispatch()
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            kind, what = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - a worker that died: the cell fails, the sweep goes on
+                result = {"error": f"the Ray task failed: {first_line(exc)}"}
+            if kind == "build":
+                built.add(what)
+            elif kind == "measure":
+                cell, dest = what
+                if dest is not None:
+                    boards.busy.discard(dest)
+                if isinstance(result, dict) and result.get("down"):
+                    boards.down[dest] = result["error"]
+                    down_log.append({"board": dest, "device": cell.device_name, "error": result["error"]})
+                    queues[cell.device].appendleft(cell)  # measured on another board, or reported below
+                else:
+                    on_done(cell, result)
         dispatch()
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                kind, what = pending.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - a worker that died: the cell fails, the sweep goes on
-                    result = {"error": f"the Ray task failed: {first_line(exc)}"}
-                if kind == "build":
-                    built.add(what)
-                elif kind == "measure":
-                    cell, dest = what
-                    if dest is not None:
-                        boards.busy.discard(dest)
-                    if isinstance(result, dict) and result.get("down"):
-                        boards.down[dest] = result["error"]
-                        down_log.append({"board": dest, "device": cell.device_name, "error": result["error"]})
-                        queues[cell.device].appendleft(cell)  # measured on another board, or reported below
-                    else:
-                        on_done(cell, result)
-            dispatch()
-    except KeyboardInterrupt:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        raise
     return {"address": address, "ray_version": ray.__version__, "cpus_per_build": cpus, "gpus_per_build": gpus,
             "boards_down": down_log}
