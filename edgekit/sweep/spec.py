@@ -45,9 +45,14 @@ class SweepSpec(Strict):
 _PATH_SUFFIXES = (".yaml", ".yml", ".onnx", ".pth", ".pt")
 
 
+def _file_part(ref: str) -> str:
+    """The file a reference names: ``net.py`` of ``net.py:Factory``, else the reference itself."""
+    return ref.split(":", 1)[0] if ".py:" in ref else ref
+
+
 def _relative_to(base: Path, value: str) -> str:
     """A path written in a sweep file, resolved against the file's folder (names and absolute paths unchanged)."""
-    head = value.split(":", 1)[0] if ".py:" in value else value
+    head = _file_part(value)
     looks_like_path = "/" in head or head.endswith(_PATH_SUFFIXES) or head.endswith(".py")
     if not looks_like_path or Path(head).is_absolute():
         return value
@@ -80,7 +85,7 @@ def _unique(kind: str, items: List[str]) -> None:
 
 def _absolute(ref: str) -> str:
     """A path-like reference made absolute (Ray workers need not share this process's folder); names unchanged."""
-    head = ref.split(":", 1)[0] if ".py:" in ref else ref
+    head = _file_part(ref)
     if Path(head).exists() and not Path(head).is_absolute():
         return str(Path(head).resolve()) + ref[len(head):]
     return ref
